@@ -1,0 +1,1 @@
+//! The nixdispatch builder agent.

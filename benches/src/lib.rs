@@ -1,0 +1,1 @@
+//! Benchmarks of nixdispatch (see issue: placement simulator and load generator).

@@ -1,0 +1,8 @@
+//! nixdispatch: a remote-build scheduler for Nix community builders.
+//!
+//! This crate holds what every component shares: the generated gRPC protocol
+//! ([`proto`]), and the client side of the system: the Nix build hook and the operator CLI.
+//! The scheduler lives in `nixdispatch-scheduler`, the builder agent in `nixdispatch-agent`.
+//! See `ARCHITECTURE.md` at the repository root for the map.
+
+pub mod proto;
