@@ -1,0 +1,857 @@
+//! The scheduling core: hosts, slots, leases, the wait queue and the placement policy.
+//!
+//! **Architecture invariant:** this module performs no I/O, knows nothing of tonic, tokio or
+//! sockets, and never reads a clock: every operation takes `now`. The gRPC service is a thin
+//! adapter around [`Scheduler`], and the benchmark simulator drives the very same code on
+//! simulated time.
+//!
+//! Accounting rules:
+//! - A lease counts against its host the instant it is granted, so concurrent clients never
+//!   herd onto one host between two agent reports.
+//! - A host's used slots are `max(live leases, builds the agent sees)`: builds from members
+//!   who bypass the scheduler load the box too.
+//! - Leases belong to the build hooks, not to the agents: a host whose agent disconnects keeps
+//!   its leases (the builds run over SSH regardless); a lease ends when it is released or
+//!   when its hook stops keeping it alive.
+
+mod policy;
+mod rng;
+mod types;
+mod waiters;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::fmt::{self, Write as _};
+use std::time::Duration;
+
+pub use policy::{
+    Candidate, FirstFit, LeastLoaded, Policy, PolicyKind, PowerOfTwo, Random, RoundRobin, StockNix,
+};
+pub use rng::SplitMix64;
+pub use types::*;
+use waiters::Waiters;
+
+use crate::Error;
+
+/// A source of [`Time`]. The service injects a real clock, tests and the simulator their own.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Now.
+    fn now(&self) -> Time;
+}
+
+/// Tunables of the core. Defaults are the scheduler's embedded defaults; see
+/// `crate::config` for the reasons behind each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoreConfig {
+    /// How often agents must report.
+    pub report_interval: Duration,
+    /// How late past its deadline a report may be, and how long a disconnected host's state
+    /// is kept, before the host counts as stale or gone.
+    pub grace: Duration,
+    /// Lease lifetime without a keep-alive.
+    pub lease_ttl: Duration,
+    /// What `Postpone` tells clients to wait.
+    pub postpone_retry: Duration,
+    /// A postponed request not repeated for this long leaves the wait queue.
+    pub waiter_ttl: Duration,
+    /// Admission gates.
+    pub admission: Admission,
+    /// How many released or expired lease ids are remembered, so that a repeated `Release`
+    /// is answered as a repeat instead of `NotFound`.
+    pub remembered_leases: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            report_interval: Duration::from_secs(10),
+            grace: Duration::from_secs(20),
+            lease_ttl: Duration::from_secs(60),
+            postpone_retry: Duration::from_secs(5),
+            waiter_ttl: Duration::from_secs(30),
+            admission: Admission::default(),
+            remembered_leases: 65_536,
+        }
+    }
+}
+
+/// Thresholds that close a host to new leases whatever its free slots. A threshold applies
+/// only when the agent reports the value; an unknown value never closes a host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admission {
+    /// Minimum free space of the store, percent.
+    pub min_free_store_percent: f64,
+    /// Minimum free space of the store, bytes.
+    pub min_free_store_bytes: u64,
+    /// Minimum free space of the build directory, percent.
+    pub min_free_build_dir_percent: f64,
+    /// Minimum free space of the build directory, bytes.
+    pub min_free_build_dir_bytes: u64,
+    /// Maximum CPU `some avg10` pressure, percent.
+    pub max_cpu_some_pressure: f64,
+    /// Maximum memory `full avg10` pressure, percent.
+    pub max_memory_full_pressure: f64,
+    /// Maximum IO `full avg10` pressure, percent.
+    pub max_io_full_pressure: f64,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            min_free_store_percent: 2.0,
+            min_free_store_bytes: 2 << 30,
+            min_free_build_dir_percent: 2.0,
+            min_free_build_dir_bytes: 1 << 30,
+            max_cpu_some_pressure: 100.0,
+            max_memory_full_pressure: 20.0,
+            max_io_full_pressure: 50.0,
+        }
+    }
+}
+
+/// Whether an agent stream is attached to a host.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Link {
+    Connected(Generation),
+    Disconnected { since: Time },
+    Left,
+}
+
+#[derive(Clone, Debug)]
+struct Host {
+    spec: HostSpec,
+    report: HostReport,
+    last_seen: Time,
+    link: Link,
+    draining: bool,
+    leases: u32,
+    leases_by_client: HashMap<ClientId, u32>,
+}
+
+impl Host {
+    fn state(&self, now: Time, cfg: &CoreConfig) -> HostState {
+        match self.link {
+            Link::Connected(_) => {
+                if now.since(self.last_seen) > cfg.report_interval + cfg.grace {
+                    HostState::Stale
+                } else {
+                    HostState::Ready
+                }
+            }
+            Link::Disconnected { since } => {
+                if now.since(since) > cfg.grace {
+                    HostState::Gone
+                } else {
+                    HostState::Disconnected
+                }
+            }
+            Link::Left => HostState::Gone,
+        }
+    }
+
+    /// Slots counted as busy.
+    fn used(&self) -> u32 {
+        self.leases.max(self.report.running_builds.unwrap_or(0))
+    }
+
+    fn builds(&self, system: &System) -> bool {
+        system.is_builtin() || self.spec.systems.contains(system)
+    }
+
+    /// Why this host can never take a request with these features, if so.
+    fn feature_mismatch(&self, required: &BTreeSet<Feature>) -> Option<String> {
+        let missing: Vec<&str> = required
+            .iter()
+            .filter(|f| {
+                !self.spec.supported_features.contains(*f)
+                    && !self.spec.mandatory_features.contains(*f)
+            })
+            .map(Feature::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Some(format!("lacks features {}", missing.join(",")));
+        }
+        let unasked: Vec<&str> = self
+            .spec
+            .mandatory_features
+            .iter()
+            .filter(|f| !required.contains(*f))
+            .map(Feature::as_str)
+            .collect();
+        if !unasked.is_empty() {
+            return Some(format!("only takes builds requiring {}", unasked.join(",")));
+        }
+        None
+    }
+
+    /// Why the admission gates are closed, if they are.
+    fn gate(&self, a: &Admission) -> Option<String> {
+        let disk = |name: &str, d: Option<DiskSpace>, pct: f64, bytes: u64| {
+            let d = d?;
+            (d.free_percent() < pct || d.free_bytes < bytes).then(|| {
+                format!(
+                    "{name} has {:.1}% ({} MiB) free, below {pct}% or {} MiB",
+                    d.free_percent(),
+                    d.free_bytes >> 20,
+                    bytes >> 20
+                )
+            })
+        };
+        if let Some(r) = disk(
+            "store",
+            self.report.store,
+            a.min_free_store_percent,
+            a.min_free_store_bytes,
+        ) {
+            return Some(r);
+        }
+        if let Some(r) = disk(
+            "build dir",
+            self.report.build_dir,
+            a.min_free_build_dir_percent,
+            a.min_free_build_dir_bytes,
+        ) {
+            return Some(r);
+        }
+        let p = self.report.pressure.unwrap_or_default();
+        let psi = |name: &str, v: Option<f64>, max: f64| {
+            v.filter(|v| *v >= max)
+                .map(|v| format!("{name} pressure {v:.1}% at or above {max}%"))
+        };
+        psi("cpu some", p.cpu_some, a.max_cpu_some_pressure)
+            .or_else(|| psi("memory full", p.memory_full, a.max_memory_full_pressure))
+            .or_else(|| psi("io full", p.io_full, a.max_io_full_pressure))
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Lease {
+    host: HostId,
+    client: ClientId,
+    system: System,
+    drv_path: String,
+    granted_at: Time,
+    expires_at: Time,
+}
+
+/// What ended a remembered lease.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LeaseEnd {
+    /// Released by its holder with this outcome.
+    Released(BuildOutcome),
+    /// Not kept alive.
+    Expired,
+}
+
+/// A host as operators see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostView {
+    /// As registered.
+    pub spec: HostSpec,
+    /// The last report.
+    pub report: HostReport,
+    /// Liveness now.
+    pub state: HostState,
+    /// Drained by an operator.
+    pub draining: bool,
+    /// Live leases on it.
+    pub leases: u32,
+    /// Slots counted as busy.
+    pub slots_used: u32,
+    /// Time since the last registration or report.
+    pub since_last_report: Duration,
+    /// Why it would not take a lease for a system it builds now (`None`: it would).
+    pub unavailable_reason: Option<String>,
+}
+
+/// A lease as operators see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeaseView {
+    /// Its id.
+    pub id: LeaseId,
+    /// Its host.
+    pub host: HostId,
+    /// Its holder.
+    pub client: ClientId,
+    /// The system asked for.
+    pub system: System,
+    /// The derivation.
+    pub drv_path: String,
+    /// Since granted.
+    pub age: Duration,
+    /// Until it expires.
+    pub expires_in: Duration,
+}
+
+/// Capacity of one system.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct CapacityView {
+    /// The system.
+    pub system: String,
+    /// Hosts building it.
+    pub hosts: u32,
+    /// Of those, hosts that would take a lease now.
+    pub hosts_available: u32,
+    /// Slots of the available hosts.
+    pub slots_total: u32,
+    /// Free slots of the available hosts.
+    pub slots_free: u32,
+    /// Live leases on hosts building it.
+    pub leases: u32,
+    /// Requests waiting for it.
+    pub waiting: u32,
+}
+
+/// The verdict on one host for an explained request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    /// The host.
+    pub host: HostId,
+    /// `Ok(score)` when eligible, `Err(reason)` when not.
+    pub result: Result<f64, String>,
+}
+
+/// The answer to `ExplainPlacement`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Explanation {
+    /// Every host, by id.
+    pub verdicts: Vec<Verdict>,
+    /// The host a request would get (ties broken at random).
+    pub chosen: Option<HostId>,
+    /// What a client that cannot build locally would be answered: `granted`, `postpone`,
+    /// or `decline-permanently`.
+    pub outcome: &'static str,
+}
+
+/// The scheduling state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: CoreConfig,
+    hosts: BTreeMap<HostId, Host>,
+    leases: HashMap<LeaseId, Lease>,
+    /// Lease expiry times, soonest first; entries made stale by keep-alives or releases are
+    /// skipped when popped (lazy deletion keeps every operation `O(log n)`).
+    expiries: BinaryHeap<Reverse<(Time, LeaseId)>>,
+    /// Recently ended leases, for idempotent release, bounded by `remembered_leases`.
+    ended: HashMap<LeaseId, LeaseEnd>,
+    ended_order: VecDeque<LeaseId>,
+    waiters: Waiters,
+    policy: Box<dyn Policy>,
+    rng: SplitMix64,
+    /// Makes lease ids unique across restarts, so a hook holding a lease from before a
+    /// restart gets `NotFound`, never somebody else's lease.
+    boot_nonce: u64,
+    next_lease: u64,
+    next_generation: u64,
+    /// Reused between decisions to avoid an allocation per request.
+    scratch: Vec<(HostId, Candidate)>,
+}
+
+impl Scheduler {
+    /// A scheduler with no hosts. `seed` drives tie-breaking and the lease id nonce.
+    pub fn new(config: CoreConfig, policy: Box<dyn Policy>, seed: u64) -> Self {
+        let mut rng = SplitMix64::new(seed);
+        let boot_nonce = rng.next_u64();
+        Self {
+            config,
+            hosts: BTreeMap::new(),
+            leases: HashMap::new(),
+            expiries: BinaryHeap::new(),
+            ended: HashMap::new(),
+            ended_order: VecDeque::new(),
+            waiters: Waiters::default(),
+            policy,
+            rng,
+            boot_nonce,
+            next_lease: 0,
+            next_generation: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// The policy's name.
+    pub fn policy_name(&self) -> &'static str {
+        self.policy.name()
+    }
+
+    /// Attaches an agent stream to a host, registering it or updating its spec. A host that
+    /// was already known keeps its drain state and its leases; a previous stream of the same
+    /// host is superseded (its later calls fail with `Error::Superseded`).
+    pub fn connect(&mut self, now: Time, spec: HostSpec) -> Generation {
+        self.next_generation += 1;
+        let generation = Generation(self.next_generation);
+        let id = spec.id.clone();
+        match self.hosts.get_mut(&id) {
+            Some(host) => {
+                host.spec = spec;
+                host.last_seen = now;
+                host.link = Link::Connected(generation);
+            }
+            None => {
+                self.hosts.insert(
+                    id,
+                    Host {
+                        spec,
+                        report: HostReport::default(),
+                        last_seen: now,
+                        link: Link::Connected(generation),
+                        draining: false,
+                        leases: 0,
+                        leases_by_client: HashMap::new(),
+                    },
+                );
+            }
+        }
+        generation
+    }
+
+    fn connected_host(&mut self, id: &HostId, generation: Generation) -> Result<&mut Host, Error> {
+        let host = self.hosts.get_mut(id).ok_or_else(|| Error::UnknownHost {
+            host_id: id.to_string(),
+        })?;
+        if host.link != Link::Connected(generation) {
+            return Err(Error::Superseded {
+                host_id: id.to_string(),
+            });
+        }
+        Ok(host)
+    }
+
+    /// Records a report from the stream `generation` of host `id`.
+    pub fn report(
+        &mut self,
+        now: Time,
+        id: &HostId,
+        generation: Generation,
+        report: HostReport,
+    ) -> Result<(), Error> {
+        let host = self.connected_host(id, generation)?;
+        host.report = report;
+        host.last_seen = now;
+        Ok(())
+    }
+
+    /// The stream `generation` of host `id` ended without a goodbye. No-op for a superseded
+    /// stream.
+    pub fn disconnect(&mut self, now: Time, id: &HostId, generation: Generation) {
+        if let Ok(host) = self.connected_host(id, generation) {
+            host.link = Link::Disconnected { since: now };
+        }
+    }
+
+    /// The agent of host `id` is leaving: no new leases from now on.
+    pub fn goodbye(&mut self, id: &HostId, generation: Generation) -> Result<(), Error> {
+        let host = self.connected_host(id, generation)?;
+        host.link = Link::Left;
+        Ok(())
+    }
+
+    /// Sets or clears the operator drain of host `id`. Returns whether it is draining.
+    pub fn set_draining(&mut self, id: &HostId, draining: bool) -> Result<bool, Error> {
+        let host = self.hosts.get_mut(id).ok_or_else(|| Error::UnknownHost {
+            host_id: id.to_string(),
+        })?;
+        host.draining = draining;
+        Ok(host.draining)
+    }
+
+    /// Whether host `id` is drained, if known.
+    pub fn is_draining(&self, id: &HostId) -> Option<bool> {
+        self.hosts.get(id).map(|h| h.draining)
+    }
+
+    /// Why `host` cannot take `request` now, or its candidate entry.
+    fn assess(
+        &self,
+        now: Time,
+        host: &Host,
+        system: &System,
+        features: &BTreeSet<Feature>,
+        client: Option<&ClientId>,
+        exclude: &BTreeSet<HostId>,
+    ) -> Result<Candidate, String> {
+        if !host.builds(system) {
+            return Err(format!("does not build {system}"));
+        }
+        if let Some(r) = host.feature_mismatch(features) {
+            return Err(r);
+        }
+        if exclude.contains(&host.spec.id) {
+            return Err("excluded by the client (unreachable)".into());
+        }
+        self.assess_now(now, host, client)
+    }
+
+    /// Whether `host` takes new leases at all now: alive, not drained, gates open.
+    fn open(&self, now: Time, host: &Host) -> Result<(), String> {
+        match host.state(now, &self.config) {
+            HostState::Ready => {}
+            HostState::Stale => {
+                return Err(format!(
+                    "agent late: last report {}s ago",
+                    now.since(host.last_seen).as_secs()
+                ));
+            }
+            HostState::Disconnected => return Err("agent disconnected".into()),
+            HostState::Gone => return Err("agent gone".into()),
+        }
+        if host.draining {
+            return Err("draining".into());
+        }
+        match host.gate(&self.config.admission) {
+            Some(r) => Err(r),
+            None => Ok(()),
+        }
+    }
+
+    /// The parts of [`Self::assess`] that do not depend on the request's system and features:
+    /// [`Self::open`] and a free slot.
+    fn assess_now(
+        &self,
+        now: Time,
+        host: &Host,
+        client: Option<&ClientId>,
+    ) -> Result<Candidate, String> {
+        self.open(now, host)?;
+        let own = client
+            .and_then(|c| host.leases_by_client.get(c).copied())
+            .unwrap_or(0);
+        let used = host.used();
+        let slots = host.spec.max_jobs;
+        let busy = if self.policy.sees_global_load() {
+            used
+        } else {
+            own
+        };
+        if busy >= slots {
+            return Err(format!("no free slot ({used}/{slots} used)"));
+        }
+        Ok(Candidate {
+            slots,
+            used,
+            own,
+            speed: host.spec.speed_factor,
+            rank: host.spec.speed_factor * f64::from(host.spec.cpu_count.max(1)),
+        })
+    }
+
+    /// Whether some host that is not gone (drained ones included) could ever build this.
+    fn could_ever_build(&self, now: Time, system: &System, features: &BTreeSet<Feature>) -> bool {
+        self.hosts.values().any(|h| {
+            h.state(now, &self.config) != HostState::Gone
+                && h.builds(system)
+                && h.feature_mismatch(features).is_none()
+        })
+    }
+
+    /// Decides a request. See [`Decision`].
+    pub fn acquire(&mut self, now: Time, req: &LeaseRequest) -> Decision {
+        self.expire(now);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let mut last_reason = None;
+        for host in self.hosts.values() {
+            match self.assess(
+                now,
+                host,
+                &req.system,
+                &req.required_features,
+                Some(&req.client),
+                &req.exclude_hosts,
+            ) {
+                Ok(c) => scratch.push((host.spec.id.clone(), c)),
+                Err(r) => {
+                    if host.builds(&req.system) {
+                        last_reason = Some((host.spec.id.clone(), r));
+                    }
+                }
+            }
+        }
+        let decision = if scratch.is_empty() {
+            self.no_host(now, req, last_reason)
+        } else {
+            let candidates: Vec<Candidate> = scratch.iter().map(|(_, c)| *c).collect();
+            let i = self.policy.choose(&candidates, &mut self.rng);
+            let id = scratch[i].0.clone();
+            self.waiters.remove(&req.client, &req.drv_path);
+            Decision::Granted(self.grant(now, &id, req))
+        };
+        self.scratch = scratch;
+        decision
+    }
+
+    fn no_host(
+        &mut self,
+        now: Time,
+        req: &LeaseRequest,
+        last_reason: Option<(HostId, String)>,
+    ) -> Decision {
+        if !self.could_ever_build(now, &req.system, &req.required_features) {
+            self.waiters.remove(&req.client, &req.drv_path);
+            let mut reason = format!("no live builder builds {}", req.system);
+            if !req.required_features.is_empty() {
+                let fs: Vec<&str> = req.required_features.iter().map(Feature::as_str).collect();
+                let _ = write!(reason, " with features {}", fs.join(","));
+            }
+            return Decision::DeclinePermanently { reason };
+        }
+        let reason = match last_reason {
+            Some((host, why)) => format!("no builder free for {} (e.g. {host}: {why})", req.system),
+            None => format!("no builder free for {}", req.system),
+        };
+        if req.can_build_locally {
+            self.waiters.remove(&req.client, &req.drv_path);
+            return Decision::Decline { reason };
+        }
+        self.waiters.expire(now, self.config.waiter_ttl);
+        let position = self
+            .waiters
+            .touch(now, &req.client, &req.drv_path, &req.system);
+        Decision::Postpone {
+            retry_after: self.config.postpone_retry,
+            position,
+            reason,
+        }
+    }
+
+    fn grant(&mut self, now: Time, host_id: &HostId, req: &LeaseRequest) -> Grant {
+        self.next_lease += 1;
+        let lease_id = LeaseId::new(format!("{:016x}-{}", self.boot_nonce, self.next_lease));
+        let expires_at = now.after(self.config.lease_ttl);
+        let host = self.hosts.get_mut(host_id).expect("candidate hosts exist");
+        host.leases += 1;
+        *host.leases_by_client.entry(req.client.clone()).or_default() += 1;
+        let grant = Grant {
+            lease_id: lease_id.clone(),
+            host: host.spec.clone(),
+            ttl: self.config.lease_ttl,
+            slots_used: host.used(),
+            slots_total: host.spec.max_jobs,
+        };
+        self.leases.insert(
+            lease_id.clone(),
+            Lease {
+                host: host_id.clone(),
+                client: req.client.clone(),
+                system: req.system.clone(),
+                drv_path: req.drv_path.clone(),
+                granted_at: now,
+                expires_at,
+            },
+        );
+        self.expiries.push(Reverse((expires_at, lease_id)));
+        grant
+    }
+
+    /// Extends lease `id` by the TTL from `now`; returns the TTL.
+    pub fn keep_alive(&mut self, now: Time, id: &LeaseId) -> Result<Duration, Error> {
+        self.expire(now);
+        let ttl = self.config.lease_ttl;
+        let lease = self.leases.get_mut(id).ok_or_else(|| Error::UnknownLease {
+            lease_id: id.to_string(),
+        })?;
+        lease.expires_at = now.after(ttl);
+        self.expiries.push(Reverse((lease.expires_at, id.clone())));
+        Ok(ttl)
+    }
+
+    /// Ends lease `id`. Returns `true` when it had already ended (a repeated release, or an
+    /// expiry), `Err(UnknownLease)` when it is not known at all.
+    pub fn release(
+        &mut self,
+        now: Time,
+        id: &LeaseId,
+        outcome: BuildOutcome,
+    ) -> Result<bool, Error> {
+        self.expire(now);
+        if self.leases.contains_key(id) {
+            self.end_lease(id, LeaseEnd::Released(outcome));
+            return Ok(false);
+        }
+        if self.ended.contains_key(id) {
+            return Ok(true);
+        }
+        Err(Error::UnknownLease {
+            lease_id: id.to_string(),
+        })
+    }
+
+    fn end_lease(&mut self, id: &LeaseId, end: LeaseEnd) {
+        let Some(lease) = self.leases.remove(id) else {
+            return;
+        };
+        if let Some(host) = self.hosts.get_mut(&lease.host) {
+            host.leases -= 1;
+            if let Some(n) = host.leases_by_client.get_mut(&lease.client) {
+                *n -= 1;
+                if *n == 0 {
+                    host.leases_by_client.remove(&lease.client);
+                }
+            }
+        }
+        self.ended.insert(id.clone(), end);
+        self.ended_order.push_back(id.clone());
+        while self.ended_order.len() > self.config.remembered_leases {
+            if let Some(old) = self.ended_order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+    }
+
+    /// Expires every lease not kept alive until `now`; returns how many expired.
+    pub fn expire(&mut self, now: Time) -> usize {
+        let mut n = 0;
+        while let Some(Reverse((at, _))) = self.expiries.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, id))) = self.expiries.pop() else {
+                break;
+            };
+            // Skip entries superseded by a keep-alive or a release.
+            if self.leases.get(&id).is_some_and(|l| l.expires_at == at) {
+                self.end_lease(&id, LeaseEnd::Expired);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// How a remembered lease ended.
+    pub fn lease_end(&self, id: &LeaseId) -> Option<LeaseEnd> {
+        self.ended.get(id).copied()
+    }
+
+    /// Live leases.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Every known host, by id.
+    pub fn hosts(&self, now: Time) -> Vec<HostView> {
+        self.hosts
+            .values()
+            .map(|h| HostView {
+                spec: h.spec.clone(),
+                report: h.report.clone(),
+                state: h.state(now, &self.config),
+                draining: h.draining,
+                leases: h.leases,
+                slots_used: h.used(),
+                since_last_report: now.since(h.last_seen),
+                unavailable_reason: self.assess_now(now, h, None).err(),
+            })
+            .collect()
+    }
+
+    /// One host.
+    pub fn host(&self, now: Time, id: &HostId) -> Option<HostView> {
+        // Small fleets: a filtered full view is simpler than a second code path.
+        self.hosts(now).into_iter().find(|h| &h.spec.id == id)
+    }
+
+    /// Live leases, oldest first.
+    pub fn leases(&self, now: Time) -> Vec<LeaseView> {
+        let mut v: Vec<_> = self
+            .leases
+            .iter()
+            .map(|(id, l)| LeaseView {
+                id: id.clone(),
+                host: l.host.clone(),
+                client: l.client.clone(),
+                system: l.system.clone(),
+                drv_path: l.drv_path.clone(),
+                age: now.since(l.granted_at),
+                expires_in: l.expires_at.since(now),
+            })
+            .collect();
+        v.sort_by(|a, b| b.age.cmp(&a.age).then_with(|| a.id.cmp(&b.id)));
+        v
+    }
+
+    /// Capacity per system, sorted by system.
+    pub fn capacity(&mut self, now: Time) -> Vec<CapacityView> {
+        self.waiters.expire(now, self.config.waiter_ttl);
+        let mut by_system: BTreeMap<String, CapacityView> = BTreeMap::new();
+        for h in self.hosts.values() {
+            let available = self.open(now, h).is_ok();
+            for s in &h.spec.systems {
+                let c = by_system
+                    .entry(s.to_string())
+                    .or_insert_with(|| CapacityView {
+                        system: s.to_string(),
+                        ..Default::default()
+                    });
+                c.hosts += 1;
+                c.leases += h.leases;
+                if available {
+                    c.hosts_available += 1;
+                    c.slots_total += h.spec.max_jobs;
+                    c.slots_free += h.spec.max_jobs.saturating_sub(h.used());
+                }
+            }
+        }
+        for (system, n) in self.waiters.per_system() {
+            by_system
+                .entry(system.to_string())
+                .or_insert_with(|| CapacityView {
+                    system: system.to_string(),
+                    ..Default::default()
+                })
+                .waiting = n;
+        }
+        by_system.into_values().collect()
+    }
+
+    /// Explains where a request would go now, changing nothing (the random tie-break uses a
+    /// copy of the generator).
+    pub fn explain(&self, now: Time, system: &System, features: &BTreeSet<Feature>) -> Explanation {
+        let none = Default::default();
+        let mut verdicts = Vec::with_capacity(self.hosts.len());
+        let mut candidates = Vec::new();
+        for h in self.hosts.values() {
+            let result = self.assess(now, h, system, features, None, &none).map(|c| {
+                candidates.push((h.spec.id.clone(), c));
+                c.score()
+            });
+            verdicts.push(Verdict {
+                host: h.spec.id.clone(),
+                result,
+            });
+        }
+        let chosen = (!candidates.is_empty()).then(|| {
+            let cs: Vec<Candidate> = candidates.iter().map(|(_, c)| *c).collect();
+            let mut rng = self.rng.clone();
+            // Explain with nixdispatch's rule whatever policy runs: a policy with state
+            // (round robin) must not advance on a read-only call.
+            candidates[LeastLoaded.choose(&cs, &mut rng)].0.clone()
+        });
+        let outcome = if chosen.is_some() {
+            "granted"
+        } else if self.could_ever_build(now, system, features) {
+            "postpone"
+        } else {
+            "decline-permanently"
+        };
+        Explanation {
+            verdicts,
+            chosen,
+            outcome,
+        }
+    }
+
+    /// Hosts whose leases are counted, for invariant checks: `(host, leases, slots)`.
+    pub fn lease_counts(&self) -> impl Iterator<Item = (&HostId, u32, u32)> {
+        self.hosts
+            .values()
+            .map(|h| (&h.spec.id, h.leases, h.spec.max_jobs))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,92 @@
+//! The scheduler's one error type, and its single mapping to `tonic::Status`.
+
+/// Everything that can go wrong in the scheduler.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request or agent message carried a bad field.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The field, as a path into the message (e.g. `register.systems[1]`).
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No lease with this id is known (never granted, expired and forgotten, or granted
+    /// before a scheduler restart).
+    #[error("unknown lease `{lease_id}`")]
+    UnknownLease {
+        /// The lease id asked for.
+        lease_id: String,
+    },
+    /// No host with this id has registered since the scheduler started.
+    #[error("unknown host `{host_id}`")]
+    UnknownHost {
+        /// The host id asked for.
+        host_id: String,
+    },
+    /// A newer agent stream took over this host; the older one must stop.
+    #[error("the agent stream of host `{host_id}` was replaced by a newer connection")]
+    Superseded {
+        /// The host.
+        host_id: String,
+    },
+    /// An agent stream broke the protocol's order (e.g. a report before the registration).
+    #[error("agent protocol violation: {0}")]
+    Protocol(String),
+    /// The configuration is invalid.
+    #[error("configuration key `{key}`: {reason}")]
+    Config {
+        /// The offending key, dotted (`leases.ttl_millis`).
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The configuration file could not be parsed.
+    #[error("configuration file {path}: {source}")]
+    ConfigParse {
+        /// The file.
+        path: String,
+        /// The parser's error (names the key of an unknown or mistyped field).
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A file could not be read or written.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl Error {
+    /// An [`Error::InvalidArgument`] for `field`.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument { .. } | Error::Protocol(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
+            Error::UnknownLease { .. } | Error::UnknownHost { .. } => tonic::Status::not_found(msg),
+            Error::Superseded { .. } => tonic::Status::aborted(msg),
+            Error::Config { .. } | Error::ConfigParse { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
+            Error::Io { .. } | Error::Transport(_) => tonic::Status::internal(msg),
+        }
+    }
+}
