@@ -59,6 +59,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The reflection service could not be built from the descriptor sets.
+    #[error("building gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -86,7 +89,9 @@ impl From<Error> for tonic::Status {
             Error::Config { .. } | Error::ConfigParse { .. } => {
                 tonic::Status::failed_precondition(msg)
             }
-            Error::Io { .. } | Error::Transport(_) => tonic::Status::internal(msg),
+            Error::Io { .. } | Error::Transport(_) | Error::Reflection(_) => {
+                tonic::Status::internal(msg)
+            }
         }
     }
 }

@@ -1,1 +1,15 @@
-//! The nixdispatch scheduler.
+//! The nixdispatch scheduler: it keeps the per-system view of every builder, hands out the
+//! least-loaded suitable host for each build, and counts each lease at once.
+//!
+//! - [`core`]: the pure scheduling state machine (no I/O, time passed in).
+//! - [`service`]: the gRPC adapter (agent, lease and admin services).
+//! - [`server`]: wires the services, health and reflection into one tonic server.
+//! - [`config`]: the TOML configuration and its embedded defaults.
+
+pub mod config;
+pub mod core;
+mod error;
+pub mod server;
+pub mod service;
+
+pub use error::Error;

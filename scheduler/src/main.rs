@@ -1,1 +1,89 @@
-fn main() {}
+//! `nixdispatch-scheduler`: parse flags, load the configuration, bind, serve until SIGTERM
+//! or SIGINT. All logic lives in the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use clap::Parser;
+use nixdispatch_scheduler::config::Config;
+use tracing::info;
+
+/// The nixdispatch scheduler. Runs on embedded defaults without a configuration file.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (every key optional; unknown keys are an error).
+    #[arg(long, env = "NIXDISPATCH_SCHEDULER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, overriding `listen` from the file (default 127.0.0.1:50051).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Once listening, write the bound `host:port` here (for `--listen 127.0.0.1:0`):
+    /// a readiness signal for scripts and tests.
+    #[arg(long)]
+    address_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(tmp, path)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(addr) = config.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
+        info!(%addr, "serving Prometheus metrics");
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    if let Some(path) = &args.address_file {
+        let addr = listener.local_addr()?;
+        write_atomically(path, &addr.to_string())
+            .with_context(|| format!("writing the address file {}", path.display()))?;
+    }
+    nixdispatch_scheduler::server::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}

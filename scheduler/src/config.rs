@@ -1,0 +1,355 @@
+//! The scheduler's configuration: a TOML file, every key optional, unknown keys rejected.
+//!
+//! With no file at all the scheduler runs on [`Config::default`], the embedded defaults
+//! below. Each default says why it is what it is.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::Error;
+use crate::core::{Admission, CoreConfig, PolicyKind};
+
+/// The whole configuration.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the gRPC server. Default `127.0.0.1:50051`: loopback until an operator
+    /// decides to expose it (TLS and credentials come with their own issue), on gRPC's
+    /// customary port.
+    pub listen: SocketAddr,
+    /// Address of the Prometheus `/metrics` endpoint. Default: none (off), so that two
+    /// schedulers on one machine, e.g. in tests, never fight over a port.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Agent liveness.
+    pub agents: AgentsConfig,
+    /// Lease lifetimes.
+    pub leases: LeasesConfig,
+    /// Admission gates.
+    pub admission: AdmissionConfig,
+    /// Placement.
+    pub placement: PlacementConfig,
+    /// Input limits.
+    pub limits: LimitsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
+            agents: AgentsConfig::default(),
+            leases: LeasesConfig::default(),
+            admission: AdmissionConfig::default(),
+            placement: PlacementConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// `[agents]`: how often agents report and how late they may be.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    /// Agents must report at least this often, milliseconds. Default 10000: Hydra's
+    /// builders report every 10 s; PSI `avg10` changes on that scale too.
+    pub report_interval_millis: u64,
+    /// How late past its deadline a report may be, and how long a disconnected agent's
+    /// host is kept, milliseconds. Default 20000: two missed reports, so one lost packet or
+    /// a slow agent never closes a host.
+    pub grace_millis: u64,
+    /// How long a new stream may take to send its registration, milliseconds. Default 10000.
+    pub register_timeout_millis: u64,
+}
+
+impl Default for AgentsConfig {
+    fn default() -> Self {
+        Self {
+            report_interval_millis: 10_000,
+            grace_millis: 20_000,
+            register_timeout_millis: 10_000,
+        }
+    }
+}
+
+/// `[leases]`: lifetimes.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeasesConfig {
+    /// A lease not kept alive for this long expires, milliseconds. Default 60000: the hook
+    /// keeps alive every 20 s, so two lost keep-alives are survived, and a slot held by a
+    /// killed hook comes back within a minute.
+    pub ttl_millis: u64,
+    /// What `Postpone` tells clients to wait, milliseconds. Default 5000: Nix re-asks after
+    /// its `build-poll-interval`, 5 s by default, whatever we say.
+    pub postpone_retry_millis: u64,
+    /// A postponed request that is not repeated for this long leaves the wait queue,
+    /// milliseconds. Default 30000: six missed polls.
+    pub waiter_ttl_millis: u64,
+}
+
+impl Default for LeasesConfig {
+    fn default() -> Self {
+        Self {
+            ttl_millis: 60_000,
+            postpone_retry_millis: 5_000,
+            waiter_ttl_millis: 30_000,
+        }
+    }
+}
+
+/// `[admission]`: thresholds that close a host whatever its free slots. Each applies only
+/// when the agent reports the value.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Minimum free store space, percent. Default 2: below it builds start failing with
+    /// "no space left" and garbage collection thrashes.
+    pub min_free_store_percent: f64,
+    /// Minimum free store space, bytes. Default 2 GiB: room for one large output.
+    pub min_free_store_bytes: u64,
+    /// Minimum free build directory space, percent. Default 2.
+    pub min_free_build_dir_percent: f64,
+    /// Minimum free build directory space, bytes. Default 1 GiB.
+    pub min_free_build_dir_bytes: u64,
+    /// Maximum CPU `some avg10` pressure, percent. Default 100 (off): a box with all slots
+    /// busy legitimately has CPU pressure; slots already bound CPU use.
+    pub max_cpu_some_pressure: f64,
+    /// Maximum memory `full avg10` pressure, percent. Default 20: every task stalled on
+    /// memory a fifth of the time means the box is thrashing; another build makes it worse.
+    pub max_memory_full_pressure: f64,
+    /// Maximum IO `full avg10` pressure, percent. Default 50.
+    pub max_io_full_pressure: f64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        let a = Admission::default();
+        Self {
+            min_free_store_percent: a.min_free_store_percent,
+            min_free_store_bytes: a.min_free_store_bytes,
+            min_free_build_dir_percent: a.min_free_build_dir_percent,
+            min_free_build_dir_bytes: a.min_free_build_dir_bytes,
+            max_cpu_some_pressure: a.max_cpu_some_pressure,
+            max_memory_full_pressure: a.max_memory_full_pressure,
+            max_io_full_pressure: a.max_io_full_pressure,
+        }
+    }
+}
+
+/// `[placement]`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementConfig {
+    /// The policy. Default `least-loaded`, nixdispatch's own; the others exist for
+    /// comparison (`power-of-two`, `stock-nix`, `first-fit`, `random`, `round-robin`).
+    pub policy: PolicyKind,
+    /// Seed of the tie-breaking generator. Default: none, taken from the time at start.
+    pub seed: Option<u64>,
+}
+
+impl Default for PlacementConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::LeastLoaded,
+            seed: None,
+        }
+    }
+}
+
+/// `[limits]`: bounds on input.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest gRPC message accepted, bytes. Default 65536: the largest legitimate message
+    /// (a registration with every field at its limit) is about 10 KiB.
+    pub max_message_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            what: format!("reading {}", path.display()),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::ConfigParse { source, .. } => Error::ConfigParse {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::ConfigParse {
+            path: "<text>".into(),
+            source: Box::new(e),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the ranges that serde cannot.
+    pub fn validate(&self) -> Result<(), Error> {
+        let positive = |key: &str, v: u64| {
+            if v == 0 {
+                Err(Error::Config {
+                    key: key.into(),
+                    reason: "must be greater than 0".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive(
+            "agents.report_interval_millis",
+            self.agents.report_interval_millis,
+        )?;
+        positive(
+            "agents.register_timeout_millis",
+            self.agents.register_timeout_millis,
+        )?;
+        positive("leases.ttl_millis", self.leases.ttl_millis)?;
+        positive(
+            "leases.postpone_retry_millis",
+            self.leases.postpone_retry_millis,
+        )?;
+        positive("leases.waiter_ttl_millis", self.leases.waiter_ttl_millis)?;
+        if self.limits.max_message_bytes < 4096 {
+            return Err(Error::Config {
+                key: "limits.max_message_bytes".into(),
+                reason: "must be at least 4096 (a full registration must fit)".into(),
+            });
+        }
+        let a = &self.admission;
+        for (key, v) in [
+            ("admission.min_free_store_percent", a.min_free_store_percent),
+            (
+                "admission.min_free_build_dir_percent",
+                a.min_free_build_dir_percent,
+            ),
+            ("admission.max_cpu_some_pressure", a.max_cpu_some_pressure),
+            (
+                "admission.max_memory_full_pressure",
+                a.max_memory_full_pressure,
+            ),
+            ("admission.max_io_full_pressure", a.max_io_full_pressure),
+        ] {
+            if !(0.0..=100.0).contains(&v) {
+                return Err(Error::Config {
+                    key: key.into(),
+                    reason: format!("{v} is not a percentage (0 to 100)"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The core's view of this configuration.
+    pub fn core(&self) -> CoreConfig {
+        let a = &self.admission;
+        CoreConfig {
+            report_interval: Duration::from_millis(self.agents.report_interval_millis),
+            grace: Duration::from_millis(self.agents.grace_millis),
+            lease_ttl: Duration::from_millis(self.leases.ttl_millis),
+            postpone_retry: Duration::from_millis(self.leases.postpone_retry_millis),
+            waiter_ttl: Duration::from_millis(self.leases.waiter_ttl_millis),
+            admission: Admission {
+                min_free_store_percent: a.min_free_store_percent,
+                min_free_store_bytes: a.min_free_store_bytes,
+                min_free_build_dir_percent: a.min_free_build_dir_percent,
+                min_free_build_dir_bytes: a.min_free_build_dir_bytes,
+                max_cpu_some_pressure: a.max_cpu_some_pressure,
+                max_memory_full_pressure: a.max_memory_full_pressure,
+                max_io_full_pressure: a.max_io_full_pressure,
+            },
+            ..CoreConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty file is the embedded defaults, and they agree with the core's defaults.
+    #[test]
+    fn empty_file_is_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.core(), CoreConfig::default());
+    }
+
+    /// Every key can be set.
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+            listen = "0.0.0.0:6000"
+            metrics_listen = "127.0.0.1:9464"
+            [agents]
+            report_interval_millis = 500
+            grace_millis = 1000
+            register_timeout_millis = 2000
+            [leases]
+            ttl_millis = 3000
+            postpone_retry_millis = 1000
+            waiter_ttl_millis = 9000
+            [admission]
+            max_memory_full_pressure = 10.0
+            [placement]
+            policy = "power-of-two"
+            seed = 7
+            [limits]
+            max_message_bytes = 8192
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.placement.policy, PolicyKind::PowerOfTwo);
+        assert_eq!(c.core().lease_ttl, Duration::from_secs(3));
+    }
+
+    /// An unknown key is rejected with its name, also in a section.
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse("listn = \"1.2.3.4:5\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listn"), "{e}");
+        let e = Config::parse("[leases]\nttl_seconds = 5")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ttl_seconds"), "{e}");
+        let e = Config::parse("[placement]\npolicy = \"fastest\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fastest"), "{e}");
+    }
+
+    /// Out-of-range values are rejected with their dotted key.
+    #[test]
+    fn bad_values_are_named() {
+        let e = Config::parse("[leases]\nttl_millis = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("leases.ttl_millis"), "{e}");
+        let e = Config::parse("[admission]\nmax_io_full_pressure = 250.0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("admission.max_io_full_pressure"), "{e}");
+    }
+}

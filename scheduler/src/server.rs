@@ -1,0 +1,139 @@
+//! The scheduler's gRPC server: the three services, `grpc.health.v1`, and server
+//! reflection (v1 and v1alpha), with graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixdispatch::proto::{
+    admin_service_server::AdminServiceServer, agent_service_server::AgentServiceServer,
+    lease_service_server::LeaseServiceServer,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::Error;
+use crate::config::Config;
+use crate::service::{AdminService, AgentService, LeaseService, Shared, TokioClock, metrics};
+
+/// How often leases are checked for expiry. Expiry is also checked on every lease call, so
+/// this only bounds how long a dead lease shows in `ListLeases` and metrics.
+const TICK: Duration = Duration::from_secs(1);
+
+/// How long in-flight calls may take to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the scheduler on `listener` until `shutdown` completes.
+///
+/// On shutdown the health service turns NOT_SERVING first, agent streams are closed with
+/// `UNAVAILABLE` (agents reconnect to the next scheduler), no new connections are accepted,
+/// and in-flight calls get [`DRAIN_TIMEOUT`] to finish.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    config.validate()?;
+    metrics::describe();
+    let max_message = config.limits.max_message_bytes;
+    let (down_tx, down_rx) = watch::channel(false);
+    let shared = Shared::new(config, Arc::new(TokioClock::new()), down_rx);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AgentServiceServer<AgentService>>()
+        .await;
+    health
+        .set_serving::<LeaseServiceServer<LeaseService>>()
+        .await;
+    health
+        .set_serving::<AdminServiceServer<AdminService>>()
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nixdispatch::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nixdispatch::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let ticker = {
+        let shared = shared.clone();
+        let down = crate::service::shutting_down(shared.shutdown.clone());
+        tokio::spawn(async move {
+            tokio::pin!(down);
+            let mut every = tokio::time::interval(TICK);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => shared.tick(),
+                    () = &mut down => break,
+                }
+            }
+        })
+    };
+
+    let local = listener.local_addr().map_err(|source| Error::Io {
+        what: "reading the listener's address".into(),
+        source,
+    })?;
+    info!(%local, policy = shared_policy(&shared), "scheduler listening");
+
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async move {
+        shutdown.await;
+        info!("shutting down: health NOT_SERVING, closing agent streams");
+        health
+            .set_not_serving::<AgentServiceServer<AgentService>>()
+            .await;
+        health
+            .set_not_serving::<LeaseServiceServer<LeaseService>>()
+            .await;
+        health
+            .set_not_serving::<AdminServiceServer<AdminService>>()
+            .await;
+        let _ = down_tx.send(true);
+        let _ = drained_tx.send(());
+    };
+
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            AgentServiceServer::new(AgentService::new(shared.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            LeaseServiceServer::new(LeaseService::new(shared.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            AdminServiceServer::new(AdminService::new(shared.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
+    tokio::pin!(server);
+
+    let result = tokio::select! {
+        r = &mut server => r.map_err(Error::from),
+        () = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            info!("in-flight calls did not finish in time; stopping anyway");
+            Ok(())
+        }
+    };
+    ticker.abort();
+    info!("scheduler stopped");
+    result
+}
+
+fn shared_policy(shared: &Shared) -> &'static str {
+    shared.policy_name()
+}

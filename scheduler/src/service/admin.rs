@@ -1,0 +1,128 @@
+//! `nixdispatch.v1.AdminService`: the operators' side.
+
+use std::sync::Arc;
+
+use nixdispatch::proto::{self, admin_service_server};
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+
+use super::{Shared, convert, metrics};
+use crate::core::HostId;
+
+/// Lets operators inspect and steer the scheduler.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    shared: Arc<Shared>,
+}
+
+impl AdminService {
+    /// A service over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn set_draining(&self, host_id: &str, draining: bool) -> Result<proto::HostStatus, Status> {
+        let id = convert::admin_host_id(host_id).map_err(|e| {
+            metrics::rejected("admin");
+            Status::from(e)
+        })?;
+        let now = self.shared.now();
+        let view = {
+            let mut core = self.shared.core();
+            core.set_draining(&id, draining)?;
+            core.host(now, &id)
+        };
+        info!(host = %id, draining, "drain state changed by an operator");
+        self.push_directive(&id);
+        view.map(Into::into)
+            .ok_or_else(|| Status::not_found(format!("unknown host `{id}`")))
+    }
+
+    /// Tells the host's agent, if connected, about its new drain state.
+    fn push_directive(&self, id: &HostId) {
+        if let Some(link) = self.shared.agents.get(id) {
+            // A full channel means the agent is not reading; it gets the state with its
+            // next report's answer anyway.
+            let _ = link.tx.try_send(Ok(self.shared.directive(id)));
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl admin_service_server::AdminService for AdminService {
+    #[instrument(skip_all)]
+    async fn list_hosts(
+        &self,
+        _request: Request<proto::ListHostsRequest>,
+    ) -> Result<Response<proto::ListHostsResponse>, Status> {
+        let now = self.shared.now();
+        let hosts = self.shared.core().hosts(now);
+        Ok(Response::new(proto::ListHostsResponse {
+            hosts: hosts.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn get_capacity(
+        &self,
+        _request: Request<proto::GetCapacityRequest>,
+    ) -> Result<Response<proto::GetCapacityResponse>, Status> {
+        let now = self.shared.now();
+        let systems = self.shared.core().capacity(now);
+        Ok(Response::new(proto::GetCapacityResponse {
+            systems: systems.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn list_leases(
+        &self,
+        _request: Request<proto::ListLeasesRequest>,
+    ) -> Result<Response<proto::ListLeasesResponse>, Status> {
+        let now = self.shared.now();
+        let leases = {
+            let mut core = self.shared.core();
+            core.expire(now);
+            core.leases(now)
+        };
+        Ok(Response::new(proto::ListLeasesResponse {
+            leases: leases.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn drain_host(
+        &self,
+        request: Request<proto::DrainHostRequest>,
+    ) -> Result<Response<proto::HostStatus>, Status> {
+        self.set_draining(&request.get_ref().host_id, true)
+            .map(Response::new)
+    }
+
+    #[instrument(skip_all)]
+    async fn undrain_host(
+        &self,
+        request: Request<proto::UndrainHostRequest>,
+    ) -> Result<Response<proto::HostStatus>, Status> {
+        self.set_draining(&request.get_ref().host_id, false)
+            .map(Response::new)
+    }
+
+    #[instrument(skip_all)]
+    async fn explain_placement(
+        &self,
+        request: Request<proto::ExplainPlacementRequest>,
+    ) -> Result<Response<proto::ExplainPlacementResponse>, Status> {
+        let (system, features) = convert::explain(request.get_ref()).map_err(|e| {
+            metrics::rejected("admin");
+            Status::from(e)
+        })?;
+        let now = self.shared.now();
+        let explanation = {
+            let mut core = self.shared.core();
+            core.expire(now);
+            core.explain(now, &system, &features)
+        };
+        Ok(Response::new(explanation.into()))
+    }
+}

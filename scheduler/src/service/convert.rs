@@ -1,0 +1,856 @@
+//! The boundary: wire messages in, validated domain types out, and back.
+//!
+//! Every field is checked here once, and a bad one becomes `Error::InvalidArgument` naming
+//! it (`register.systems[1]`), so the core never sees unvalidated input or a prost type.
+
+use std::collections::BTreeSet;
+
+use base64::Engine as _;
+use nixdispatch::proto;
+
+use crate::Error;
+use crate::core::{
+    BuildOutcome, CapacityView, ClientId, Decision, DiskSpace, Explanation, Feature, Grant, HostId,
+    HostReport, HostSpec, HostState, HostView, LeaseId, LeaseRequest, LeaseView, LoadAverage,
+    Pressure, System,
+};
+
+/// Most systems one host may serve.
+const MAX_SYSTEMS: usize = 16;
+/// Most features in one list.
+const MAX_FEATURES: usize = 64;
+/// Most hosts a client may exclude.
+const MAX_EXCLUDED: usize = 64;
+/// Most builds a report may claim: far above any real host, low enough to catch garbage.
+const MAX_RUNNING_BUILDS: u32 = 100_000;
+
+/// Checks that `v` is 1 to `max` characters, all accepted by `ok`.
+fn token(
+    field: &str,
+    v: &str,
+    max: usize,
+    ok: fn(char) -> bool,
+    allowed: &str,
+) -> Result<(), Error> {
+    if v.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if v.len() > max {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes long, at most {max} allowed", v.len()),
+        ));
+    }
+    if let Some(c) = v.chars().find(|c| !ok(*c)) {
+        return Err(Error::invalid(
+            field,
+            format!("contains {c:?}; only {allowed} are allowed"),
+        ));
+    }
+    Ok(())
+}
+
+fn host_id(field: &str, v: &str) -> Result<HostId, Error> {
+    token(
+        field,
+        v,
+        128,
+        |c| c.is_ascii_alphanumeric() || "._-".contains(c),
+        "letters, digits and ._-",
+    )?;
+    Ok(HostId::new(v))
+}
+
+fn system(field: &str, v: &str) -> Result<System, Error> {
+    token(
+        field,
+        v,
+        64,
+        |c| c.is_ascii_alphanumeric() || "_.-".contains(c),
+        "letters, digits and _.-",
+    )?;
+    Ok(System::new(v))
+}
+
+fn feature_set(field: &str, vs: &[String]) -> Result<BTreeSet<Feature>, Error> {
+    if vs.len() > MAX_FEATURES {
+        return Err(Error::invalid(
+            field,
+            format!("has {} entries, at most {MAX_FEATURES} allowed", vs.len()),
+        ));
+    }
+    vs.iter()
+        .enumerate()
+        .map(|(i, f)| {
+            token(
+                &format!("{field}[{i}]"),
+                f,
+                64,
+                |c| c.is_ascii_alphanumeric() || "_.+-".contains(c),
+                "letters, digits and _.+-",
+            )?;
+            Ok(Feature::new(f.as_str()))
+        })
+        .collect()
+}
+
+fn lease_id(field: &str, v: &str) -> Result<LeaseId, Error> {
+    token(
+        field,
+        v,
+        64,
+        |c| c.is_ascii_graphic(),
+        "printable ASCII characters",
+    )?;
+    Ok(LeaseId::new(v))
+}
+
+fn finite(field: &str, v: f64, lo: f64, hi: f64) -> Result<f64, Error> {
+    if v.is_finite() && (lo..=hi).contains(&v) {
+        Ok(v)
+    } else {
+        Err(Error::invalid(
+            field,
+            format!("{v} is outside {lo} to {hi}"),
+        ))
+    }
+}
+
+/// Key types OpenSSH writes into host key files.
+const KEY_TYPES: [&str; 7] = [
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// Validates an OpenSSH public key line and returns it as `<type> <base64>`, without the
+/// comment (the comment is the host's business and would end up in clients' known_hosts).
+fn public_key(field: &str, v: &str) -> Result<String, Error> {
+    if v.len() > 16 * 1024 {
+        return Err(Error::invalid(field, "is longer than 16 KiB"));
+    }
+    let mut parts = v.split_whitespace();
+    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
+        return Err(Error::invalid(
+            field,
+            "must be an OpenSSH public key line `<type> <base64> [comment]`",
+        ));
+    };
+    if !KEY_TYPES.contains(&kind) {
+        return Err(Error::invalid(
+            field,
+            format!("key type `{kind}` is not one of {}", KEY_TYPES.join(", ")),
+        ));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(blob)
+        .map_err(|e| Error::invalid(field, format!("key data is not base64: {e}")))?;
+    // The blob starts with the key type as an SSH string: u32 big-endian length, bytes.
+    let inner = bytes
+        .get(..4)
+        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+        .and_then(|n| bytes.get(4..4 + n));
+    if inner != Some(kind.as_bytes()) {
+        return Err(Error::invalid(
+            field,
+            format!("key data does not hold a `{kind}` key"),
+        ));
+    }
+    Ok(format!("{kind} {blob}"))
+}
+
+fn store_uri(field: &str, v: &str) -> Result<String, Error> {
+    if v.len() > 1024 {
+        return Err(Error::invalid(field, "is longer than 1024 bytes"));
+    }
+    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::invalid(
+            field,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    let rest = v
+        .strip_prefix("ssh://")
+        .or_else(|| v.strip_prefix("ssh-ng://"))
+        .ok_or_else(|| {
+            Error::invalid(field, format!("`{v}` must start with ssh:// or ssh-ng://"))
+        })?;
+    let host = rest.split(['?', '/']).next().unwrap_or_default();
+    if host.is_empty() || host.ends_with('@') {
+        return Err(Error::invalid(field, format!("`{v}` names no host")));
+    }
+    Ok(v.to_owned())
+}
+
+impl TryFrom<proto::Register> for HostSpec {
+    type Error = Error;
+
+    fn try_from(r: proto::Register) -> Result<Self, Error> {
+        let id = host_id("register.host_id", &r.host_id)?;
+        let store_uri = store_uri("register.store_uri", &r.store_uri)?;
+        let public_key = public_key("register.host_public_key", &r.host_public_key)?;
+        if r.systems.is_empty() {
+            return Err(Error::invalid(
+                "register.systems",
+                "must name at least one system",
+            ));
+        }
+        if r.systems.len() > MAX_SYSTEMS {
+            return Err(Error::invalid(
+                "register.systems",
+                format!(
+                    "has {} entries, at most {MAX_SYSTEMS} allowed",
+                    r.systems.len()
+                ),
+            ));
+        }
+        let systems = r
+            .systems
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let s = system(&format!("register.systems[{i}]"), s)?;
+                if s.is_builtin() {
+                    return Err(Error::invalid(
+                        format!("register.systems[{i}]"),
+                        "`builtin` is not a real system; every host builds it",
+                    ));
+                }
+                Ok(s)
+            })
+            .collect::<Result<_, _>>()?;
+        let supported_features = feature_set("register.supported_features", &r.supported_features)?;
+        let mandatory_features = feature_set("register.mandatory_features", &r.mandatory_features)?;
+        if !(1..=1024).contains(&r.max_jobs) {
+            return Err(Error::invalid(
+                "register.max_jobs",
+                format!("{} is outside 1 to 1024", r.max_jobs),
+            ));
+        }
+        let speed_factor = if r.speed_factor == 0.0 {
+            1.0
+        } else {
+            finite(
+                "register.speed_factor",
+                r.speed_factor,
+                f64::MIN_POSITIVE,
+                1000.0,
+            )?
+        };
+        if r.agent_version.len() > 64 || r.agent_version.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "register.agent_version",
+                "must be at most 64 printable characters",
+            ));
+        }
+        Ok(HostSpec {
+            id,
+            store_uri,
+            public_key,
+            systems,
+            supported_features,
+            mandatory_features,
+            max_jobs: r.max_jobs,
+            speed_factor,
+            cpu_count: r.cpu_count,
+            total_memory_bytes: r.total_memory_bytes,
+            agent_version: r.agent_version,
+        })
+    }
+}
+
+fn disk(field: &str, d: proto::DiskSpace) -> Result<DiskSpace, Error> {
+    if d.total_bytes == 0 {
+        return Err(Error::invalid(
+            format!("{field}.total_bytes"),
+            "must be greater than 0",
+        ));
+    }
+    if d.free_bytes > d.total_bytes {
+        return Err(Error::invalid(
+            format!("{field}.free_bytes"),
+            format!("{} exceeds total_bytes {}", d.free_bytes, d.total_bytes),
+        ));
+    }
+    Ok(DiskSpace {
+        free_bytes: d.free_bytes,
+        total_bytes: d.total_bytes,
+    })
+}
+
+impl TryFrom<proto::Report> for HostReport {
+    type Error = Error;
+
+    fn try_from(r: proto::Report) -> Result<Self, Error> {
+        if let Some(n) = r.running_builds.filter(|n| *n > MAX_RUNNING_BUILDS) {
+            return Err(Error::invalid(
+                "report.running_builds",
+                format!("{n} is above {MAX_RUNNING_BUILDS}"),
+            ));
+        }
+        let load = r
+            .load
+            .map(|l| {
+                Ok::<_, Error>(LoadAverage {
+                    load1: finite("report.load.load1", l.load1, 0.0, 1e6)?,
+                    load5: finite("report.load.load5", l.load5, 0.0, 1e6)?,
+                    load15: finite("report.load.load15", l.load15, 0.0, 1e6)?,
+                })
+            })
+            .transpose()?;
+        let pct = |field: &str, v: Option<f64>| v.map(|v| finite(field, v, 0.0, 100.0)).transpose();
+        let pressure = r
+            .pressure
+            .map(|p| {
+                Ok::<_, Error>(Pressure {
+                    cpu_some: pct("report.pressure.cpu_some_avg10", p.cpu_some_avg10)?,
+                    memory_some: pct("report.pressure.memory_some_avg10", p.memory_some_avg10)?,
+                    memory_full: pct("report.pressure.memory_full_avg10", p.memory_full_avg10)?,
+                    io_some: pct("report.pressure.io_some_avg10", p.io_some_avg10)?,
+                    io_full: pct("report.pressure.io_full_avg10", p.io_full_avg10)?,
+                })
+            })
+            .transpose()?;
+        Ok(HostReport {
+            running_builds: r.running_builds,
+            load,
+            pressure,
+            available_memory_bytes: r.available_memory_bytes,
+            store: r.store.map(|d| disk("report.store", d)).transpose()?,
+            build_dir: r
+                .build_dir
+                .map(|d| disk("report.build_dir", d))
+                .transpose()?,
+        })
+    }
+}
+
+impl TryFrom<proto::AcquireRequest> for LeaseRequest {
+    type Error = Error;
+
+    fn try_from(r: proto::AcquireRequest) -> Result<Self, Error> {
+        let system = system("system", &r.system)?;
+        let required_features = feature_set("required_features", &r.required_features)?;
+        if !r.drv_path.starts_with('/') || !r.drv_path.ends_with(".drv") {
+            return Err(Error::invalid(
+                "drv_path",
+                format!(
+                    "`{}` is not an absolute path ending in .drv",
+                    r.drv_path.escape_debug()
+                ),
+            ));
+        }
+        if r.drv_path.len() > 4096 || r.drv_path.chars().any(char::is_control) {
+            return Err(Error::invalid(
+                "drv_path",
+                "must be at most 4096 bytes without control characters",
+            ));
+        }
+        token(
+            "client_id",
+            &r.client_id,
+            128,
+            |c| c.is_ascii_graphic(),
+            "printable ASCII characters without spaces",
+        )?;
+        if r.exclude_hosts.len() > MAX_EXCLUDED {
+            return Err(Error::invalid(
+                "exclude_hosts",
+                format!(
+                    "has {} entries, at most {MAX_EXCLUDED} allowed",
+                    r.exclude_hosts.len()
+                ),
+            ));
+        }
+        let exclude_hosts = r
+            .exclude_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| host_id(&format!("exclude_hosts[{i}]"), h))
+            .collect::<Result<_, _>>()?;
+        Ok(LeaseRequest {
+            system,
+            required_features,
+            drv_path: r.drv_path,
+            client: ClientId::new(r.client_id),
+            can_build_locally: r.can_build_locally,
+            exclude_hosts,
+        })
+    }
+}
+
+/// The validated lease id of a `KeepAlive`.
+pub(crate) fn keep_alive(r: &proto::KeepAliveRequest) -> Result<LeaseId, Error> {
+    lease_id("lease_id", &r.lease_id)
+}
+
+/// The validated lease id and outcome of a `Release`.
+pub(crate) fn release(r: &proto::ReleaseRequest) -> Result<(LeaseId, BuildOutcome), Error> {
+    let id = lease_id("lease_id", &r.lease_id)?;
+    let outcome = match proto::BuildOutcome::try_from(r.outcome) {
+        Ok(proto::BuildOutcome::Succeeded) => BuildOutcome::Succeeded,
+        Ok(proto::BuildOutcome::BuildFailed) => BuildOutcome::BuildFailed,
+        Ok(proto::BuildOutcome::HostUnreachable) => BuildOutcome::HostUnreachable,
+        Ok(proto::BuildOutcome::Cancelled) => BuildOutcome::Cancelled,
+        Ok(proto::BuildOutcome::Unspecified) => {
+            return Err(Error::invalid(
+                "outcome",
+                "must be set (not BUILD_OUTCOME_UNSPECIFIED)",
+            ));
+        }
+        Err(_) => {
+            return Err(Error::invalid(
+                "outcome",
+                format!("{} is not a known outcome", r.outcome),
+            ));
+        }
+    };
+    Ok((id, outcome))
+}
+
+/// A validated host id for the admin calls.
+pub(crate) fn admin_host_id(v: &str) -> Result<HostId, Error> {
+    host_id("host_id", v)
+}
+
+/// The validated system and features of `ExplainPlacement`.
+pub(crate) fn explain(
+    r: &proto::ExplainPlacementRequest,
+) -> Result<(System, BTreeSet<Feature>), Error> {
+    Ok((
+        system("system", &r.system)?,
+        feature_set("required_features", &r.required_features)?,
+    ))
+}
+
+fn strings<T: ToString>(items: impl IntoIterator<Item = T>) -> Vec<String> {
+    items.into_iter().map(|s| s.to_string()).collect()
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl From<Grant> for proto::Granted {
+    fn from(g: Grant) -> Self {
+        proto::Granted {
+            lease_id: g.lease_id.to_string(),
+            host_id: g.host.id.to_string(),
+            store_uri: g.host.store_uri,
+            systems: strings(&g.host.systems),
+            max_jobs: g.host.max_jobs,
+            speed_factor: g.host.speed_factor,
+            supported_features: strings(&g.host.supported_features),
+            mandatory_features: strings(&g.host.mandatory_features),
+            host_public_key_base64: base64::engine::general_purpose::STANDARD
+                .encode(&g.host.public_key),
+            lease_ttl_millis: millis(g.ttl),
+            slots_used: g.slots_used,
+            slots_total: g.slots_total,
+        }
+    }
+}
+
+impl From<Decision> for proto::AcquireResponse {
+    fn from(d: Decision) -> Self {
+        use proto::acquire_response::Outcome;
+        let outcome = match d {
+            Decision::Granted(g) => Outcome::Granted(g.into()),
+            Decision::Postpone {
+                retry_after,
+                position,
+                reason,
+            } => Outcome::Postpone(proto::Postpone {
+                retry_after_millis: millis(retry_after),
+                queue_position: position,
+                reason,
+            }),
+            Decision::Decline { reason } => Outcome::Decline(proto::Decline { reason }),
+            Decision::DeclinePermanently { reason } => {
+                Outcome::DeclinePermanently(proto::DeclinePermanently { reason })
+            }
+        };
+        proto::AcquireResponse {
+            outcome: Some(outcome),
+        }
+    }
+}
+
+fn state(s: HostState) -> proto::HostState {
+    match s {
+        HostState::Ready => proto::HostState::Ready,
+        HostState::Stale => proto::HostState::Stale,
+        HostState::Disconnected => proto::HostState::Disconnected,
+        HostState::Gone => proto::HostState::Gone,
+    }
+}
+
+impl From<HostView> for proto::HostStatus {
+    fn from(h: HostView) -> Self {
+        let r = h.report;
+        proto::HostStatus {
+            host_id: h.spec.id.to_string(),
+            store_uri: h.spec.store_uri,
+            systems: strings(&h.spec.systems),
+            supported_features: strings(&h.spec.supported_features),
+            mandatory_features: strings(&h.spec.mandatory_features),
+            state: state(h.state) as i32,
+            draining: h.draining,
+            slots_total: h.spec.max_jobs,
+            slots_used: h.slots_used,
+            leases: h.leases,
+            running_builds: r.running_builds,
+            speed_factor: h.spec.speed_factor,
+            load: r.load.map(|l| proto::LoadAverage {
+                load1: l.load1,
+                load5: l.load5,
+                load15: l.load15,
+            }),
+            pressure: r.pressure.map(|p| proto::Pressure {
+                cpu_some_avg10: p.cpu_some,
+                memory_some_avg10: p.memory_some,
+                memory_full_avg10: p.memory_full,
+                io_some_avg10: p.io_some,
+                io_full_avg10: p.io_full,
+            }),
+            available_memory_bytes: r.available_memory_bytes,
+            total_memory_bytes: h.spec.total_memory_bytes,
+            store: r.store.map(|d| proto::DiskSpace {
+                free_bytes: d.free_bytes,
+                total_bytes: d.total_bytes,
+            }),
+            build_dir: r.build_dir.map(|d| proto::DiskSpace {
+                free_bytes: d.free_bytes,
+                total_bytes: d.total_bytes,
+            }),
+            millis_since_last_report: millis(h.since_last_report),
+            cpu_count: h.spec.cpu_count,
+            agent_version: h.spec.agent_version,
+            unavailable_reason: h.unavailable_reason.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<LeaseView> for proto::LeaseStatus {
+    fn from(l: LeaseView) -> Self {
+        proto::LeaseStatus {
+            lease_id: l.id.to_string(),
+            host_id: l.host.to_string(),
+            client_id: l.client.to_string(),
+            system: l.system.to_string(),
+            drv_path: l.drv_path,
+            age_millis: millis(l.age),
+            expires_in_millis: millis(l.expires_in),
+        }
+    }
+}
+
+impl From<CapacityView> for proto::SystemCapacity {
+    fn from(c: CapacityView) -> Self {
+        proto::SystemCapacity {
+            system: c.system,
+            hosts: c.hosts,
+            hosts_available: c.hosts_available,
+            slots_total: c.slots_total,
+            slots_free: c.slots_free,
+            leases: c.leases,
+            waiting: c.waiting,
+        }
+    }
+}
+
+impl From<Explanation> for proto::ExplainPlacementResponse {
+    fn from(e: Explanation) -> Self {
+        proto::ExplainPlacementResponse {
+            hosts: e
+                .verdicts
+                .into_iter()
+                .map(|v| match v.result {
+                    Ok(score) => proto::HostVerdict {
+                        host_id: v.host.to_string(),
+                        eligible: true,
+                        reason: String::new(),
+                        score,
+                    },
+                    Err(reason) => proto::HostVerdict {
+                        host_id: v.host.to_string(),
+                        eligible: false,
+                        reason,
+                        score: 0.0,
+                    },
+                })
+                .collect(),
+            chosen_host_id: e.chosen.map(|h| h.to_string()).unwrap_or_default(),
+            outcome: e.outcome.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ed25519 host key line (generated for these tests).
+    pub(crate) const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv root@builder";
+
+    fn register() -> proto::Register {
+        proto::Register {
+            host_id: "build01".into(),
+            store_uri: "ssh-ng://nix@build01.nix-community.org".into(),
+            host_public_key: KEY.into(),
+            systems: vec!["x86_64-linux".into()],
+            supported_features: vec!["kvm".into(), "big-parallel".into()],
+            mandatory_features: vec![],
+            max_jobs: 6,
+            speed_factor: 0.0,
+            cpu_count: 24,
+            total_memory_bytes: 1 << 36,
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    fn field_of(e: Error) -> String {
+        match e {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A good registration converts; the comment is dropped from the key and speed 0 is 1.
+    #[test]
+    fn good_register_converts() {
+        let spec = HostSpec::try_from(register()).unwrap();
+        assert_eq!(spec.public_key, KEY.rsplit_once(' ').unwrap().0);
+        assert_eq!(spec.speed_factor, 1.0);
+    }
+
+    /// Each bad registration field is rejected with its own name.
+    #[test]
+    fn bad_register_fields_are_named() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut proto::Register)>)> = vec![
+            ("register.host_id", Box::new(|r| r.host_id = "a b".into())),
+            (
+                "register.host_id",
+                Box::new(|r| r.host_id = "x".repeat(129)),
+            ),
+            (
+                "register.store_uri",
+                Box::new(|r| r.store_uri = "http://x".into()),
+            ),
+            (
+                "register.store_uri",
+                Box::new(|r| r.store_uri = "ssh://".into()),
+            ),
+            (
+                "register.host_public_key",
+                Box::new(|r| r.host_public_key = "ssh-ed25519".into()),
+            ),
+            (
+                "register.host_public_key",
+                Box::new(|r| r.host_public_key = "ssh-dss AAAA".into()),
+            ),
+            (
+                "register.host_public_key",
+                Box::new(|r| {
+                    r.host_public_key = "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv".into()
+                }),
+            ),
+            (
+                "register.host_public_key",
+                Box::new(|r| r.host_public_key = "ssh-ed25519 !!!".into()),
+            ),
+            ("register.systems", Box::new(|r| r.systems.clear())),
+            (
+                "register.systems",
+                Box::new(|r| r.systems = vec!["x".into(); 17]),
+            ),
+            (
+                "register.systems[1]",
+                Box::new(|r| r.systems.push("".into())),
+            ),
+            (
+                "register.systems[1]",
+                Box::new(|r| r.systems.push("builtin".into())),
+            ),
+            (
+                "register.supported_features",
+                Box::new(|r| r.supported_features = vec!["f".into(); 65]),
+            ),
+            (
+                "register.mandatory_features[0]",
+                Box::new(|r| r.mandatory_features = vec!["a,b".into()]),
+            ),
+            ("register.max_jobs", Box::new(|r| r.max_jobs = 0)),
+            ("register.max_jobs", Box::new(|r| r.max_jobs = 5000)),
+            (
+                "register.speed_factor",
+                Box::new(|r| r.speed_factor = f64::NAN),
+            ),
+            ("register.speed_factor", Box::new(|r| r.speed_factor = -1.0)),
+            (
+                "register.agent_version",
+                Box::new(|r| r.agent_version = "v".repeat(65)),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut r = register();
+            mutate(&mut r);
+            assert_eq!(field_of(HostSpec::try_from(r).unwrap_err()), field);
+        }
+    }
+
+    /// Bad reports are rejected with the field named; absent values stay absent.
+    #[test]
+    fn reports_are_validated() {
+        assert_eq!(
+            HostReport::try_from(proto::Report::default()).unwrap(),
+            HostReport::default()
+        );
+        let bad = proto::Report {
+            pressure: Some(proto::Pressure {
+                io_full_avg10: Some(101.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            field_of(HostReport::try_from(bad).unwrap_err()),
+            "report.pressure.io_full_avg10"
+        );
+        let bad = proto::Report {
+            load: Some(proto::LoadAverage {
+                load1: f64::INFINITY,
+                load5: 0.0,
+                load15: 0.0,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            field_of(HostReport::try_from(bad).unwrap_err()),
+            "report.load.load1"
+        );
+        let bad = proto::Report {
+            store: Some(proto::DiskSpace {
+                free_bytes: 2,
+                total_bytes: 1,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            field_of(HostReport::try_from(bad).unwrap_err()),
+            "report.store.free_bytes"
+        );
+        let bad = proto::Report {
+            build_dir: Some(proto::DiskSpace {
+                free_bytes: 0,
+                total_bytes: 0,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            field_of(HostReport::try_from(bad).unwrap_err()),
+            "report.build_dir.total_bytes"
+        );
+        let bad = proto::Report {
+            running_builds: Some(u32::MAX),
+            ..Default::default()
+        };
+        assert_eq!(
+            field_of(HostReport::try_from(bad).unwrap_err()),
+            "report.running_builds"
+        );
+    }
+
+    /// Bad acquire fields are rejected with their names.
+    #[test]
+    fn bad_acquire_fields_are_named() {
+        let good = proto::AcquireRequest {
+            system: "x86_64-linux".into(),
+            required_features: vec!["kvm".into()],
+            drv_path: "/nix/store/abc-hello.drv".into(),
+            client_id: "alice-laptop".into(),
+            can_build_locally: true,
+            exclude_hosts: vec!["b1".into()],
+        };
+        LeaseRequest::try_from(good.clone()).unwrap();
+        let cases: Vec<(&str, Box<dyn Fn(&mut proto::AcquireRequest)>)> = vec![
+            ("system", Box::new(|r| r.system.clear())),
+            ("system", Box::new(|r| r.system = "x86_64 linux".into())),
+            ("system", Box::new(|r| r.system = "s".repeat(65))),
+            (
+                "required_features",
+                Box::new(|r| r.required_features = vec!["f".into(); 65]),
+            ),
+            (
+                "required_features[0]",
+                Box::new(|r| r.required_features = vec!["".into()]),
+            ),
+            ("drv_path", Box::new(|r| r.drv_path = "hello.drv".into())),
+            ("drv_path", Box::new(|r| r.drv_path = "/nix/store/x".into())),
+            (
+                "drv_path",
+                Box::new(|r| r.drv_path = format!("/{}.drv", "a".repeat(5000))),
+            ),
+            ("client_id", Box::new(|r| r.client_id.clear())),
+            ("client_id", Box::new(|r| r.client_id = "a b".into())),
+            (
+                "exclude_hosts[0]",
+                Box::new(|r| r.exclude_hosts = vec!["!".into()]),
+            ),
+            (
+                "exclude_hosts",
+                Box::new(|r| r.exclude_hosts = vec!["h".into(); 65]),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut r = good.clone();
+            mutate(&mut r);
+            assert_eq!(field_of(LeaseRequest::try_from(r).unwrap_err()), field);
+        }
+    }
+
+    /// A release needs a lease id and a real outcome.
+    #[test]
+    fn release_is_validated() {
+        let r = proto::ReleaseRequest {
+            lease_id: "x".into(),
+            outcome: 0,
+            duration_millis: 0,
+        };
+        assert_eq!(field_of(release(&r).unwrap_err()), "outcome");
+        let r = proto::ReleaseRequest {
+            lease_id: "x".into(),
+            outcome: 99,
+            duration_millis: 0,
+        };
+        assert_eq!(field_of(release(&r).unwrap_err()), "outcome");
+        let r = proto::ReleaseRequest {
+            lease_id: "".into(),
+            outcome: 1,
+            duration_millis: 0,
+        };
+        assert_eq!(field_of(release(&r).unwrap_err()), "lease_id");
+    }
+
+    /// The granted host key is the base64 of the key line, as Nix's machines file wants it.
+    #[test]
+    fn granted_key_is_base64_of_the_line() {
+        let spec = HostSpec::try_from(register()).unwrap();
+        let g = proto::Granted::from(Grant {
+            lease_id: LeaseId::new("l"),
+            host: spec.clone(),
+            ttl: std::time::Duration::from_secs(60),
+            slots_used: 1,
+            slots_total: 6,
+        });
+        let line = base64::engine::general_purpose::STANDARD
+            .decode(g.host_public_key_base64)
+            .unwrap();
+        assert_eq!(String::from_utf8(line).unwrap(), spec.public_key);
+        assert_eq!(g.lease_ttl_millis, 60_000);
+    }
+}
