@@ -1,0 +1,786 @@
+//! The scheduler over real gRPC on 127.0.0.1:0: agents, leases, admin, health, reflection
+//! and bad input, each through the generated clients a real agent, hook or operator uses.
+
+use std::time::Duration;
+
+use nixdispatch::proto::{
+    self, AcquireRequest, AgentMessage, Register, Report, SchedulerMessage,
+    acquire_response::Outcome, admin_service_client::AdminServiceClient, agent_message::Message,
+    agent_service_client::AgentServiceClient, lease_service_client::LeaseServiceClient,
+};
+use nixdispatch_scheduler::config::Config;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+/// A real ed25519 host key line.
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv root@b";
+
+/// A scheduler served in-process on a listener bound to 127.0.0.1:0; stopped on drop.
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<Result<(), nixdispatch_scheduler::Error>>>,
+}
+
+impl Server {
+    async fn start(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(nixdispatch_scheduler::server::run(
+            listener,
+            config,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Server {
+            addr,
+            stop: Some(stop),
+            done: Some(done),
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        // The listener is bound before `run` starts, so connecting cannot race the server.
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Stops the server and waits for `run` to return.
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.done.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn fast_config() -> Config {
+    let mut c = Config::default();
+    c.agents.report_interval_millis = 200;
+    c.agents.grace_millis = 200;
+    c
+}
+
+fn register(id: &str, systems: &[&str], slots: u32) -> Register {
+    Register {
+        host_id: id.into(),
+        store_uri: format!("ssh-ng://{id}"),
+        host_public_key: KEY.into(),
+        systems: systems.iter().map(|s| s.to_string()).collect(),
+        supported_features: vec!["kvm".into()],
+        mandatory_features: vec![],
+        max_jobs: slots,
+        speed_factor: 1.0,
+        cpu_count: 8,
+        total_memory_bytes: 16 << 30,
+        agent_version: "test".into(),
+    }
+}
+
+/// One agent stream driven by hand.
+struct Agent {
+    tx: mpsc::Sender<AgentMessage>,
+    rx: Streaming<SchedulerMessage>,
+}
+
+impl Agent {
+    async fn connect(channel: Channel, first: AgentMessage) -> Self {
+        let (tx, out) = mpsc::channel(8);
+        tx.send(first).await.unwrap();
+        let rx = AgentServiceClient::new(channel)
+            .session(ReceiverStream::new(out))
+            .await
+            .unwrap()
+            .into_inner();
+        Agent { tx, rx }
+    }
+
+    async fn register(channel: Channel, r: Register) -> Self {
+        let mut a = Self::connect(
+            channel,
+            AgentMessage {
+                message: Some(Message::Register(r)),
+            },
+        )
+        .await;
+        let first = a.next().await.unwrap();
+        assert!(first.next_report_within_millis > 0);
+        a
+    }
+
+    async fn send(&self, m: Message) {
+        self.tx
+            .send(AgentMessage { message: Some(m) })
+            .await
+            .unwrap();
+    }
+
+    async fn report(&mut self, r: Report) -> SchedulerMessage {
+        self.send(Message::Report(r)).await;
+        self.next().await.unwrap()
+    }
+
+    async fn next(&mut self) -> Result<SchedulerMessage, tonic::Status> {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("the scheduler answers within 10 s")
+            .and_then(|m| m.ok_or_else(|| tonic::Status::cancelled("stream ended")))
+    }
+}
+
+fn acquire(system: &str, client: &str, drv: &str, local: bool) -> AcquireRequest {
+    AcquireRequest {
+        system: system.into(),
+        required_features: vec![],
+        drv_path: format!("/nix/store/{drv}.drv"),
+        client_id: client.into(),
+        can_build_locally: local,
+        exclude_hosts: vec![],
+    }
+}
+
+async fn host(admin: &mut AdminServiceClient<Channel>, id: &str) -> proto::HostStatus {
+    admin
+        .list_hosts(proto::ListHostsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts
+        .into_iter()
+        .find(|h| h.host_id == id)
+        .unwrap_or_else(|| panic!("host {id} not listed"))
+}
+
+/// Polls `check` every 20 ms until it holds, for at most 10 s (never a fixed sleep).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// An agent registers and reports; ListHosts shows what it reported.
+#[tokio::test]
+async fn register_and_report_show_in_list_hosts() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 4)).await;
+    let answer = agent
+        .report(Report {
+            running_builds: Some(1),
+            load: Some(proto::LoadAverage {
+                load1: 1.5,
+                load5: 1.0,
+                load15: 0.5,
+            }),
+            pressure: Some(proto::Pressure {
+                cpu_some_avg10: Some(3.0),
+                ..Default::default()
+            }),
+            available_memory_bytes: Some(8 << 30),
+            store: Some(proto::DiskSpace {
+                free_bytes: 100 << 30,
+                total_bytes: 200 << 30,
+            }),
+            build_dir: None,
+        })
+        .await;
+    assert_eq!(answer.next_report_within_millis, 10_000);
+    let mut admin = AdminServiceClient::new(ch);
+    let h = host(&mut admin, "b1").await;
+    assert_eq!(h.state(), proto::HostState::Ready);
+    assert_eq!(
+        (h.slots_total, h.slots_used, h.running_builds),
+        (4, 1, Some(1))
+    );
+    assert_eq!(h.load.unwrap().load1, 1.5);
+    assert_eq!(h.pressure.unwrap().cpu_some_avg10, Some(3.0));
+    assert_eq!(h.pressure.unwrap().io_full_avg10, None);
+    assert_eq!(h.store.unwrap().free_bytes, 100 << 30);
+    assert_eq!(h.build_dir, None);
+    assert_eq!(h.cpu_count, 8);
+    server.shutdown().await;
+}
+
+/// Acquire, keep alive and release over gRPC; release is idempotent; unknown ids NotFound.
+#[tokio::test]
+async fn acquire_keep_alive_release() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let granted = match leases
+        .acquire(acquire("x86_64-linux", "alice", "a", false))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+    {
+        Some(Outcome::Granted(g)) => g,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(granted.host_id, "b1");
+    assert_eq!(granted.store_uri, "ssh-ng://b1");
+    assert_eq!(
+        (granted.slots_used, granted.slots_total, granted.max_jobs),
+        (1, 1, 1)
+    );
+    assert!(!granted.host_public_key_base64.is_empty());
+    // The only slot is taken: a client that cannot build locally waits, one that can declines.
+    match leases
+        .acquire(acquire("x86_64-linux", "bob", "b", false))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+    {
+        Some(Outcome::Postpone(p)) => assert_eq!(p.queue_position, 1),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        leases
+            .acquire(acquire("x86_64-linux", "bob", "c", true))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        Some(Outcome::Decline(_))
+    ));
+    let ka = leases
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: granted.lease_id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(ka.into_inner().lease_ttl_millis, 60_000);
+    let mut admin = AdminServiceClient::new(ch.clone());
+    let listed = admin
+        .list_leases(proto::ListLeasesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].client_id.as_str(), listed[0].host_id.as_str()),
+        ("alice", "b1")
+    );
+    let cap = admin
+        .get_capacity(proto::GetCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .systems;
+    assert_eq!(
+        (cap[0].slots_free, cap[0].leases, cap[0].waiting),
+        (0, 1, 1)
+    );
+
+    let release = |id: &str| proto::ReleaseRequest {
+        lease_id: id.into(),
+        outcome: proto::BuildOutcome::Succeeded as i32,
+        duration_millis: 1234,
+    };
+    assert!(
+        !leases
+            .release(release(&granted.lease_id))
+            .await
+            .unwrap()
+            .into_inner()
+            .already_released
+    );
+    assert!(
+        leases
+            .release(release(&granted.lease_id))
+            .await
+            .unwrap()
+            .into_inner()
+            .already_released
+    );
+    let err = leases.release(release("no-such-lease")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("no-such-lease"), "{}", err.message());
+    let err = leases
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: granted.lease_id,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        admin
+            .list_leases(proto::ListLeasesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .leases
+            .is_empty()
+    );
+    server.shutdown().await;
+}
+
+/// A lease that is not kept alive expires and its slot is granted again.
+#[tokio::test]
+async fn unkept_lease_expires() {
+    let mut config = Config::default();
+    config.leases.ttl_millis = 300;
+    let server = Server::start(config).await;
+    let ch = server.channel().await;
+    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let first = leases
+        .acquire(acquire("x86_64-linux", "a", "one", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(first.outcome, Some(Outcome::Granted(_))));
+    eventually(
+        "the unkept lease to expire and its slot to be granted again",
+        || {
+            let mut leases = leases.clone();
+            async move {
+                matches!(
+                    leases
+                        .acquire(acquire("x86_64-linux", "b", "two", false))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .outcome,
+                    Some(Outcome::Granted(_))
+                )
+            }
+        },
+    )
+    .await;
+    server.shutdown().await;
+}
+
+/// Drain stops new leases at once, is pushed to the agent, and undrain reopens the host.
+#[tokio::test]
+async fn drain_is_pushed_and_undrain_reopens() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    let mut admin = AdminServiceClient::new(ch.clone());
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let status = admin
+        .drain_host(proto::DrainHostRequest {
+            host_id: "b1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.draining);
+    assert_eq!(status.unavailable_reason, "draining");
+    assert!(
+        agent.next().await.unwrap().draining,
+        "the agent is told it is drained"
+    );
+    match leases
+        .acquire(acquire("x86_64-linux", "a", "x", false))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+    {
+        Some(Outcome::Postpone(p)) => assert!(p.reason.contains("draining"), "{}", p.reason),
+        other => panic!("{other:?}"),
+    }
+    admin
+        .undrain_host(proto::UndrainHostRequest {
+            host_id: "b1".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!agent.next().await.unwrap().draining);
+    assert!(matches!(
+        leases
+            .acquire(acquire("x86_64-linux", "a", "x", false))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        Some(Outcome::Granted(_))
+    ));
+    let err = admin
+        .drain_host(proto::DrainHostRequest {
+            host_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin
+        .drain_host(proto::DrainHostRequest { host_id: "".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("host_id"));
+    server.shutdown().await;
+}
+
+/// ExplainPlacement gives every host with its reason and the host that would be chosen.
+#[tokio::test]
+async fn explain_placement_names_every_host() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let _a = Agent::register(ch.clone(), register("linux", &["x86_64-linux"], 6)).await;
+    let _b = Agent::register(
+        ch.clone(),
+        register("mac", &["aarch64-darwin", "x86_64-darwin"], 2),
+    )
+    .await;
+    let mut admin = AdminServiceClient::new(ch);
+    let e = admin
+        .explain_placement(proto::ExplainPlacementRequest {
+            system: "x86_64-darwin".into(),
+            required_features: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.chosen_host_id, "mac");
+    assert_eq!(e.outcome, "granted");
+    assert_eq!(e.hosts.len(), 2);
+    assert!(!e.hosts[0].eligible && e.hosts[0].reason.contains("does not build x86_64-darwin"));
+    assert!(e.hosts[1].eligible && e.hosts[1].score == 0.5);
+    let e = admin
+        .explain_placement(proto::ExplainPlacementRequest {
+            system: "x86_64-linux".into(),
+            required_features: vec!["cuda".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (e.chosen_host_id.as_str(), e.outcome.as_str()),
+        ("", "decline-permanently")
+    );
+    assert!(e.hosts[0].reason.contains("lacks features cuda"));
+    server.shutdown().await;
+}
+
+/// A host whose agent disconnects gets no new leases; reconnecting restores it with its
+/// leases; a host that stays connected but silent goes stale; an older stream is replaced.
+#[tokio::test]
+async fn liveness_disconnect_reconnect_stale_and_replace() {
+    let server = Server::start(fast_config()).await;
+    let ch = server.channel().await;
+    let mut admin = AdminServiceClient::new(ch.clone());
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    assert!(matches!(
+        leases
+            .acquire(acquire("x86_64-linux", "a", "x", false))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        Some(Outcome::Granted(_))
+    ));
+    drop(agent);
+    eventually("the host to show as disconnected", || {
+        let mut admin = admin.clone();
+        async move { host(&mut admin, "b1").await.state() == proto::HostState::Disconnected }
+    })
+    .await;
+    assert!(matches!(
+        leases
+            .acquire(acquire("x86_64-linux", "a", "y", false))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        Some(Outcome::Postpone(_))
+    ));
+    let mut again = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    let h = host(&mut admin, "b1").await;
+    assert_eq!((h.state(), h.leases), (proto::HostState::Ready, 1));
+
+    // A second stream for the same host replaces the first, which is told so.
+    let _newer = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    let err = again.next().await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert_eq!(
+        host(&mut admin, "b1").await.state(),
+        proto::HostState::Ready
+    );
+
+    // Silent past its deadline plus the grace: stale, and no leases.
+    eventually("the silent host to go stale", || {
+        let mut admin = admin.clone();
+        async move { host(&mut admin, "b1").await.state() == proto::HostState::Stale }
+    })
+    .await;
+    assert!(
+        host(&mut admin, "b1")
+            .await
+            .unavailable_reason
+            .contains("late")
+    );
+    server.shutdown().await;
+}
+
+/// A goodbye closes the host to new leases at once.
+#[tokio::test]
+async fn goodbye_marks_host_gone() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    agent
+        .send(Message::Goodbye(proto::Goodbye {
+            reason: "shutdown".into(),
+        }))
+        .await;
+    let admin = AdminServiceClient::new(ch.clone());
+    eventually("the host to be gone", || {
+        let mut admin = admin.clone();
+        async move { host(&mut admin, "b1").await.state() == proto::HostState::Gone }
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// A misbehaving agent stream is closed with a status naming the problem, and another
+/// agent on the same server is not disturbed.
+#[tokio::test]
+async fn misbehaving_agents_are_refused_without_disturbing_others() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let mut good = Agent::register(ch.clone(), register("good", &["x86_64-linux"], 2)).await;
+
+    let mut a = Agent::connect(
+        ch.clone(),
+        AgentMessage {
+            message: Some(Message::Report(Report::default())),
+        },
+    )
+    .await;
+    let err = a.next().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("first message must be `register`"),
+        "{}",
+        err.message()
+    );
+
+    let mut bad = register("bad", &["x86_64-linux"], 2);
+    bad.max_jobs = 0;
+    let mut a = Agent::connect(
+        ch.clone(),
+        AgentMessage {
+            message: Some(Message::Register(bad)),
+        },
+    )
+    .await;
+    let err = a.next().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("register.max_jobs"),
+        "{}",
+        err.message()
+    );
+
+    let mut a = Agent::register(ch.clone(), register("liar", &["x86_64-linux"], 2)).await;
+    a.send(Message::Report(Report {
+        store: Some(proto::DiskSpace {
+            free_bytes: 10,
+            total_bytes: 1,
+        }),
+        ..Default::default()
+    }))
+    .await;
+    let err = a.next().await.unwrap_err();
+    assert!(
+        err.message().contains("report.store.free_bytes"),
+        "{}",
+        err.message()
+    );
+
+    let mut a = Agent::register(ch.clone(), register("twice", &["x86_64-linux"], 2)).await;
+    a.send(Message::Register(register("twice", &["x86_64-linux"], 2)))
+        .await;
+    assert_eq!(a.next().await.unwrap_err().code(), Code::InvalidArgument);
+
+    let mut a = Agent::connect(ch.clone(), AgentMessage { message: None }).await;
+    assert_eq!(a.next().await.unwrap_err().code(), Code::InvalidArgument);
+
+    // Oversized messages are refused by the transport before they reach a handler.
+    let mut huge = register("huge", &["x86_64-linux"], 2);
+    huge.agent_version = "x".repeat(200_000);
+    let mut a = Agent::connect(
+        ch.clone(),
+        AgentMessage {
+            message: Some(Message::Register(huge)),
+        },
+    )
+    .await;
+    assert!(a.next().await.is_err());
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let mut big = acquire("x86_64-linux", "c", "x", false);
+    big.drv_path = format!("/{}.drv", "a".repeat(100_000));
+    let err = leases.acquire(big).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{err:?}"
+    );
+
+    // The good agent is still served, and the server still answers.
+    good.report(Report::default()).await;
+    let mut admin = AdminServiceClient::new(ch);
+    assert_eq!(
+        host(&mut admin, "good").await.state(),
+        proto::HostState::Ready
+    );
+    server.shutdown().await;
+}
+
+/// Every Acquire field is validated at the boundary with InvalidArgument naming the field.
+#[tokio::test]
+async fn bad_lease_requests_name_the_field() {
+    let server = Server::start(Config::default()).await;
+    let mut leases = LeaseServiceClient::new(server.channel().await);
+    let cases: Vec<(&str, AcquireRequest)> = vec![
+        ("system", acquire("", "c", "x", false)),
+        (
+            "required_features",
+            AcquireRequest {
+                required_features: vec!["f".into(); 100],
+                ..acquire("x86_64-linux", "c", "x", false)
+            },
+        ),
+        (
+            "drv_path",
+            AcquireRequest {
+                drv_path: "relative.drv".into(),
+                ..acquire("x86_64-linux", "c", "x", false)
+            },
+        ),
+        ("client_id", acquire("x86_64-linux", "", "x", false)),
+        (
+            "exclude_hosts[0]",
+            AcquireRequest {
+                exclude_hosts: vec!["a b".into()],
+                ..acquire("x86_64-linux", "c", "x", false)
+            },
+        ),
+    ];
+    for (field, req) in cases {
+        let err = leases.acquire(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("invalid {field}")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = leases
+        .release(proto::ReleaseRequest {
+            lease_id: "x".into(),
+            outcome: 0,
+            duration_millis: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("outcome"));
+    server.shutdown().await;
+}
+
+/// Health is SERVING while up; on shutdown agent streams are closed with UNAVAILABLE and
+/// `run` returns.
+#[tokio::test]
+async fn health_serving_and_shutdown_closes_agent_streams() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    for service in [
+        "",
+        "nixdispatch.v1.LeaseService",
+        "nixdispatch.v1.AgentService",
+        "nixdispatch.v1.AdminService",
+    ] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    let mut agent = Agent::register(ch, register("b1", &["x86_64-linux"], 2)).await;
+    let stop = tokio::spawn(server.shutdown());
+    let err = agent.next().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    tokio::time::timeout(Duration::from_secs(15), stop)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+/// Reflection v1 lists every service (checked with the generated reflection client).
+#[tokio::test]
+async fn reflection_v1_lists_every_service() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let server = Server::start(Config::default()).await;
+    let mut client = ServerReflectionClient::new(server.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(tokio_stream::once(req))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "nixdispatch.v1.AgentService",
+        "nixdispatch.v1.LeaseService",
+        "nixdispatch.v1.AdminService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    server.shutdown().await;
+}
