@@ -11,4 +11,5 @@ mod generated {
 pub use generated::*;
 
 /// The encoded `FileDescriptorSet` of the protocol, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("nixdispatch_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("nixdispatch_descriptor");

