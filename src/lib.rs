@@ -6,3 +6,5 @@
 //! See `ARCHITECTURE.md` at the repository root for the map.
 
 pub mod proto;
+pub mod cli;
+pub mod client;

@@ -613,6 +613,9 @@ mod tests {
         }
     }
 
+    /// Expected field name, and how to spoil a good message.
+    type Cases<M> = Vec<(&'static str, Box<dyn Fn(&mut M)>)>;
+
     fn field_of(e: Error) -> String {
         match e {
             Error::InvalidArgument { field, .. } => field,
@@ -631,7 +634,7 @@ mod tests {
     /// Each bad registration field is rejected with its own name.
     #[test]
     fn bad_register_fields_are_named() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut proto::Register)>)> = vec![
+        let cases: Cases<proto::Register> = vec![
             ("register.host_id", Box::new(|r| r.host_id = "a b".into())),
             (
                 "register.host_id",
@@ -777,7 +780,7 @@ mod tests {
             exclude_hosts: vec!["b1".into()],
         };
         LeaseRequest::try_from(good.clone()).unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut proto::AcquireRequest)>)> = vec![
+        let cases: Cases<proto::AcquireRequest> = vec![
             ("system", Box::new(|r| r.system.clear())),
             ("system", Box::new(|r| r.system = "x86_64 linux".into())),
             ("system", Box::new(|r| r.system = "s".repeat(65))),

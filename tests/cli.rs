@@ -1,0 +1,130 @@
+//! The `nixdispatch` operator CLI against a real scheduler on 127.0.0.1:0.
+
+use std::process::Command;
+use std::time::Duration;
+
+use nixdispatch::proto::{
+    AgentMessage, Register, agent_message::Message, agent_service_client::AgentServiceClient,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nixdispatch");
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv";
+
+/// Runs the CLI with `args` against `addr` on a blocking thread; returns (success, stdout,
+/// stderr).
+async fn cli(addr: std::net::SocketAddr, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--scheduler")
+        .arg(format!("http://{addr}"))
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// hosts, capacity, explain, drain, undrain and leases work end to end, as tables and JSON,
+/// and errors from the scheduler reach the operator with their code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_against_a_real_scheduler() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(nixdispatch_scheduler::server::run(
+        listener,
+        nixdispatch_scheduler::config::Config::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(AgentMessage {
+        message: Some(Message::Register(Register {
+            host_id: "build01".into(),
+            store_uri: "ssh-ng://build01".into(),
+            host_public_key: KEY.into(),
+            systems: vec!["x86_64-linux".into()],
+            max_jobs: 6,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut answers = AgentServiceClient::new(channel)
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let (ok, out, _) = cli(addr, &["hosts"]).await;
+    assert!(ok);
+    assert!(
+        out.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("build01  x86_64-linux  ready"),
+        "{out}"
+    );
+
+    let (ok, out, _) = cli(addr, &["--json", "capacity"]).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["system"], "x86_64-linux");
+    assert_eq!(v[0]["slots_free"], 6);
+
+    let (ok, out, _) = cli(addr, &["drain", "build01"]).await;
+    assert!(ok);
+    assert_eq!(out, "build01: ready, draining, 0/6 slots used\n");
+    let (_, out, _) = cli(addr, &["explain", "x86_64-linux"]).await;
+    assert!(
+        out.contains("draining") && out.contains("outcome: postpone"),
+        "{out}"
+    );
+    cli(addr, &["undrain", "build01"]).await;
+    let (_, out, _) = cli(addr, &["explain", "x86_64-linux", "--features", "kvm"]).await;
+    assert!(out.contains("lacks features kvm"), "{out}");
+    let (_, out, _) = cli(addr, &["--json", "explain", "x86_64-linux"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["chosen_host_id"], "build01");
+
+    let (ok, out, _) = cli(addr, &["leases"]).await;
+    assert!(ok);
+    assert_eq!(out.lines().count(), 1, "only the header: {out}");
+
+    let (ok, _, err) = cli(addr, &["drain", "nope"]).await;
+    assert!(!ok);
+    assert!(err.contains("NotFound") && err.contains("nope"), "{err}");
+
+    let _ = stop.send(());
+    drop(tx);
+    server.await.unwrap().unwrap();
+}
+
+/// An unreachable scheduler is a clear error and a non-zero exit, not a hang or a panic.
+#[tokio::test]
+async fn unreachable_scheduler_is_a_clear_error() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    let (ok, _, err) = cli(addr, &["hosts"]).await;
+    assert!(!ok);
+    assert!(err.contains("cannot connect to the scheduler"), "{err}");
+}
