@@ -340,6 +340,14 @@ mod tests {
         assert!(e.contains("fastest"), "{e}");
     }
 
+    /// The example file in `deploy/` parses and states exactly the embedded defaults, so it
+    /// cannot drift from the code.
+    #[test]
+    fn deployed_example_is_the_defaults() {
+        let text = include_str!("../../deploy/scheduler/scheduler.example.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+    }
+
     /// Out-of-range values are rejected with their dotted key.
     #[test]
     fn bad_values_are_named() {

@@ -856,4 +856,106 @@ mod tests {
         assert_eq!(String::from_utf8(line).unwrap(), spec.public_key);
         assert_eq!(g.lease_ttl_millis, 60_000);
     }
+
+    mod arbitrary {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,80}",
+                "[a-z0-9_-]{1,20}",
+                Just("builtin".to_owned()),
+                Just(KEY.to_owned()),
+                Just("ssh-ng://b1".to_owned()),
+                Just("/nix/store/x.drv".to_owned()),
+            ]
+        }
+
+        fn float() -> impl Strategy<Value = f64> {
+            prop_oneof![
+                any::<f64>(),
+                0.0..200.0,
+                Just(f64::NAN),
+                Just(f64::INFINITY),
+                Just(-0.0)
+            ]
+        }
+
+        fn disk() -> impl Strategy<Value = Option<proto::DiskSpace>> {
+            proptest::option::of((any::<u64>(), any::<u64>()).prop_map(
+                |(free_bytes, total_bytes)| proto::DiskSpace {
+                    free_bytes,
+                    total_bytes,
+                },
+            ))
+        }
+
+        proptest! {
+            /// Any registration either converts into a spec that satisfies the core's
+            /// assumptions or is refused with a field name; it never panics.
+            #[test]
+            fn any_register_is_valid_or_named(
+                host_id in text(), store_uri in text(), key in text(),
+                systems in proptest::collection::vec(text(), 0..20),
+                features in proptest::collection::vec(text(), 0..70),
+                max_jobs in any::<u32>(), speed in float(), version in text(),
+            ) {
+                let r = proto::Register {
+                    host_id, store_uri, host_public_key: key, systems,
+                    supported_features: features.clone(), mandatory_features: features,
+                    max_jobs, speed_factor: speed, cpu_count: 1, total_memory_bytes: 1, agent_version: version,
+                };
+                match HostSpec::try_from(r) {
+                    Ok(h) => {
+                        prop_assert!((1..=1024).contains(&h.max_jobs));
+                        prop_assert!(h.speed_factor.is_finite() && h.speed_factor > 0.0);
+                        prop_assert!(!h.systems.is_empty() && h.systems.len() <= MAX_SYSTEMS);
+                        prop_assert!(h.systems.iter().all(|s| !s.is_builtin()));
+                    }
+                    Err(e) => prop_assert!(field_of(e).starts_with("register.")),
+                }
+            }
+
+            /// Any report either converts into one whose numbers are sane or is refused with a
+            /// field name.
+            #[test]
+            fn any_report_is_valid_or_named(
+                running in proptest::option::of(any::<u32>()),
+                l1 in float(), p in proptest::option::of(float()), store in disk(), build in disk(),
+            ) {
+                let r = proto::Report {
+                    running_builds: running,
+                    load: Some(proto::LoadAverage { load1: l1, load5: 0.0, load15: 0.0 }),
+                    pressure: Some(proto::Pressure { memory_full_avg10: p, ..Default::default() }),
+                    available_memory_bytes: None, store, build_dir: build,
+                };
+                match HostReport::try_from(r) {
+                    Ok(h) => {
+                        prop_assert!(h.load.unwrap().load1.is_finite());
+                        prop_assert!(h.pressure.unwrap().memory_full.is_none_or(|v| (0.0..=100.0).contains(&v)));
+                        for d in [h.store, h.build_dir].into_iter().flatten() {
+                            prop_assert!(d.total_bytes > 0 && d.free_bytes <= d.total_bytes);
+                            prop_assert!((0.0..=100.0).contains(&d.free_percent()));
+                        }
+                    }
+                    Err(e) => prop_assert!(field_of(e).starts_with("report.")),
+                }
+            }
+
+            /// Any acquire request either converts or is refused with a field name.
+            #[test]
+            fn any_acquire_is_valid_or_named(
+                system in text(), features in proptest::collection::vec(text(), 0..70),
+                drv in text(), client in text(), exclude in proptest::collection::vec(text(), 0..70),
+            ) {
+                let r = proto::AcquireRequest { system, required_features: features, drv_path: drv, client_id: client, can_build_locally: false, exclude_hosts: exclude };
+                if let Err(e) = LeaseRequest::try_from(r) {
+                    let f = field_of(e);
+                    prop_assert!(["system", "required_features", "drv_path", "client_id", "exclude_hosts"].iter().any(|p| f.starts_with(p)), "{}", f);
+                }
+            }
+        }
+    }
 }
