@@ -158,6 +158,18 @@ impl Host {
         system.is_builtin() || self.spec.systems.contains(system)
     }
 
+    /// Whether a request with these features may run here: required ⊆ supported ∪
+    /// mandatory, and mandatory ⊆ required. Allocation-free, for the hot path.
+    fn features_fit(&self, required: &BTreeSet<Feature>) -> bool {
+        required.iter().all(|f| {
+            self.spec.supported_features.contains(f) || self.spec.mandatory_features.contains(f)
+        }) && self
+            .spec
+            .mandatory_features
+            .iter()
+            .all(|f| required.contains(f))
+    }
+
     /// Why this host can never take a request with these features, if so.
     fn feature_mismatch(&self, required: &BTreeSet<Feature>) -> Option<String> {
         let missing: Vec<&str> = required
@@ -222,6 +234,30 @@ impl Host {
             .or_else(|| psi("memory full", p.memory_full, a.max_memory_full_pressure))
             .or_else(|| psi("io full", p.io_full, a.max_io_full_pressure))
     }
+}
+
+/// Why a host cannot take a request now. Cheap to produce on the hot path; put into words
+/// by `Scheduler::describe` only when somebody reads it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Unfit {
+    /// It does not build the system.
+    System,
+    /// Features: a required one is missing, or a mandatory one was not asked for.
+    Features,
+    /// The client excluded it.
+    Excluded,
+    /// Its agent is late beyond the grace.
+    Late,
+    /// Its agent's stream is gone.
+    Disconnected,
+    /// Its agent has been gone too long, or left.
+    Gone,
+    /// Drained by an operator.
+    Draining,
+    /// An admission gate is closed.
+    Gate,
+    /// No free slot.
+    NoSlot,
 }
 
 #[derive(Clone, Debug)]
@@ -343,8 +379,6 @@ pub struct Scheduler {
     boot_nonce: u64,
     next_lease: u64,
     next_generation: u64,
-    /// Reused between decisions to avoid an allocation per request.
-    scratch: Vec<(HostId, Candidate)>,
 }
 
 impl Scheduler {
@@ -365,7 +399,6 @@ impl Scheduler {
             boot_nonce,
             next_lease: 0,
             next_generation: 0,
-            scratch: Vec::new(),
         }
     }
 
@@ -465,7 +498,8 @@ impl Scheduler {
         self.hosts.get(id).map(|h| h.draining)
     }
 
-    /// Why `host` cannot take `request` now, or its candidate entry.
+    /// Whether `host` could take a request with `system` and `features` now, as a
+    /// [`Candidate`], or why not.
     fn assess(
         &self,
         now: Time,
@@ -474,39 +508,34 @@ impl Scheduler {
         features: &BTreeSet<Feature>,
         client: Option<&ClientId>,
         exclude: &BTreeSet<HostId>,
-    ) -> Result<Candidate, String> {
+    ) -> Result<Candidate, Unfit> {
         if !host.builds(system) {
-            return Err(format!("does not build {system}"));
+            return Err(Unfit::System);
         }
-        if let Some(r) = host.feature_mismatch(features) {
-            return Err(r);
+        if !host.features_fit(features) {
+            return Err(Unfit::Features);
         }
         if exclude.contains(&host.spec.id) {
-            return Err("excluded by the client (unreachable)".into());
+            return Err(Unfit::Excluded);
         }
         self.assess_now(now, host, client)
     }
 
     /// Whether `host` takes new leases at all now: alive, not drained, gates open.
-    fn open(&self, now: Time, host: &Host) -> Result<(), String> {
+    fn open(&self, now: Time, host: &Host) -> Result<(), Unfit> {
         match host.state(now, &self.config) {
             HostState::Ready => {}
-            HostState::Stale => {
-                return Err(format!(
-                    "agent late: last report {}s ago",
-                    now.since(host.last_seen).as_secs()
-                ));
-            }
-            HostState::Disconnected => return Err("agent disconnected".into()),
-            HostState::Gone => return Err("agent gone".into()),
+            HostState::Stale => return Err(Unfit::Late),
+            HostState::Disconnected => return Err(Unfit::Disconnected),
+            HostState::Gone => return Err(Unfit::Gone),
         }
         if host.draining {
-            return Err("draining".into());
+            return Err(Unfit::Draining);
         }
-        match host.gate(&self.config.admission) {
-            Some(r) => Err(r),
-            None => Ok(()),
+        if host.gate(&self.config.admission).is_some() {
+            return Err(Unfit::Gate);
         }
+        Ok(())
     }
 
     /// The parts of [`Self::assess`] that do not depend on the request's system and features:
@@ -516,7 +545,7 @@ impl Scheduler {
         now: Time,
         host: &Host,
         client: Option<&ClientId>,
-    ) -> Result<Candidate, String> {
+    ) -> Result<Candidate, Unfit> {
         self.open(now, host)?;
         let own = client
             .and_then(|c| host.leases_by_client.get(c).copied())
@@ -529,7 +558,7 @@ impl Scheduler {
             own
         };
         if busy >= slots {
-            return Err(format!("no free slot ({used}/{slots} used)"));
+            return Err(Unfit::NoSlot);
         }
         Ok(Candidate {
             slots,
@@ -540,21 +569,56 @@ impl Scheduler {
         })
     }
 
+    /// `unfit` in words, for users and operators.
+    fn describe(
+        &self,
+        now: Time,
+        host: &Host,
+        unfit: Unfit,
+        system: &System,
+        features: &BTreeSet<Feature>,
+    ) -> String {
+        match unfit {
+            Unfit::System => format!("does not build {system}"),
+            Unfit::Features => host.feature_mismatch(features).unwrap_or_default(),
+            Unfit::Excluded => "excluded by the client (unreachable)".into(),
+            Unfit::Late => format!(
+                "agent late: last report {}s ago",
+                now.since(host.last_seen).as_secs()
+            ),
+            Unfit::Disconnected => "agent disconnected".into(),
+            Unfit::Gone => "agent gone".into(),
+            Unfit::Draining => "draining".into(),
+            Unfit::Gate => host.gate(&self.config.admission).unwrap_or_default(),
+            Unfit::NoSlot => format!("no free slot ({}/{} used)", host.used(), host.spec.max_jobs),
+        }
+    }
+
+    /// Why `host` would take no lease now whatever the request, if so.
+    fn unavailable(&self, now: Time, host: &Host) -> Option<String> {
+        let unfit = self.assess_now(now, host, None).err()?;
+        let any = System::new(System::BUILTIN);
+        Some(self.describe(now, host, unfit, &any, &BTreeSet::new()))
+    }
+
     /// Whether some host that is not gone (drained ones included) could ever build this.
     fn could_ever_build(&self, now: Time, system: &System, features: &BTreeSet<Feature>) -> bool {
         self.hosts.values().any(|h| {
             h.state(now, &self.config) != HostState::Gone
                 && h.builds(system)
-                && h.feature_mismatch(features).is_none()
+                && h.features_fit(features)
         })
     }
 
     /// Decides a request. See [`Decision`].
     pub fn acquire(&mut self, now: Time, req: &LeaseRequest) -> Decision {
         self.expire(now);
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        let mut last_reason = None;
+        let mut ids: Vec<&HostId> = Vec::new();
+        let mut candidates: Vec<Candidate> = Vec::new();
+        // One example of why a host that builds the system said no, rendered only if
+        // nothing fits: under saturation most requests end here, so no string is built
+        // per host.
+        let mut example: Option<(&Host, Unfit)> = None;
         for host in self.hosts.values() {
             match self.assess(
                 now,
@@ -564,33 +628,31 @@ impl Scheduler {
                 Some(&req.client),
                 &req.exclude_hosts,
             ) {
-                Ok(c) => scratch.push((host.spec.id.clone(), c)),
-                Err(r) => {
-                    if host.builds(&req.system) {
-                        last_reason = Some((host.spec.id.clone(), r));
-                    }
+                Ok(c) => {
+                    ids.push(&host.spec.id);
+                    candidates.push(c);
                 }
+                Err(Unfit::System) => {}
+                Err(unfit) => example = Some((host, unfit)),
             }
         }
-        let decision = if scratch.is_empty() {
-            self.no_host(now, req, last_reason)
-        } else {
-            let candidates: Vec<Candidate> = scratch.iter().map(|(_, c)| *c).collect();
-            let i = self.policy.choose(&candidates, &mut self.rng);
-            let id = scratch[i].0.clone();
-            self.waiters.remove(&req.client, &req.drv_path);
-            Decision::Granted(self.grant(now, &id, req))
-        };
-        self.scratch = scratch;
-        decision
+        if candidates.is_empty() {
+            let reason = example.map(|(host, unfit)| {
+                format!(
+                    "{}: {}",
+                    host.spec.id,
+                    self.describe(now, host, unfit, &req.system, &req.required_features)
+                )
+            });
+            return self.no_host(now, req, reason);
+        }
+        let i = self.policy.choose(&candidates, &mut self.rng);
+        let id = ids[i].clone();
+        self.waiters.remove(&req.client, &req.drv_path);
+        Decision::Granted(self.grant(now, &id, req))
     }
 
-    fn no_host(
-        &mut self,
-        now: Time,
-        req: &LeaseRequest,
-        last_reason: Option<(HostId, String)>,
-    ) -> Decision {
+    fn no_host(&mut self, now: Time, req: &LeaseRequest, example: Option<String>) -> Decision {
         if !self.could_ever_build(now, &req.system, &req.required_features) {
             self.waiters.remove(&req.client, &req.drv_path);
             let mut reason = format!("no live builder builds {}", req.system);
@@ -600,8 +662,8 @@ impl Scheduler {
             }
             return Decision::DeclinePermanently { reason };
         }
-        let reason = match last_reason {
-            Some((host, why)) => format!("no builder free for {} (e.g. {host}: {why})", req.system),
+        let reason = match example {
+            Some(why) => format!("no builder free for {} (e.g. {why})", req.system),
             None => format!("no builder free for {}", req.system),
         };
         if req.can_build_locally {
@@ -744,7 +806,7 @@ impl Scheduler {
                 leases: h.leases,
                 slots_used: h.used(),
                 since_last_report: now.since(h.last_seen),
-                unavailable_reason: self.assess_now(now, h, None).err(),
+                unavailable_reason: self.unavailable(now, h),
             })
             .collect()
     }
@@ -815,10 +877,13 @@ impl Scheduler {
         let mut verdicts = Vec::with_capacity(self.hosts.len());
         let mut candidates = Vec::new();
         for h in self.hosts.values() {
-            let result = self.assess(now, h, system, features, None, &none).map(|c| {
-                candidates.push((h.spec.id.clone(), c));
-                c.score()
-            });
+            let result = match self.assess(now, h, system, features, None, &none) {
+                Ok(c) => {
+                    candidates.push((h.spec.id.clone(), c));
+                    Ok(c.score())
+                }
+                Err(unfit) => Err(self.describe(now, h, unfit, system, features)),
+            };
             verdicts.push(Verdict {
                 host: h.spec.id.clone(),
                 result,
