@@ -11,7 +11,7 @@ use nixdispatch::proto::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::Error;
@@ -100,6 +100,11 @@ pub async fn run(
         let _ = drained_tx.send(());
     };
 
+    // `serve_with_incoming` ignores the builder's TCP settings, so set them on the incoming
+    // stream: without TCP_NODELAY small answers wait for delayed ACKs (tens of ms).
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -116,7 +121,7 @@ pub async fn run(
             AdminServiceServer::new(AdminService::new(shared.clone()))
                 .max_decoding_message_size(max_message),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop);
+        .serve_with_incoming_shutdown(incoming, stop);
     tokio::pin!(server);
 
     let result = tokio::select! {

@@ -50,7 +50,7 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl admin_service_server::AdminService for AdminService {
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn list_hosts(
         &self,
         _request: Request<proto::ListHostsRequest>,
@@ -62,7 +62,7 @@ impl admin_service_server::AdminService for AdminService {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn get_capacity(
         &self,
         _request: Request<proto::GetCapacityRequest>,
@@ -74,7 +74,7 @@ impl admin_service_server::AdminService for AdminService {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn list_leases(
         &self,
         _request: Request<proto::ListLeasesRequest>,
@@ -90,7 +90,7 @@ impl admin_service_server::AdminService for AdminService {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn drain_host(
         &self,
         request: Request<proto::DrainHostRequest>,
@@ -99,7 +99,7 @@ impl admin_service_server::AdminService for AdminService {
             .map(Response::new)
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn undrain_host(
         &self,
         request: Request<proto::UndrainHostRequest>,
@@ -108,7 +108,7 @@ impl admin_service_server::AdminService for AdminService {
             .map(Response::new)
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn explain_placement(
         &self,
         request: Request<proto::ExplainPlacementRequest>,

@@ -30,7 +30,7 @@ fn rejected(e: crate::Error) -> Status {
 
 #[tonic::async_trait]
 impl lease_service_server::LeaseService for LeaseService {
-    #[instrument(skip_all, fields(system, client, drv))]
+    #[instrument(level = "debug", skip_all, fields(system, client, drv))]
     async fn acquire(
         &self,
         request: Request<proto::AcquireRequest>,
@@ -67,7 +67,7 @@ impl lease_service_server::LeaseService for LeaseService {
         Ok(Response::new(decision.into()))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn keep_alive(
         &self,
         request: Request<proto::KeepAliveRequest>,
@@ -80,7 +80,7 @@ impl lease_service_server::LeaseService for LeaseService {
         }))
     }
 
-    #[instrument(skip_all, fields(lease, outcome))]
+    #[instrument(level = "debug", skip_all, fields(lease, outcome))]
     async fn release(
         &self,
         request: Request<proto::ReleaseRequest>,
