@@ -547,16 +547,16 @@ impl Scheduler {
         client: Option<&ClientId>,
     ) -> Result<Candidate, Unfit> {
         self.open(now, host)?;
-        let own = client
-            .and_then(|c| host.leases_by_client.get(c).copied())
-            .unwrap_or(0);
+        let global = self.policy.sees_global_load();
+        // Only a policy blind to other clients needs the asking client's own count; the
+        // lookup hashes the client id, so skip it on the hot path of the others.
+        let own = match client {
+            Some(c) if !global => host.leases_by_client.get(c).copied().unwrap_or(0),
+            _ => 0,
+        };
         let used = host.used();
         let slots = host.spec.max_jobs;
-        let busy = if self.policy.sees_global_load() {
-            used
-        } else {
-            own
-        };
+        let busy = if global { used } else { own };
         if busy >= slots {
             return Err(Unfit::NoSlot);
         }

@@ -19,6 +19,7 @@ pub struct Candidate {
     /// the agent saw running (so builds that bypass the scheduler count too).
     pub used: u32,
     /// Of the scheduler's leases on this host, how many belong to the asking client.
+    /// Counted only for policies that do not see global load (stock Nix); 0 otherwise.
     pub own: u32,
     /// Relative speed of a slot.
     pub speed: f64,
