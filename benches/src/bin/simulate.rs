@@ -1,0 +1,109 @@
+//! Runs the placement simulator on the built-in scenarios or a trace, for every policy, and
+//! writes a Markdown table and an SVG plot.
+//!
+//! ```text
+//! cargo run --release -p nixdispatch-benches --bin simulate -- --scenario all --seed 1
+//! cargo run --release -p nixdispatch-benches --bin simulate -- \
+//!     --trace benches/traces/example.jsonl --fleet benches/traces/example-fleet.json
+//! ```
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use nixdispatch_benches::report::{ScenarioReport, markdown, svg};
+use nixdispatch_benches::scenario::{self, Scenario};
+use nixdispatch_benches::sim::{SimConfig, Variant, simulate};
+use nixdispatch_benches::trace::{Fleet, Trace};
+
+#[derive(Parser, Debug)]
+#[command(about = "Placement-quality simulator: every policy on the same trace and seed")]
+struct Args {
+    /// A built-in scenario (`community`, `large`) or `all`; ignored with `--trace`.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Seed of the scenario generator, the core's tie-breaks and the report phases.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Replay this trace (JSON lines, see `benches/src/trace.rs`) instead.
+    #[arg(long, requires = "fleet")]
+    trace: Option<PathBuf>,
+    /// The fleet for `--trace` (JSON).
+    #[arg(long)]
+    fleet: Option<PathBuf>,
+    /// Only these policies (comma-separated), default all.
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<Variant>,
+    /// Directory for `<name>.md` and `<name>.svg`.
+    #[arg(long, default_value = "docs/benchmarks")]
+    out_dir: PathBuf,
+    /// Base name of the output files.
+    #[arg(long, default_value = "placement")]
+    name: String,
+    /// Also write each scenario's trace and fleet into this directory, then simulate.
+    #[arg(long)]
+    emit: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let scenarios: Vec<Scenario> = match (&args.trace, &args.fleet) {
+        (Some(t), Some(f)) => vec![Scenario {
+            name: t
+                .file_stem()
+                .map_or("trace".into(), |s| s.to_string_lossy().into_owned()),
+            description: format!("trace {} on fleet {}", t.display(), f.display()),
+            trace: Trace::read(t)?,
+            fleet: Fleet::read(f)?,
+        }],
+        _ if args.scenario == "all" => scenario::BUILT_IN
+            .iter()
+            .map(|n| scenario::built_in(n, args.seed))
+            .collect::<anyhow::Result<_>>()?,
+        _ => vec![scenario::built_in(&args.scenario, args.seed)?],
+    };
+    let policies = if args.policies.is_empty() {
+        Variant::all()
+    } else {
+        args.policies.clone()
+    };
+    let mut reports = Vec::new();
+    for sc in &scenarios {
+        if let Some(dir) = &args.emit {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join(format!("{}.jsonl", sc.name)), sc.trace.to_jsonl())?;
+            std::fs::write(
+                dir.join(format!("{}-fleet.json", sc.name)),
+                sc.fleet.to_json(),
+            )?;
+        }
+        let mut runs = Vec::new();
+        for &p in &policies {
+            let started = std::time::Instant::now();
+            let r = simulate(&sc.trace, &sc.fleet, &SimConfig::new(p, args.seed))
+                .with_context(|| format!("simulating {} under {}", sc.name, p.label()))?;
+            eprintln!(
+                "{}: {:<13} {} builds, {} acquires, {:.1} s wall",
+                sc.name,
+                p.label(),
+                r.records.len(),
+                r.acquires,
+                started.elapsed().as_secs_f64()
+            );
+            runs.push(r);
+        }
+        reports.push(ScenarioReport::new(sc, args.seed, &runs));
+    }
+    let command = std::env::args().skip(1).fold(
+        "cargo run --release -p nixdispatch-benches --bin simulate --".to_string(),
+        |a, b| a + " " + &b,
+    );
+    std::fs::create_dir_all(&args.out_dir)?;
+    let md = args.out_dir.join(format!("{}.md", args.name));
+    let sv = args.out_dir.join(format!("{}.svg", args.name));
+    std::fs::write(&md, markdown(&reports, &command, true))?;
+    std::fs::write(&sv, svg(&reports))?;
+    println!("{}", markdown(&reports, &command, true));
+    eprintln!("wrote {} and {}", md.display(), sv.display());
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! Smoke tests: every benchmark runs briefly so that it cannot rot. They assert on
+//! correctness only (every build finished, no lease left), never on time.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nixdispatch_benches::corebench::CoreBench;
+use nixdispatch_benches::loadgen::{self, LoadConfig};
+use nixdispatch_benches::report::{ScenarioReport, markdown, svg};
+use nixdispatch_benches::scenario::Scenario;
+use nixdispatch_benches::sim::{SimConfig, Variant, simulate};
+use nixdispatch_benches::trace::{Fleet, Trace};
+use nixdispatch_scheduler::core::PolicyKind;
+
+fn example() -> Scenario {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("traces");
+    Scenario {
+        name: "example".into(),
+        description: "the example trace".into(),
+        trace: Trace::read(&dir.join("example.jsonl")).unwrap(),
+        fleet: Fleet::read(&dir.join("example-fleet.json")).unwrap(),
+    }
+}
+
+/// The shipped example trace runs under every policy: every build finishes, no lease leaks,
+/// no build starts before it is ready, and the report renders.
+#[test]
+fn simulator_runs_the_example_trace_under_every_policy() {
+    let sc = example();
+    let scheduled = sc.trace.jobs.iter().filter(|j| j.host.is_none()).count();
+    let mut runs = Vec::new();
+    for v in Variant::all() {
+        let r = simulate(&sc.trace, &sc.fleet, &SimConfig::new(v, 1)).unwrap();
+        assert_eq!(r.unfinished, 0, "{}", v.label());
+        assert_eq!(r.records.len(), scheduled, "{}", v.label());
+        assert_eq!(r.leases_left, 0, "{}", v.label());
+        for rec in &r.records {
+            assert!(rec.ready <= rec.start && rec.start < rec.finish, "{rec:?}");
+            assert!(sc.fleet.hosts[rec.host].eligible(&sc.trace.jobs[rec.job]));
+        }
+        runs.push(r);
+    }
+    let report = ScenarioReport::new(&sc, 1, &runs);
+    assert!(markdown(std::slice::from_ref(&report), "test", true).contains("| stock-nix |"));
+    assert!(svg(&[report]).starts_with("<svg"));
+}
+
+/// The same seed gives the same schedule (the simulator is deterministic).
+#[test]
+fn simulator_is_deterministic() {
+    let sc = example();
+    let cfg = SimConfig::new(Variant::Core(PolicyKind::PowerOfTwo), 7);
+    let a = simulate(&sc.trace, &sc.fleet, &cfg).unwrap();
+    let b = simulate(&sc.trace, &sc.fleet, &cfg).unwrap();
+    assert_eq!(a.records, b.records);
+}
+
+/// The core bench's unit of work (one acquire and release) runs at every fleet size.
+#[test]
+fn core_bench_decides() {
+    for hosts in [10, 1_000] {
+        let mut b = CoreBench::new(hosts, PolicyKind::LeastLoaded);
+        let before = b.core.lease_count();
+        assert!(b.decide());
+        assert_eq!(
+            b.core.lease_count(),
+            before,
+            "the decision left no lease behind"
+        );
+    }
+}
+
+/// The load generator drives an in-process scheduler with 20 agents and 2 clients: every
+/// agent registers, clients get decisions, no call fails and no lease is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_generator_runs_against_a_scheduler() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut config = nixdispatch_scheduler::config::Config::default();
+    // Short reports so that some fall inside the short measured phase.
+    config.agents.report_interval_millis = 300;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(nixdispatch_scheduler::server::run(
+        listener,
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut cfg = LoadConfig::new(20, 2, Duration::from_millis(1500));
+    cfg.streams_per_connection = 8;
+    cfg.ramp_timeout = Duration::from_secs(30);
+    let r = loadgen::run(&addr, &cfg).await.unwrap();
+    assert_eq!(r.agents_registered, 20);
+    assert!(r.decisions > 0);
+    assert_eq!(
+        r.grants, r.decisions,
+        "20 hosts x 8 slots never run out for 2 clients"
+    );
+    assert!(r.reports > 0);
+    assert_eq!(r.errors, 0);
+    assert_eq!(r.host_states, [20, 0, 0]);
+    assert_eq!((r.leases_left, r.client_leases_open), (0, 0));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the scheduler shuts down")
+        .unwrap()
+        .unwrap();
+}
