@@ -40,13 +40,18 @@ fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-    }
+/// Installs the SIGTERM and SIGINT handlers now (before readiness is announced, so an early
+/// signal is never met by the default action) and returns a future that ends on either.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+    })
 }
 
 #[tokio::main]
@@ -76,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
         info!(%addr, "serving Prometheus metrics");
     }
+    let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -84,6 +90,6 @@ async fn main() -> anyhow::Result<()> {
         write_atomically(path, &addr.to_string())
             .with_context(|| format!("writing the address file {}", path.display()))?;
     }
-    nixdispatch_scheduler::server::run(listener, config, shutdown_signal()).await?;
+    nixdispatch_scheduler::server::run(listener, config, shutdown).await?;
     Ok(())
 }
