@@ -8,8 +8,9 @@
 //! Accounting rules:
 //! - A lease counts against its host the instant it is granted, so concurrent clients never
 //!   herd onto one host between two agent reports.
-//! - A host's used slots are `max(live leases, builds the agent sees)`: builds from members
-//!   who bypass the scheduler load the box too.
+//! - A host's used slots are its live leases plus the builds its agent last saw beyond the
+//!   leases held at that report: builds from members who bypass the scheduler load the box
+//!   too, and a released slot is free at once, not after the next report.
 //! - Leases belong to the build hooks, not to the agents: a host whose agent disconnects keeps
 //!   its leases (the builds run over SSH regardless); a lease ends when it is released or
 //!   when its hook stops keeping it alive.
@@ -125,6 +126,8 @@ struct Host {
     link: Link,
     draining: bool,
     leases: u32,
+    /// `leases` when the last report arrived, to tell outside builds from ours.
+    leases_at_report: u32,
     leases_by_client: HashMap<ClientId, u32>,
 }
 
@@ -150,8 +153,21 @@ impl Host {
     }
 
     /// Slots counted as busy.
+    ///
+    /// `leases + outside`, where `outside` is the builds the agent saw beyond the leases the
+    /// scheduler held when that report was made: builds from members who bypass the
+    /// scheduler. Our own leases count exactly and at once, so a released slot is free
+    /// immediately rather than after the next report, while outside load is as fresh as the
+    /// last report.
     fn used(&self) -> u32 {
-        self.leases.max(self.report.running_builds.unwrap_or(0))
+        self.leases + self.outside_builds()
+    }
+
+    /// Builds on the host that are not the scheduler's, as of the last report.
+    fn outside_builds(&self) -> u32 {
+        self.report
+            .running_builds
+            .map_or(0, |n| n.saturating_sub(self.leases_at_report))
     }
 
     fn builds(&self, system: &System) -> bool {
@@ -435,6 +451,7 @@ impl Scheduler {
                         link: Link::Connected(generation),
                         draining: false,
                         leases: 0,
+                        leases_at_report: 0,
                         leases_by_client: HashMap::new(),
                     },
                 );
@@ -465,6 +482,7 @@ impl Scheduler {
     ) -> Result<(), Error> {
         let host = self.connected_host(id, generation)?;
         host.report = report;
+        host.leases_at_report = host.leases;
         host.last_seen = now;
         Ok(())
     }

@@ -15,8 +15,8 @@ use super::rng::SplitMix64;
 pub struct Candidate {
     /// Build slots of the host.
     pub slots: u32,
-    /// Slots in use as the scheduler counts them: the larger of its live leases and the builds
-    /// the agent saw running (so builds that bypass the scheduler count too).
+    /// Slots in use as the scheduler counts them: its live leases plus the builds the agent
+    /// saw running beyond the leases held at that report (builds that bypass the scheduler).
     pub used: u32,
     /// Of the scheduler's leases on this host, how many belong to the asking client.
     /// Counted only for policies that do not see global load (stock Nix); 0 otherwise.

@@ -112,6 +112,36 @@ fn observed_builds_count_as_load() {
     ));
 }
 
+/// A released slot is free at once even though the last report still saw its build, and
+/// builds beyond our leases at that report keep counting as outside load.
+#[test]
+fn released_slot_is_free_before_the_next_report() {
+    let mut s = sched();
+    let id = HostId::new("a");
+    let g = s.connect(t(0), spec("a", &["x86_64-linux"], 3));
+    let ours = granted(s.acquire(t(1), &req("x86_64-linux", "c", "ours")));
+    // The agent sees our build and two from a member who bypasses the scheduler.
+    s.report(
+        t(2),
+        &id,
+        g,
+        HostReport {
+            running_builds: Some(3),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.host(t(3), &id).unwrap().slots_used, 3);
+    assert!(matches!(
+        s.acquire(t(3), &req("x86_64-linux", "c", "x")),
+        Decision::Postpone { .. }
+    ));
+    s.release(t(4), &ours.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.host(t(5), &id).unwrap().slots_used, 2);
+    granted(s.acquire(t(5), &req("x86_64-linux", "c", "x")));
+}
+
 /// `builtin` matches every host; an unknown system is declined permanently.
 #[test]
 fn builtin_matches_any_host_and_unknown_system_is_permanent() {
