@@ -86,16 +86,24 @@ pub struct Auth {
 impl Auth {
     /// Reads the token from `path` (surrounding whitespace trimmed).
     pub fn from_file(path: &Path) -> Result<Self, ClientError> {
-        let token = std::fs::read_to_string(path)
-            .map_err(|source| ClientError::Credential { path: path.to_owned(), source })?;
+        let token = std::fs::read_to_string(path).map_err(|source| ClientError::Credential {
+            path: path.to_owned(),
+            source,
+        })?;
         let token = token.trim();
         if token.is_empty() || !token.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(ClientError::BadToken { path: path.to_owned() });
+            return Err(ClientError::BadToken {
+                path: path.to_owned(),
+            });
         }
         let header = format!("Bearer {token}")
             .parse()
-            .map_err(|_| ClientError::BadToken { path: path.to_owned() })?;
-        Ok(Auth { header: Some(header) })
+            .map_err(|_| ClientError::BadToken {
+                path: path.to_owned(),
+            })?;
+        Ok(Auth {
+            header: Some(header),
+        })
     }
 }
 
@@ -118,7 +126,10 @@ pub async fn connect(config: &ClientConfig) -> Result<AuthChannel, ClientError> 
         None => Auth::default(),
     };
     let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|source| ClientError::InvalidEndpoint { endpoint: config.endpoint.clone(), source })?
+        .map_err(|source| ClientError::InvalidEndpoint {
+            endpoint: config.endpoint.clone(),
+            source,
+        })?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true);
     if let Some(t) = config.request_timeout {
@@ -127,7 +138,10 @@ pub async fn connect(config: &ClientConfig) -> Result<AuthChannel, ClientError> 
     let channel = endpoint
         .connect()
         .await
-        .map_err(|source| ClientError::Connect { endpoint: config.endpoint.clone(), source })?;
+        .map_err(|source| ClientError::Connect {
+            endpoint: config.endpoint.clone(),
+            source,
+        })?;
     Ok(InterceptedService::new(channel, auth))
 }
 
@@ -153,10 +167,19 @@ mod tests {
         std::fs::write(&p, "s3cret\n").unwrap();
         let mut auth = Auth::from_file(&p).unwrap();
         let req = auth.call(tonic::Request::new(())).unwrap();
-        assert_eq!(req.metadata().get("authorization").unwrap(), "Bearer s3cret");
+        assert_eq!(
+            req.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
         std::fs::write(&p, "two words").unwrap();
-        assert!(matches!(Auth::from_file(&p), Err(ClientError::BadToken { .. })));
-        assert!(matches!(Auth::from_file(&dir.path().join("none")), Err(ClientError::Credential { .. })));
+        assert!(matches!(
+            Auth::from_file(&p),
+            Err(ClientError::BadToken { .. })
+        ));
+        assert!(matches!(
+            Auth::from_file(&dir.path().join("none")),
+            Err(ClientError::Credential { .. })
+        ));
     }
 
     /// Without a credential no header is added.
@@ -172,7 +195,9 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         drop(l);
-        let e = connect(&ClientConfig::new(format!("http://{addr}"))).await.unwrap_err();
+        let e = connect(&ClientConfig::new(format!("http://{addr}")))
+            .await
+            .unwrap_err();
         assert!(matches!(e, ClientError::Connect { .. }), "{e:?}");
     }
 }

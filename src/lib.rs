@@ -8,3 +8,4 @@
 pub mod proto;
 pub mod cli;
 pub mod client;
+pub mod hook;

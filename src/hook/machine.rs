@@ -1,0 +1,255 @@
+//! A granted lease as a domain type, and its rendering as one line of Nix's machines format.
+//!
+//! The machines line (`src/libstore/machines.cc`) is whitespace-separated, `-` for a default:
+//! store URI, comma-separated systems, SSH identity file, max jobs, speed factor, supported
+//! features, mandatory features, base64 of the host's OpenSSH public key line. Nix 2.8 parses
+//! the speed factor as an unsigned integer, so it is rounded up here (never to 0).
+
+use base64::Engine as _;
+
+use crate::proto;
+
+/// A lease the scheduler granted, validated once at the boundary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    /// The lease id, for `KeepAlive` and `Release`.
+    pub lease_id: String,
+    /// The chosen host's id.
+    pub host_id: String,
+    /// The store URI, e.g. `ssh-ng://builder1`.
+    pub store_uri: String,
+    /// Systems the host builds.
+    pub systems: Vec<String>,
+    /// The host's build slots.
+    pub max_jobs: u32,
+    /// Relative speed of one slot.
+    pub speed_factor: f64,
+    /// Features the host supports.
+    pub supported_features: Vec<String>,
+    /// Features the host requires.
+    pub mandatory_features: Vec<String>,
+    /// Base64 of the host's OpenSSH public key line; pinned through the machines line.
+    pub host_public_key_base64: String,
+    /// The lease expires this long after a grant or keep-alive.
+    pub lease_ttl: std::time::Duration,
+    /// Slots in use on the host, this lease included.
+    pub slots_used: u32,
+    /// Slots of the host.
+    pub slots_total: u32,
+}
+
+/// Why a grant cannot be turned into a machines line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrantError {
+    /// A field that must be set is empty.
+    #[error("the grant has an empty `{0}`")]
+    Empty(&'static str),
+    /// A field holds whitespace, a `;` or a `,` where the machines line cannot carry it.
+    #[error("the grant's `{field}` cannot be put in a machines line: {value:?}")]
+    Unrepresentable {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// The host key is not base64 of an OpenSSH public key line.
+    #[error("the grant's host key is not base64 of an OpenSSH public key line")]
+    BadHostKey,
+}
+
+/// A machines-line field must be one non-empty word without the separators of the format.
+fn check_word(field: &'static str, value: &str, allow_comma: bool) -> Result<(), GrantError> {
+    if value.is_empty() {
+        return Err(GrantError::Empty(field));
+    }
+    if value
+        .chars()
+        .any(|c| c.is_whitespace() || c == ';' || (!allow_comma && c == ','))
+    {
+        return Err(GrantError::Unrepresentable {
+            field,
+            value: value.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl TryFrom<proto::Granted> for Grant {
+    type Error = GrantError;
+
+    fn try_from(g: proto::Granted) -> Result<Self, GrantError> {
+        check_word("lease_id", &g.lease_id, true)?;
+        check_word("store_uri", &g.store_uri, true)?;
+        if g.systems.is_empty() {
+            return Err(GrantError::Empty("systems"));
+        }
+        for s in &g.systems {
+            check_word("systems", s, false)?;
+        }
+        for f in g.supported_features.iter().chain(&g.mandatory_features) {
+            check_word("features", f, false)?;
+        }
+        check_word("host_public_key_base64", &g.host_public_key_base64, false)?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&g.host_public_key_base64)
+            .map_err(|_| GrantError::BadHostKey)?;
+        let key = String::from_utf8(key).map_err(|_| GrantError::BadHostKey)?;
+        // An OpenSSH public key line: `<type> <base64> [comment]`.
+        let mut words = key.split_whitespace();
+        if !matches!((words.next(), words.next()), (Some(t), Some(_)) if t.starts_with("ssh-") || t.starts_with("ecdsa-") || t.starts_with("sk-"))
+        {
+            return Err(GrantError::BadHostKey);
+        }
+        Ok(Grant {
+            host_id: if g.host_id.is_empty() {
+                g.store_uri.clone()
+            } else {
+                g.host_id
+            },
+            lease_id: g.lease_id,
+            store_uri: g.store_uri,
+            systems: g.systems,
+            max_jobs: g.max_jobs.max(1),
+            speed_factor: g.speed_factor,
+            supported_features: g.supported_features,
+            mandatory_features: g.mandatory_features,
+            host_public_key_base64: g.host_public_key_base64,
+            lease_ttl: std::time::Duration::from_millis(g.lease_ttl_millis),
+            slots_used: g.slots_used,
+            slots_total: g.slots_total,
+        })
+    }
+}
+
+/// Nix 2.8 wants an unsigned integer speed factor: round up, and never below 1 (a 0 would
+/// make Nix divide by zero when it compares machines).
+pub fn speed_factor_field(speed: f64) -> u64 {
+    if !speed.is_finite() || speed <= 1.0 {
+        return 1;
+    }
+    // `as` saturates for huge values, which is the best a u64 field can do.
+    speed.ceil() as u64
+}
+
+fn list_field(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+impl Grant {
+    /// The machines line naming only this host, as the stock build-remote reads it.
+    /// `ssh_identity` is the client's private key file (`-`: ssh's default).
+    pub fn machines_line(&self, ssh_identity: Option<&str>) -> String {
+        let identity = match ssh_identity {
+            Some(path) if !path.is_empty() && !path.chars().any(char::is_whitespace) => path,
+            _ => "-",
+        };
+        format!(
+            "{} {} {} {} {} {} {} {}",
+            self.store_uri,
+            self.systems.join(","),
+            identity,
+            self.max_jobs,
+            speed_factor_field(self.speed_factor),
+            list_field(&self.supported_features),
+            list_field(&self.mandatory_features),
+            self.host_public_key_base64,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key_b64() -> String {
+        base64::engine::general_purpose::STANDARD
+            .encode("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample root@b1\n")
+    }
+
+    fn granted() -> proto::Granted {
+        proto::Granted {
+            lease_id: "l1".into(),
+            host_id: "b1".into(),
+            store_uri: "ssh-ng://builder1".into(),
+            systems: vec!["x86_64-linux".into(), "i686-linux".into()],
+            max_jobs: 4,
+            speed_factor: 1.5,
+            supported_features: vec!["kvm".into(), "big-parallel".into()],
+            mandatory_features: vec![],
+            host_public_key_base64: key_b64(),
+            lease_ttl_millis: 60_000,
+            slots_used: 1,
+            slots_total: 4,
+        }
+    }
+
+    /// A full grant renders all eight fields, the speed factor rounded up.
+    #[test]
+    fn renders_eight_fields() {
+        let g = Grant::try_from(granted()).unwrap();
+        assert_eq!(
+            g.machines_line(Some("/root/.ssh/id")),
+            format!(
+                "ssh-ng://builder1 x86_64-linux,i686-linux /root/.ssh/id 4 2 kvm,big-parallel - {}",
+                key_b64()
+            )
+        );
+        assert_eq!(g.machines_line(None).split(' ').nth(2), Some("-"));
+    }
+
+    /// Grants that cannot be written safely into a machines line are refused.
+    #[test]
+    fn refuses_unrepresentable_grants() {
+        let mut g = granted();
+        g.store_uri = "ssh://a b".into();
+        assert!(Grant::try_from(g).is_err());
+        let mut g = granted();
+        g.host_public_key_base64 = "not-base64!".into();
+        assert_eq!(Grant::try_from(g), Err(GrantError::BadHostKey));
+        let mut g = granted();
+        g.host_public_key_base64 = String::new();
+        assert!(Grant::try_from(g).is_err());
+        let mut g = granted();
+        g.systems.clear();
+        assert_eq!(Grant::try_from(g), Err(GrantError::Empty("systems")));
+        let mut g = granted();
+        g.supported_features = vec!["a,b".into()];
+        assert!(Grant::try_from(g).is_err());
+    }
+
+    proptest! {
+        /// The speed factor field is an integer of at least 1 and at least the factor.
+        #[test]
+        fn speed_factor_rounds_up(speed in any::<f64>()) {
+            let f = speed_factor_field(speed);
+            prop_assert!(f >= 1);
+            if speed.is_finite() && speed > 0.0 && speed < 1e15 {
+                prop_assert!(f as f64 >= speed);
+                prop_assert!((f as f64) < speed.max(1.0) + 1.0);
+            }
+        }
+
+        /// A valid grant always renders exactly eight whitespace-free fields.
+        #[test]
+        fn always_eight_fields(
+            systems in proptest::collection::vec("[a-z0-9_-]{1,12}", 1..4),
+            feats in proptest::collection::vec("[a-z0-9-]{1,12}", 0..4),
+            max_jobs in any::<u32>(),
+            speed in any::<f64>(),
+        ) {
+            let mut g = granted();
+            g.systems = systems;
+            g.supported_features = feats;
+            g.max_jobs = max_jobs;
+            g.speed_factor = speed;
+            let line = Grant::try_from(g).unwrap().machines_line(Some("/k"));
+            prop_assert_eq!(line.split(' ').count(), 8);
+            prop_assert!(!line.contains('\n') && !line.contains(';'));
+        }
+    }
+}

@@ -1,0 +1,690 @@
+//! The hook's I/O: the conversation with the daemon on fds 0 and 2, the child build-remote,
+//! and the lease's keep-alive and release. All decisions come from the pure modules.
+
+use std::cell::RefCell;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use super::codec::{self, BuildInputs, ChildLine, Level, Reply, Request, Settings, TryRequest};
+use super::config::{self, HookConfig};
+use super::decision::{self, Action, AfterChild, Answer, BuildRemote, ChildEnd};
+use super::machine::Grant;
+use super::scheduler::{Scheduler, error_chain};
+use crate::client::ClientConfig;
+use crate::proto::BuildOutcome;
+
+/// Where the conversation is, for the top-level panic handler: it decides what can still be
+/// said to the daemon without breaking the protocol.
+static PHASE: AtomicU8 = AtomicU8::new(PHASE_IDLE);
+/// No `try` is waiting for an answer.
+const PHASE_IDLE: u8 = 0;
+/// A `try` was (being) read and not answered yet: `# decline` is still a valid answer.
+const PHASE_AWAITING_REPLY: u8 = 1;
+/// The hook said `# accept`: only the exit status is left.
+const PHASE_ACCEPTED: u8 = 2;
+
+/// Writes to the daemon on fd 2. Errors are ignored: if the daemon is gone there is no one
+/// left to tell.
+fn emit(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(text.as_bytes());
+    let _ = err.flush();
+}
+
+fn emit_msg(level: Level, msg: &str) {
+    emit(&codec::nix_msg(level, msg));
+}
+
+/// The hook's entry point (`nixdispatch-hook`). Never panics into Nix: a panic before an
+/// accept answers `# decline` (to that `try` and every later one), after an accept it is an
+/// `@nix` error and exit status 1.
+pub fn main() -> ExitCode {
+    // The default hook prints plain text on fd 2, which is the daemon's control channel.
+    std::panic::set_hook(Box::new(|info| tracing::error!(%info, "panic")));
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match std::panic::catch_unwind(|| run(&args)) {
+        Ok(code) => code,
+        Err(_) => match PHASE.load(Ordering::SeqCst) {
+            PHASE_ACCEPTED => {
+                emit_msg(
+                    Level::Error,
+                    "nixdispatch: internal error in the build hook (see its log file)",
+                );
+                ExitCode::from(1)
+            }
+            phase => {
+                if phase == PHASE_AWAITING_REPLY {
+                    emit_msg(
+                        Level::Error,
+                        "nixdispatch: internal error in the build hook; building locally",
+                    );
+                    emit(&Reply::Decline.render());
+                }
+                answer_all(&mut std::io::stdin().lock(), &Reply::Decline)
+            }
+        },
+    }
+}
+
+/// Answers every further `try` with `reply` until the daemon is done.
+fn answer_all(input: &mut impl Read, reply: &Reply) -> ExitCode {
+    loop {
+        match codec::read_request(input) {
+            Ok(Request::Try(_)) => emit(&reply.render()),
+            Ok(Request::Exit) => return ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "bad request from the daemon");
+                return ExitCode::from(1);
+            }
+        }
+    }
+}
+
+fn init_tracing(config: &HookConfig) {
+    let Some(path) = &config.log_file else { return };
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+}
+
+/// What every part of one hook run needs.
+struct Ctx {
+    config: HookConfig,
+    settings: Settings,
+    /// The hook's own arguments (Nix's verbosity), passed on to the child.
+    args: Vec<String>,
+    build_remote: BuildRemote,
+}
+
+fn run(args: &[String]) -> ExitCode {
+    let path = HookConfig::path_from_env(std::env::var(config::CONFIG_ENV).ok().as_deref());
+    let config = HookConfig::load(&path);
+    if let Ok(c) = &config {
+        init_tracing(c);
+    }
+    let mut input = std::io::stdin().lock();
+    let settings = match codec::read_settings(&mut input) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the settings handshake");
+            return ExitCode::from(1);
+        }
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return disabled(&mut input, &error_chain(&e)),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return disabled(&mut input, &format!("cannot start its runtime: {e}")),
+    };
+    let build_remote = match &config.build_remote {
+        Some(words) => BuildRemote {
+            program: PathBuf::from(&words[0]),
+            args: words[1..].to_vec(),
+        },
+        None => decision::detect_build_remote(&nix_binaries(), Path::exists),
+    };
+    tracing::info!(?build_remote, scheduler = %config.scheduler, "hook started");
+    let client_id = config
+        .client_id
+        .clone()
+        .unwrap_or_else(config::default_client_id);
+    let mut scheduler = Scheduler::new(
+        ClientConfig {
+            endpoint: config.scheduler.clone(),
+            credential_file: config.credential_file.clone(),
+            connect_timeout: Duration::from_millis(config.timeouts.connect_millis),
+            request_timeout: None,
+        },
+        client_id,
+        Duration::from_millis(config.timeouts.unreachable_backoff_millis),
+    );
+    let ctx = Ctx {
+        config,
+        settings,
+        args: args.to_vec(),
+        build_remote,
+    };
+    let mut warned_unreachable = false;
+    loop {
+        PHASE.store(PHASE_AWAITING_REPLY, Ordering::SeqCst);
+        let t = match codec::read_request(&mut input) {
+            Ok(Request::Try(t)) => t,
+            Ok(Request::Exit) => return ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "bad request from the daemon");
+                return ExitCode::from(1);
+            }
+        };
+        let local = decision::can_build_locally(&t, &ctx.settings);
+        let started = Instant::now();
+        let answer =
+            runtime.block_on(scheduler.acquire(&t, local, &[], ctx.config.try_timeout(), true));
+        tracing::info!(drv = %t.drv_path, ?answer, millis = started.elapsed().as_millis(), "try answered");
+        let unreachable = matches!(answer, Answer::Unreachable { .. });
+        match decision::decide(&t, answer, ctx.config.fallback_builders.is_some()) {
+            Action::Reply {
+                reply,
+                mut level,
+                message,
+            } => {
+                // Say once per hook that the scheduler is down, not once per derivation.
+                if unreachable {
+                    if warned_unreachable {
+                        level = Level::Talkative;
+                    }
+                    warned_unreachable = true;
+                }
+                emit(&(codec::nix_msg(level, &message) + &reply.render()));
+                PHASE.store(PHASE_IDLE, Ordering::SeqCst);
+            }
+            Action::Fallback { message } => {
+                emit_msg(Level::Warn, &message);
+                return fallback(&ctx, &t, &mut input);
+            }
+            Action::Accept { grant, message } => {
+                emit(
+                    &(codec::nix_msg(Level::Info, &message)
+                        + &Reply::Accept {
+                            machine: grant.store_uri.clone(),
+                        }
+                        .render()),
+                );
+                PHASE.store(PHASE_ACCEPTED, Ordering::SeqCst);
+                let inputs = match codec::read_build_inputs(&mut input) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the inputs after accept");
+                        runtime.block_on(scheduler.release(
+                            &grant.lease_id,
+                            BuildOutcome::Cancelled,
+                            Duration::ZERO,
+                            ctx.config.rpc_timeout(),
+                        ));
+                        return ExitCode::from(1);
+                    }
+                };
+                drop(input);
+                return runtime.block_on(build_with_signals(&ctx, scheduler, grant, t, inputs));
+            }
+        }
+    }
+}
+
+/// The configuration cannot be used: this client has no builders, so the first `try` gets
+/// `# decline-permanently` (Nix stops asking) and an error saying why.
+fn disabled(input: &mut impl Read, problem: &str) -> ExitCode {
+    let (reply, level, message) = decision::unusable(problem);
+    match codec::read_request(input) {
+        Ok(Request::Try(_)) => emit(&(codec::nix_msg(level, &message) + &reply.render())),
+        Ok(Request::Exit) => return ExitCode::SUCCESS,
+        Err(_) => return ExitCode::from(1),
+    }
+    answer_all(input, &reply)
+}
+
+/// Candidate `nix` binaries, best first: the executable of the process that started the hook
+/// (the daemon, or `nix-build` itself in single-user mode), then `nix` on `PATH`.
+fn nix_binaries() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let parent = std::os::unix::process::parent_id();
+    if let Ok(exe) = std::fs::read_link(format!("/proc/{parent}/exe"))
+        && exe
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("nix"))
+    {
+        out.push(exe);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if let Ok(real) = dir.join("nix").canonicalize() {
+                out.push(real);
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The scheduler is unreachable and fallback machines are configured: become the stock hook
+/// with `builders` set to them, for this `try` and every later one. The child answers the
+/// daemon directly on the inherited fd 2.
+fn fallback(ctx: &Ctx, t: &TryRequest, input: &mut impl Read) -> ExitCode {
+    let builders = ctx.config.fallback_builders.as_deref().unwrap_or_default();
+    let mut child = match std::process::Command::new(&ctx.build_remote.program)
+        .args(&ctx.build_remote.args)
+        .args(&ctx.args)
+        .stdin(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let message = format!(
+                "nixdispatch: cannot start {}: {e}",
+                ctx.build_remote.program.display()
+            );
+            emit(&(codec::nix_msg(Level::Error, &message) + &Reply::Decline.render()));
+            return answer_all(input, &Reply::Decline);
+        }
+    };
+    // From here on the child owns the conversation: a panic must not answer for it.
+    PHASE.store(PHASE_ACCEPTED, Ordering::SeqCst);
+    if let Some(mut stdin) = child.stdin.take() {
+        let prelude = decision::child_prelude(&ctx.settings, builders, t);
+        // A write error means the child exited; its status says the rest.
+        if stdin.write_all(&prelude).is_ok() {
+            let _ = std::io::copy(input, &mut stdin);
+        }
+    }
+    match child.wait() {
+        Ok(status) => exit_code(status.code()),
+        Err(_) => ExitCode::from(1),
+    }
+}
+
+fn exit_code(code: Option<i32>) -> ExitCode {
+    match code {
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::from(1),
+    }
+}
+
+/// The lease currently held, shared with the signal handler so it can release it.
+type Held = Rc<RefCell<Option<(String, Instant)>>>;
+
+/// Runs the accepted build; on SIGTERM, SIGINT or SIGHUP (Nix stopping the build) releases
+/// the lease as cancelled and exits 1. Dropping the build future kills the child.
+async fn build_with_signals(
+    ctx: &Ctx,
+    mut scheduler: Scheduler,
+    grant: Grant,
+    t: TryRequest,
+    inputs: BuildInputs,
+) -> ExitCode {
+    use tokio::signal::unix::{SignalKind, signal};
+    let held: Held = Rc::new(RefCell::new(None));
+    let signals = async {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+        }
+    };
+    let outcome = {
+        let build = build(ctx, &mut scheduler, grant, &t, &inputs, held.clone());
+        tokio::select! {
+            code = build => Some(code),
+            () = signals => None,
+        }
+    };
+    match outcome {
+        Some(code) => code,
+        None => {
+            let lease = held.borrow_mut().take();
+            if let Some((lease_id, since)) = lease {
+                // Current Nix sends SIGKILL 500 ms after SIGTERM: release within that.
+                scheduler
+                    .release(
+                        &lease_id,
+                        BuildOutcome::Cancelled,
+                        since.elapsed(),
+                        Duration::from_millis(300),
+                    )
+                    .await;
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Builds on the granted host through the stock build-remote; when it cannot reach the host,
+/// asks the scheduler for another one (up to `max_host_attempts` hosts in all).
+async fn build(
+    ctx: &Ctx,
+    scheduler: &mut Scheduler,
+    mut grant: Grant,
+    t: &TryRequest,
+    inputs: &BuildInputs,
+    held: Held,
+) -> ExitCode {
+    let name = decision::drv_name(&t.drv_path).to_owned();
+    let mut excluded: Vec<String> = Vec::new();
+    let mut attempt = 1;
+    let deadline = Instant::now() + Duration::from_millis(ctx.config.timeouts.reacquire_millis);
+    loop {
+        let started = Instant::now();
+        *held.borrow_mut() = Some((grant.lease_id.clone(), started));
+        let (end, detail) = match run_child(ctx, scheduler, &grant, t, inputs).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Not the host's fault: the local build-remote could not even start.
+                emit_msg(Level::Error, &format!("nixdispatch: {e}"));
+                held.borrow_mut().take();
+                scheduler
+                    .release(
+                        &grant.lease_id,
+                        BuildOutcome::Cancelled,
+                        started.elapsed(),
+                        ctx.config.rpc_timeout(),
+                    )
+                    .await;
+                return ExitCode::from(1);
+            }
+        };
+        let AfterChild {
+            outcome,
+            exit_code: exit,
+        } = decision::after_child(end, attempt, ctx.config.max_host_attempts);
+        held.borrow_mut().take();
+        scheduler
+            .release(
+                &grant.lease_id,
+                outcome,
+                started.elapsed(),
+                ctx.config.rpc_timeout(),
+            )
+            .await;
+        tracing::info!(host = %grant.host_id, ?end, ?outcome, attempt, "child ended");
+        if outcome == BuildOutcome::HostUnreachable {
+            let why = if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {detail}")
+            };
+            emit_msg(
+                Level::Warn,
+                &format!(
+                    "nixdispatch: cannot use builder {} for {name}{why}",
+                    grant.host_id
+                ),
+            );
+        }
+        if let Some(code) = exit {
+            if outcome == BuildOutcome::HostUnreachable {
+                emit_msg(
+                    Level::Error,
+                    &format!(
+                        "nixdispatch: no reachable builder for {name} after {attempt} attempts"
+                    ),
+                );
+            }
+            return exit_code(Some(code));
+        }
+        excluded.push(grant.host_id.clone());
+        grant = match reacquire(ctx, scheduler, t, &excluded, deadline).await {
+            Ok(g) => g,
+            Err(e) => {
+                emit_msg(
+                    Level::Error,
+                    &format!("nixdispatch: no other builder for {name}: {e}"),
+                );
+                return ExitCode::from(1);
+            }
+        };
+        emit_msg(
+            Level::Info,
+            &format!(
+                "nixdispatch: building {name} on {} instead ({}/{} slots busy)",
+                grant.host_id, grant.slots_used, grant.slots_total
+            ),
+        );
+        attempt += 1;
+    }
+}
+
+/// After an accept there is no local fallback: wait (bounded) for another host.
+async fn reacquire(
+    ctx: &Ctx,
+    scheduler: &mut Scheduler,
+    t: &TryRequest,
+    excluded: &[String],
+    deadline: Instant,
+) -> Result<Grant, String> {
+    loop {
+        let answer = scheduler
+            .acquire(t, false, excluded, ctx.config.rpc_timeout(), false)
+            .await;
+        let wait = match answer {
+            Answer::Granted(g) => return Ok(g),
+            Answer::Postpone {
+                retry_after,
+                queue_position,
+                reason,
+            } => {
+                emit_msg(
+                    Level::Info,
+                    &format!(
+                        "nixdispatch: waiting for a builder (queue position {queue_position}): {reason}"
+                    ),
+                );
+                retry_after.clamp(Duration::from_millis(100), Duration::from_secs(5))
+            }
+            Answer::Decline { reason } | Answer::DeclinePermanently { reason } => {
+                return Err(reason);
+            }
+            Answer::Unreachable { error } => {
+                if Instant::now() >= deadline {
+                    return Err(format!("scheduler unreachable: {error}"));
+                }
+                Duration::from_secs(1)
+            }
+        };
+        if Instant::now() + wait > deadline {
+            return Err(format!(
+                "none free within {} ms",
+                ctx.config.timeouts.reacquire_millis
+            ));
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Where the child is in its conversation.
+#[derive(Debug, PartialEq, Eq)]
+enum ChildState {
+    BeforeAccept,
+    ExpectMachine,
+    Accepted,
+    Refused,
+}
+
+/// Runs one stock build-remote on the granted host: feeds it the rewritten handshake and the
+/// `try`, consumes its control lines, passes its `@nix` lines on, keeps the lease alive.
+/// Returns how it ended and, when it never accepted, the messages it gave about why.
+async fn run_child(
+    ctx: &Ctx,
+    scheduler: &mut Scheduler,
+    grant: &Grant,
+    t: &TryRequest,
+    inputs: &BuildInputs,
+) -> Result<(ChildEnd, String), String> {
+    let identity = ctx
+        .config
+        .ssh_identity
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned());
+    let machines = grant.machines_line(identity.as_deref());
+    tracing::info!(%machines, "starting build-remote");
+    // One pipe for the child's stdout and stderr: both are the daemon's channel for a hook.
+    let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let writer2 = writer
+        .try_clone()
+        .map_err(|e| format!("cannot create a pipe: {e}"))?;
+    let mut cmd = tokio::process::Command::new(&ctx.build_remote.program);
+    // fds 4 (build log) and 5 (its read end) are inherited as they are: the child writes the
+    // log and reads ssh's error text there itself.
+    cmd.args(&ctx.build_remote.args)
+        .args(&ctx.args)
+        .stdin(Stdio::piped())
+        .stdout(writer2)
+        .stderr(writer)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", ctx.build_remote.program.display()))?;
+    // The command holds the pipe's write ends: drop it so the pipe ends with the child.
+    drop(cmd);
+    let mut stdin = child.stdin.take();
+
+    let (tx, mut lines) = mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).split(b'\n') {
+            let Ok(line) = line else { break };
+            if tx
+                .send(String::from_utf8_lossy(&line).into_owned())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+
+    if let Some(s) = stdin.as_mut() {
+        // Small (the settings and one `try`): the child reads all of it before it answers.
+        if let Err(e) = s
+            .write_all(&decision::child_prelude(&ctx.settings, &machines, t))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot write to build-remote");
+        }
+    }
+
+    let period = (grant.lease_ttl / 3).max(Duration::from_millis(100));
+    let period = if grant.lease_ttl.is_zero() {
+        Duration::from_secs(10)
+    } else {
+        period
+    };
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut state = ChildState::BeforeAccept;
+    let mut early_logs: Vec<String> = Vec::new();
+    let mut status = None;
+    let mut lines_open = true;
+    let mut keepalive_warned = false;
+    let mut writer_task = None;
+    loop {
+        tokio::select! {
+            line = lines.recv(), if lines_open => match line {
+                None => lines_open = false,
+                Some(line) => {
+                    match (&state, codec::classify_child_line(&line)) {
+                        (ChildState::BeforeAccept, ChildLine::Accept) => state = ChildState::ExpectMachine,
+                        (ChildState::BeforeAccept, ChildLine::Decline | ChildLine::Postpone | ChildLine::DeclinePermanently) => {
+                            // It could not use the host; EOF on its stdin makes it exit 0.
+                            state = ChildState::Refused;
+                            stdin = None;
+                        }
+                        (ChildState::BeforeAccept, ChildLine::Log(l)) => early_logs.push(l),
+                        (ChildState::ExpectMachine, _) => {
+                            // The machine name line; the daemon already has ours.
+                            state = ChildState::Accepted;
+                            for l in early_logs.drain(..) {
+                                emit(&(l + "\n"));
+                            }
+                            if let Some(mut s) = stdin.take() {
+                                let bytes = decision::child_inputs(inputs);
+                                writer_task = Some(tokio::spawn(async move {
+                                    let _ = s.write_all(&bytes).await;
+                                    let _ = s.shutdown().await;
+                                }));
+                            }
+                        }
+                        (ChildState::Accepted, ChildLine::Log(l)) => emit(&(l + "\n")),
+                        (_, other) => tracing::debug!(?other, "child line not passed on"),
+                    }
+                }
+            },
+            s = child.wait(), if status.is_none() => {
+                status = Some(s.map_err(|e| format!("waiting for build-remote: {e}"))?);
+            }
+            _ = ticker.tick() => {
+                if let Err(e) = scheduler.keep_alive(&grant.lease_id, ctx.config.rpc_timeout()).await
+                    && !keepalive_warned
+                {
+                    keepalive_warned = true;
+                    tracing::warn!(lease_id = %grant.lease_id, error = %e, "keep-alive failed; the build goes on");
+                }
+            }
+        }
+        if status.is_some() {
+            if lines_open {
+                // A grandchild (ssh) may hold the pipe open: take what comes within a moment.
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                while let Ok(Some(line)) = tokio::time::timeout_at(deadline, lines.recv()).await {
+                    if state == ChildState::Accepted
+                        && let ChildLine::Log(l) = codec::classify_child_line(&line)
+                    {
+                        emit(&(l + "\n"));
+                    } else if let ChildLine::Log(l) = codec::classify_child_line(&line) {
+                        early_logs.push(l);
+                    }
+                }
+            }
+            break;
+        }
+    }
+    if let Some(task) = writer_task {
+        task.abort();
+    }
+    let code = status.and_then(|s| s.code());
+    if state == ChildState::Accepted {
+        return Ok((ChildEnd::Exited(code), String::new()));
+    }
+    // Its errors say why ("cannot build on ..."); its warnings repeat the machines list.
+    let messages: Vec<(u64, String)> = early_logs
+        .iter()
+        .filter_map(|l| codec::log_line_msg(l))
+        .collect();
+    let errors: Vec<&str> = messages
+        .iter()
+        .filter(|(level, _)| *level == Level::Error as u64)
+        .map(|(_, m)| m.as_str())
+        .collect();
+    let mut detail = if errors.is_empty() {
+        messages
+            .iter()
+            .map(|(_, m)| m.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    } else {
+        errors.join("; ")
+    };
+    if detail.len() > 600 {
+        let mut cut = 600;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push('…');
+    }
+    Ok((ChildEnd::NotAccepted, detail))
+}

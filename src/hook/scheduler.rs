@@ -1,0 +1,239 @@
+//! The hook's side of the lease protocol: `Acquire`, `KeepAlive` and `Release` with hard time
+//! bounds, and the conversion of the scheduler's wire answer into an [`Answer`].
+//!
+//! Nothing here blocks longer than the bound it is given; an unreachable scheduler is
+//! remembered for `unreachable_backoff_millis` so that a big build does not pay the connect
+//! timeout on every `try`.
+
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+
+use super::codec::TryRequest;
+use super::decision::Answer;
+use super::machine::Grant;
+use crate::client::{self, AuthChannel, ClientConfig};
+use crate::proto::lease_service_client::LeaseServiceClient;
+use crate::proto::{
+    AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, ReleaseRequest,
+    acquire_response::Outcome,
+};
+
+/// A lazily connected scheduler client.
+#[derive(Debug)]
+pub(crate) struct Scheduler {
+    config: ClientConfig,
+    client_id: String,
+    client: Option<LeaseServiceClient<AuthChannel>>,
+    backoff: Duration,
+    /// While set and in the future, `acquire` answers `Unreachable` without calling.
+    unreachable_until: Option<(Instant, String)>,
+}
+
+/// Whether a failed call means the scheduler itself is unreachable (as opposed to it
+/// refusing this one request).
+fn is_transport_failure(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+    )
+}
+
+impl Scheduler {
+    pub(crate) fn new(config: ClientConfig, client_id: String, backoff: Duration) -> Self {
+        Scheduler {
+            config,
+            client_id,
+            client: None,
+            backoff,
+            unreachable_until: None,
+        }
+    }
+
+    async fn client(&mut self) -> Result<LeaseServiceClient<AuthChannel>, String> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let channel = client::connect(&self.config)
+            .await
+            .map_err(|e| error_chain(&e))?;
+        let c = client::lease_client(channel);
+        self.client = Some(c.clone());
+        Ok(c)
+    }
+
+    fn mark_unreachable(&mut self, error: &str) {
+        self.client = None;
+        self.unreachable_until = Some((Instant::now() + self.backoff, error.to_owned()));
+    }
+
+    /// Asks for a host, within `bound`. With `honour_backoff`, a recently unreachable
+    /// scheduler is not called again.
+    pub(crate) async fn acquire(
+        &mut self,
+        t: &TryRequest,
+        can_build_locally: bool,
+        exclude_hosts: &[String],
+        bound: Duration,
+        honour_backoff: bool,
+    ) -> Answer {
+        if honour_backoff
+            && let Some((until, error)) = &self.unreachable_until
+            && Instant::now() < *until
+        {
+            return Answer::Unreachable {
+                error: error.clone(),
+            };
+        }
+        let request = AcquireRequest {
+            system: t.needed_system.clone(),
+            required_features: t.required_features.clone(),
+            drv_path: t.drv_path.clone(),
+            client_id: self.client_id.clone(),
+            can_build_locally,
+            exclude_hosts: exclude_hosts.to_vec(),
+        };
+        let call = async {
+            let mut c = self.client().await.map_err(|e| (e, true))?;
+            c.acquire(request)
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| {
+                    (
+                        format!("{}: {}", code_name(s.code()), s.message()),
+                        is_transport_failure(&s),
+                    )
+                })
+        };
+        let result = match tokio::time::timeout(bound, call).await {
+            Ok(r) => r,
+            Err(_) => Err((format!("no answer within {} ms", bound.as_millis()), true)),
+        };
+        match result {
+            Ok(response) => {
+                self.unreachable_until = None;
+                match answer_from_response(response) {
+                    Ok(answer) => answer,
+                    Err((lease_id, error)) => {
+                        // A grant we cannot use: give the slot back at once.
+                        if let Some(lease_id) = lease_id {
+                            self.release(&lease_id, BuildOutcome::Cancelled, Duration::ZERO, bound)
+                                .await;
+                        }
+                        Answer::Unreachable { error }
+                    }
+                }
+            }
+            Err((error, transport)) => {
+                if transport {
+                    self.mark_unreachable(&error);
+                }
+                Answer::Unreachable { error }
+            }
+        }
+    }
+
+    /// Extends a lease; returns false when the scheduler no longer knows it.
+    pub(crate) async fn keep_alive(
+        &mut self,
+        lease_id: &str,
+        bound: Duration,
+    ) -> Result<(), String> {
+        let call = async {
+            let mut c = self.client().await?;
+            c.keep_alive(KeepAliveRequest {
+                lease_id: lease_id.to_owned(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
+        };
+        tokio::time::timeout(bound, call)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", bound.as_millis())))
+    }
+
+    /// Ends a lease with the build's outcome. Failures are only logged: the lease then
+    /// expires on its own.
+    pub(crate) async fn release(
+        &mut self,
+        lease_id: &str,
+        outcome: BuildOutcome,
+        duration: Duration,
+        bound: Duration,
+    ) {
+        let request = ReleaseRequest {
+            lease_id: lease_id.to_owned(),
+            outcome: outcome as i32,
+            duration_millis: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        };
+        let call = async {
+            let mut c = self.client().await?;
+            c.release(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
+        };
+        match tokio::time::timeout(bound, call).await {
+            Ok(Ok(())) => tracing::info!(lease_id, ?outcome, "released"),
+            Ok(Err(e)) => {
+                tracing::warn!(lease_id, error = %e, "release failed; the lease will expire")
+            }
+            Err(_) => tracing::warn!(lease_id, "release timed out; the lease will expire"),
+        }
+    }
+}
+
+/// The `Display` of an error and all its sources, `a: b: c`.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Unavailable => "unavailable",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::InvalidArgument => "invalid argument",
+        Code::NotFound => "not found",
+        Code::Unauthenticated => "unauthenticated",
+        Code::PermissionDenied => "permission denied",
+        Code::FailedPrecondition => "failed precondition",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::Unimplemented => "unimplemented",
+        _ => "error",
+    }
+}
+
+/// Converts the wire answer. An unusable grant is an error that carries its lease id so the
+/// caller can hand the slot back.
+pub(crate) fn answer_from_response(r: AcquireResponse) -> Result<Answer, (Option<String>, String)> {
+    match r.outcome {
+        Some(Outcome::Granted(g)) => {
+            let lease_id = g.lease_id.clone();
+            Grant::try_from(g).map(Answer::Granted).map_err(|e| {
+                (
+                    Some(lease_id).filter(|l| !l.is_empty()),
+                    format!("unusable grant: {e}"),
+                )
+            })
+        }
+        Some(Outcome::Postpone(p)) => Ok(Answer::Postpone {
+            retry_after: Duration::from_millis(p.retry_after_millis),
+            queue_position: p.queue_position,
+            reason: p.reason,
+        }),
+        Some(Outcome::Decline(d)) => Ok(Answer::Decline { reason: d.reason }),
+        Some(Outcome::DeclinePermanently(d)) => Ok(Answer::DeclinePermanently { reason: d.reason }),
+        None => Err((None, "the scheduler's answer has no outcome".to_owned())),
+    }
+}

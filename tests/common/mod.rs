@@ -1,0 +1,827 @@
+//! A real Nix with real SSH builders on loopback, for the build-hook end-to-end tests.
+//!
+//! Each [`Env`] lives in its own temporary directory and has:
+//! - builders, each an OpenSSH `sshd -i` started per connection (the test holds the
+//!   listening socket, bound to `127.0.0.1:0`, so ports are never picked and then bound)
+//!   inside its **own mount namespace with its own `/nix`**, so closures really travel;
+//! - an ssh_config with one `Host` alias per builder (Nix 2.8 ssh URIs cannot carry a port)
+//!   and strict host-key checking against an empty known_hosts: only the key pinned in the
+//!   machines line lets ssh in;
+//! - optionally a scheduler and one agent per builder (the workspace's binaries);
+//! - a client nix.conf with `build-hook = nixdispatch-hook`.
+//!
+//! Every child is killed by a guard's `Drop`. Missing prerequisites are a failure with a
+//! clear message, never a silent skip.
+
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nixdispatch::client::{self, ClientConfig};
+use nixdispatch::proto::{HostState, LeaseStatus, ListHostsRequest, ListLeasesRequest};
+
+/// Kills its child on drop.
+pub struct ChildGuard {
+    pub child: Child,
+    pub name: String,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, cmd: &mut Command) -> ChildGuard {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        ChildGuard {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Stops the child now (SIGKILL) and reaps it.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Fails unless the machine can run these tests; the project's test script installs Nix,
+/// OpenSSH and busybox and runs as root.
+pub fn require_prerequisites() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    let mut missing = Vec::new();
+    if !nixdispatch_is_root() {
+        missing.push("root (mount namespaces and a writable /nix)".to_owned());
+    }
+    for tool in [
+        "nix-build",
+        "nix-store",
+        "unshare",
+        "nsenter",
+        "flock",
+        "ssh",
+        "ssh-keygen",
+        "timeout",
+    ] {
+        if which(tool).is_none() {
+            missing.push(format!("`{tool}` on PATH"));
+        }
+    }
+    for path in ["/usr/sbin/sshd"] {
+        if !Path::new(path).exists() {
+            missing.push(path.to_owned());
+        }
+    }
+    if busybox().is_none() {
+        missing.push("a static busybox (busybox-static)".to_owned());
+    }
+    assert!(
+        missing.is_empty(),
+        "the build-hook e2e tests need: {}. Install with `apt-get install -y nix-bin busybox-static \
+         openssh-server openssh-client` and run as root (the repository's test script does both).",
+        missing.join(", ")
+    );
+    // Parallel first uses of a fresh client store race on creating its database ("schema is
+    // corrupt"): create it first, once per process and under a lock across processes (cargo
+    // nextest runs each test in its own process).
+    INIT.call_once(|| {
+        run_ok(
+            Command::new("flock")
+                .arg(std::env::temp_dir().join("nixdispatch-e2e-nix-init.lock"))
+                .args(["nix-store", "--init"])
+                .env_remove("NIX_REMOTE"),
+        )
+    });
+}
+
+fn nixdispatch_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// A workspace binary from another package, next to the test executable's directory.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first (the test script does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The Nix system of this machine, as the agents announce it.
+pub fn this_system() -> String {
+    format!("{}-linux", std::env::consts::ARCH)
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An SSH endpoint: a listener on 127.0.0.1 whose every connection is served by a fresh
+/// `sshd -i` inside the builder's namespaces.
+pub struct SshEndpoint {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    sessions: Arc<Mutex<Vec<Child>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SshEndpoint {
+    fn start(
+        listener: TcpListener,
+        ns_pid: u32,
+        sshd_config: PathBuf,
+        log: PathBuf,
+    ) -> SshEndpoint {
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sessions: Arc<Mutex<Vec<Child>>> = Arc::default();
+        let (stop2, sessions2) = (stop.clone(), sessions.clone());
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let fd: OwnedFd = conn.into();
+                let Ok(fd2) = fd.try_clone() else { continue };
+                let child = Command::new("nsenter")
+                    .args([
+                        "-t",
+                        &ns_pid.to_string(),
+                        "--pid",
+                        "--mount",
+                        "--",
+                        "/usr/sbin/sshd",
+                        "-i",
+                        "-f",
+                    ])
+                    .arg(&sshd_config)
+                    .arg("-E")
+                    .arg(&log)
+                    .stdin(Stdio::from(fd))
+                    .stdout(Stdio::from(fd2))
+                    .stderr(Stdio::null())
+                    .spawn();
+                if let Ok(child) = child {
+                    let mut s = sessions2.lock().unwrap();
+                    // Reap finished sessions as we go.
+                    s.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+                    s.push(child);
+                }
+            }
+        });
+        SshEndpoint {
+            port,
+            stop,
+            sessions,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SshEndpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag and drops the listener.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for mut c in self.sessions.lock().unwrap().drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One builder.
+pub struct Builder {
+    /// Its ssh_config alias, unique per environment (the client's per-machine slot locks in
+    /// /nix/var/nix/current-load are keyed by store URI, and tests run in parallel).
+    pub alias: String,
+    /// The id its agent registers, e.g. `b1`.
+    pub id: String,
+    /// Its own `/nix`, bound over `/nix` in its mount namespace.
+    pub root: PathBuf,
+    /// Its real host public key file.
+    pub host_key_pub: PathBuf,
+    /// Its endpoint; `None` for a builder whose sshd is down.
+    pub endpoint: Option<SshEndpoint>,
+    /// The builder "machine": PID 1 of its own PID and mount namespaces (with `/nix` bound to
+    /// `root/nix` and its own `/proc`), so that its agent counts only its builds. Killing it
+    /// ends everything inside.
+    machine: Namespace,
+}
+
+/// A PID + mount namespace kept alive by a `sleep` as its PID 1.
+struct Namespace {
+    guard: ChildGuard,
+    /// PID 1 of the namespace, as seen from the test.
+    pid: u32,
+}
+
+impl Namespace {
+    fn start(root: &Path) -> Namespace {
+        let script = format!(
+            "mount --bind '{}/nix' /nix && exec sleep infinity",
+            root.display()
+        );
+        // --kill-child: PID 1 (and with it the whole namespace) dies with `unshare`.
+        let guard = ChildGuard::spawn(
+            "builder namespace",
+            Command::new("unshare")
+                .args([
+                    "--pid",
+                    "--fork",
+                    "--kill-child",
+                    "--mount-proc",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                ])
+                .args(["--", "sh", "-c", &script])
+                .stdin(Stdio::null()),
+        );
+        let parent = guard.child.id();
+        let children = format!("/proc/{parent}/task/{parent}/children");
+        let pid = wait_for(Duration::from_secs(10), "the builder namespace", || {
+            let pid: u32 = std::fs::read_to_string(&children)
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            // Ready once /nix is bound (the sh has exec'd sleep after the mount).
+            let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (mounts.lines().any(|l| l.split(' ').nth(4) == Some("/nix")) && comm.trim() == "sleep")
+                .then_some(pid)
+        });
+        Namespace { guard, pid }
+    }
+
+    /// A command run inside the namespace.
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.pid.to_string(), "--pid", "--mount", "--"])
+            .arg(program);
+        c
+    }
+}
+
+impl Builder {
+    pub fn store_uri(&self) -> String {
+        format!("ssh-ng://{}", self.alias)
+    }
+
+    /// Base64 of its host public key line, as the machines line's eighth field.
+    pub fn host_key_base64(&self) -> String {
+        use base64::Engine as _;
+        let line = std::fs::read_to_string(&self.host_key_pub).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(line.trim())
+    }
+
+    /// The outputs of this builder's store whose name contains `needle`.
+    pub fn store_paths_with(&self, needle: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.root.join("nix/store"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.contains(needle) && !n.ends_with(".drv") && !n.ends_with(".lock"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// What a builder should look like.
+#[derive(Clone, Debug)]
+pub struct BuilderSpec {
+    pub id: &'static str,
+    pub max_jobs: u32,
+    pub speed_factor: f64,
+    /// Whether its sshd answers.
+    pub up: bool,
+    /// Register a wrong host key with the scheduler (ssh must then refuse the host).
+    pub wrong_pinned_key: bool,
+}
+
+impl BuilderSpec {
+    pub fn new(id: &'static str, max_jobs: u32) -> Self {
+        BuilderSpec {
+            id,
+            max_jobs,
+            speed_factor: 1.0,
+            up: true,
+            wrong_pinned_key: false,
+        }
+    }
+}
+
+static ENV_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// One test's world.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    /// Unique per environment: prefixes aliases, tags derivations.
+    pub id: String,
+    pub builders: Vec<Builder>,
+    pub ssh_config: PathBuf,
+    pub client_key: PathBuf,
+    pub scheduler_addr: Option<String>,
+    agents: Vec<ChildGuard>,
+    scheduler: Option<ChildGuard>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Env {
+    /// Sets up the builders (their sshd endpoints and stores), keys and ssh_config; no
+    /// scheduler yet.
+    pub fn new(specs: &[BuilderSpec]) -> Env {
+        require_prerequisites();
+        std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
+        let dir = tempfile::Builder::new()
+            .prefix("nixdispatch-e2e-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path().to_owned();
+        let id = format!(
+            "nd{}x{}",
+            std::process::id(),
+            ENV_COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        for sub in ["keys", "client-conf", "bb", "log"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::fs::copy(busybox().unwrap(), d.join("bb/busybox")).unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/hook-e2e.nix"),
+            d.join("hook-e2e.nix"),
+        )
+        .unwrap();
+        let keygen = |name: &str| {
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                    .arg(d.join("keys").join(name)),
+            );
+        };
+        keygen("client");
+        std::fs::copy(d.join("keys/client.pub"), d.join("keys/authorized_keys")).unwrap();
+        std::fs::write(d.join("keys/known_hosts_empty"), "").unwrap();
+        let ssh_config = d.join("ssh_config");
+        let mut cfg = String::new();
+        let mut builders = Vec::new();
+        for spec in specs {
+            let alias = format!("{}-{}", id, spec.id);
+            keygen(&format!("host-{}", spec.id));
+            let root = d.join(spec.id);
+            std::fs::create_dir_all(root.join("nix/store")).unwrap();
+            std::fs::create_dir_all(root.join("conf")).unwrap();
+            std::fs::write(root.join("nix/builder-id"), format!("{}\n", spec.id)).unwrap();
+            // Builders on one kernel share nixbld users: no build users; no substituters.
+            std::fs::write(
+                root.join("conf/nix.conf"),
+                "substituters =\nsandbox = false\nbuild-users-group =\n",
+            )
+            .unwrap();
+            let sshd_config = d.join(format!("sshd_{}.config", spec.id));
+            std::fs::write(
+                &sshd_config,
+                [
+                    format!("HostKey {}/keys/host-{}", d.display(), spec.id),
+                    format!("AuthorizedKeysFile {}/keys/authorized_keys", d.display()),
+                    "PermitRootLogin prohibit-password".into(),
+                    "PasswordAuthentication no".into(),
+                    "KbdInteractiveAuthentication no".into(),
+                    "UsePAM no".into(),
+                    "StrictModes no".into(),
+                    "PidFile none".into(),
+                    format!("SetEnv NIX_CONF_DIR={}/conf", root.display()),
+                    String::new(),
+                ]
+                .join("\n"),
+            )
+            .unwrap();
+            let machine = Namespace::start(&root);
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let endpoint = if spec.up {
+                Some(SshEndpoint::start(
+                    listener,
+                    machine.pid,
+                    sshd_config,
+                    d.join(format!("log/sshd_{}.log", spec.id)),
+                ))
+            } else {
+                // Nothing listens there any more: connections are refused.
+                drop(listener);
+                None
+            };
+            // Strict checking against an empty known_hosts: only the key Nix pins from the
+            // machines line (`-oUserKnownHostsFile=...`, matched through HostKeyAlias) works.
+            cfg.push_str(&format!(
+                "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  HostKeyAlias {alias}\n  User root\n  \
+                 IdentitiesOnly yes\n  StrictHostKeyChecking yes\n  UserKnownHostsFile {}/keys/known_hosts_empty\n  \
+                 GlobalKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n  ConnectTimeout 10\n",
+                d.display()
+            ));
+            builders.push(Builder {
+                alias,
+                id: spec.id.to_owned(),
+                root,
+                host_key_pub: d.join(format!("keys/host-{}.pub", spec.id)),
+                endpoint,
+                machine,
+            });
+        }
+        std::fs::write(&ssh_config, cfg).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Env {
+            client_key: d.join("keys/client"),
+            dir,
+            id,
+            builders,
+            ssh_config,
+            scheduler_addr: None,
+            agents: Vec::new(),
+            scheduler: None,
+            runtime,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn builder(&self, id: &str) -> &Builder {
+        self.builders.iter().find(|b| b.id == id).unwrap()
+    }
+
+    /// Starts the scheduler and one agent per builder in `specs`, and waits until the
+    /// scheduler sees every host ready.
+    pub fn start_scheduler_and_agents(&mut self, specs: &[BuilderSpec]) {
+        let d = self.path().to_owned();
+        let config = d.join("scheduler.toml");
+        // A short lease TTL so the hook's keep-alives really matter during a build;
+        // admission gates open (this shared 2-core machine may report any pressure).
+        std::fs::write(
+            &config,
+            "[leases]\nttl_millis = 3000\n[agents]\nreport_interval_millis = 1000\n\
+             [admission]\nmin_free_store_percent = 0.0\nmin_free_store_bytes = 0\n\
+             min_free_build_dir_percent = 0.0\nmin_free_build_dir_bytes = 0\n\
+             max_cpu_some_pressure = 100.0\nmax_memory_full_pressure = 100.0\nmax_io_full_pressure = 100.0\n",
+        )
+        .unwrap();
+        let address_file = d.join("scheduler.addr");
+        let log = std::fs::File::create(d.join("log/scheduler.log")).unwrap();
+        self.scheduler = Some(ChildGuard::spawn(
+            "nixdispatch-scheduler",
+            Command::new(workspace_bin("nixdispatch-scheduler"))
+                .args(["--listen", "127.0.0.1:0", "--address-file"])
+                .arg(&address_file)
+                .arg("--config")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+        ));
+        let addr = wait_for(
+            Duration::from_secs(20),
+            "the scheduler's address file",
+            || {
+                std::fs::read_to_string(&address_file)
+                    .ok()
+                    .filter(|s| !s.trim().is_empty())
+            },
+        );
+        let url = format!("http://{}", addr.trim());
+        self.scheduler_addr = Some(url.clone());
+        for spec in specs {
+            let b = self.builder(spec.id);
+            let key_file = if spec.wrong_pinned_key {
+                d.join("keys/client.pub") // any other key: ssh must refuse the real host
+            } else {
+                b.host_key_pub.clone()
+            };
+            let log = std::fs::File::create(d.join(format!("log/agent_{}.log", spec.id))).unwrap();
+            // The agent runs on "its" builder: inside the builder's namespaces.
+            let agent = ChildGuard::spawn(
+                &format!("agent {}", spec.id),
+                b.machine
+                    .command(&workspace_bin("nixdispatch-agent"))
+                    .args([
+                        "--scheduler",
+                        &url,
+                        "--host-id",
+                        spec.id,
+                        "--store-uri",
+                        &b.store_uri(),
+                    ])
+                    .arg("--host-key-file")
+                    .arg(key_file)
+                    .args([
+                        "--systems",
+                        &this_system(),
+                        "--max-jobs",
+                        &spec.max_jobs.to_string(),
+                    ])
+                    .args([
+                        "--speed-factor",
+                        &spec.speed_factor.to_string(),
+                        "--features",
+                        "",
+                    ])
+                    .args(["--store-dir", "/nix/store"])
+                    .args(["--build-users-group", ""])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log),
+            );
+            self.agents.push(agent);
+        }
+        let want: Vec<String> = specs.iter().map(|s| s.id.to_owned()).collect();
+        wait_for(
+            Duration::from_secs(20),
+            "every agent registered and ready",
+            || {
+                let hosts = self
+                    .admin(|mut a| async move { a.list_hosts(ListHostsRequest {}).await })
+                    .ok()?
+                    .hosts;
+                let ready = want.iter().all(|id| {
+                    hosts
+                        .iter()
+                        .any(|h| &h.host_id == id && h.state == HostState::Ready as i32)
+                });
+                ready.then_some(())
+            },
+        );
+    }
+
+    /// Stops the scheduler (its address stays configured: connections are then refused).
+    pub fn stop_scheduler(&mut self) {
+        if let Some(mut s) = self.scheduler.take() {
+            s.stop();
+        }
+    }
+
+    /// Calls the admin service.
+    pub fn admin<T, F, Fut>(&self, f: F) -> Result<T, String>
+    where
+        F: FnOnce(
+            nixdispatch::proto::admin_service_client::AdminServiceClient<client::AuthChannel>,
+        ) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let url = self.scheduler_addr.clone().ok_or("no scheduler")?;
+        self.runtime.block_on(async {
+            let ch = client::connect(&ClientConfig::new(url))
+                .await
+                .map_err(|e| e.to_string())?;
+            f(client::admin_client(ch))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| s.to_string())
+        })
+    }
+
+    /// The scheduler's live leases.
+    pub fn leases(&self) -> Vec<LeaseStatus> {
+        self.admin(|mut a| async move { a.list_leases(ListLeasesRequest {}).await })
+            .expect("ListLeases")
+            .leases
+    }
+
+    /// Writes the hook's configuration; `extra` is appended verbatim (TOML).
+    pub fn write_hook_config(&self, scheduler_url: &str, extra: &str) -> PathBuf {
+        let p = self.path().join("hook.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "scheduler = \"{scheduler_url}\"\nclient_id = \"e2e-{}\"\nssh_identity = \"{}\"\n\
+                 log_file = \"{}/log/hook.log\"\nlog_level = \"debug\"\n{extra}\n[timeouts]\nconnect_millis = 500\n\
+                 try_millis = 1500\nreacquire_millis = 30000\n",
+                self.id,
+                self.client_key.display(),
+                self.path().display()
+            ),
+        )
+        .unwrap();
+        p
+    }
+
+    /// A machines line for a builder, as a static fallback.
+    pub fn machines_line(&self, id: &str, max_jobs: u32) -> String {
+        let b = self.builder(id);
+        format!(
+            "{} {} {} {max_jobs} 1 - - {}",
+            b.store_uri(),
+            this_system(),
+            self.client_key.display(),
+            b.host_key_base64()
+        )
+    }
+
+    /// Runs `nix-build` of the fixture with this client configuration, under `timeout`.
+    pub fn nix_build(
+        &self,
+        hook_config: &Path,
+        build_hook: &Path,
+        max_jobs: u32,
+        args: &[&str],
+    ) -> NixRun {
+        self.nix_build_with_builders(hook_config, build_hook, "", max_jobs, args)
+    }
+
+    /// Like [`Env::nix_build`], with nix.conf's `builders` set (for the stock build-remote).
+    pub fn nix_build_with_builders(
+        &self,
+        hook_config: &Path,
+        build_hook: &Path,
+        builders: &str,
+        max_jobs: u32,
+        args: &[&str],
+    ) -> NixRun {
+        let d = self.path();
+        std::fs::write(
+            d.join("client-conf/nix.conf"),
+            format!(
+                "substituters =\nsandbox = false\nbuild-users-group =\nbuilders = {builders}\nbuild-hook = {}\nmax-jobs = {max_jobs}\nbuild-poll-interval = 1\n",
+                build_hook.display()
+            ),
+        )
+        .unwrap();
+        let started = Instant::now();
+        let out: Output = Command::new("timeout")
+            .args([
+                "120",
+                "nix-build",
+                "--no-out-link",
+                "--max-jobs",
+                &max_jobs.to_string(),
+            ])
+            .arg(d.join("hook-e2e.nix"))
+            .args(args)
+            .env("NIX_CONF_DIR", d.join("client-conf"))
+            .env("NIX_SSHOPTS", format!("-F {}", self.ssh_config.display()))
+            .env("NIXDISPATCH_HOOK_CONFIG", hook_config)
+            .env_remove("NIX_REMOTE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("nix-build");
+        NixRun {
+            success: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// A fresh derivation tag, so that nothing is already built.
+    pub fn tag(&self, what: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        format!("{what}{}t{nanos}", self.id)
+    }
+
+    /// The hook's log, for failure messages.
+    pub fn hook_log(&self) -> String {
+        std::fs::read_to_string(self.path().join("log/hook.log")).unwrap_or_default()
+    }
+
+    /// Everything useful when a test fails.
+    pub fn diagnostics(&self, run: &NixRun) -> String {
+        let mut s = format!(
+            "nix-build exit {:?} after {:?}\n--- stdout\n{}\n--- stderr\n{}\n--- hook log\n{}",
+            run.code,
+            run.elapsed,
+            run.stdout,
+            run.stderr,
+            self.hook_log()
+        );
+        for f in ["scheduler.log", "agent_b1.log", "agent_b2.log"] {
+            if let Ok(t) = std::fs::read_to_string(self.path().join("log").join(f)) {
+                let tail: Vec<&str> = t.lines().rev().take(20).collect();
+                s.push_str(&format!(
+                    "\n--- {f} (last lines)\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.agents.clear();
+        self.scheduler = None;
+        for b in &mut self.builders {
+            b.endpoint = None;
+        }
+        // Ends every process inside the builders' namespaces (agents, sshd sessions).
+        self.builders.clear();
+        // Keep the directory when asked, for post-mortems.
+        if std::env::var_os("NIXDISPATCH_E2E_KEEP").is_some() {
+            let path = self.dir.path().to_owned();
+            let _ = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+            let _ = writeln!(std::io::stderr(), "kept {}", path.display());
+        }
+    }
+}
+
+/// The result of one `nix-build`.
+#[derive(Debug)]
+pub struct NixRun {
+    pub success: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl NixRun {
+    /// The output path (last stdout line).
+    pub fn out_path(&self) -> &str {
+        self.stdout.lines().last().unwrap_or("").trim()
+    }
+}
+
+/// Polls `f` until it gives a value, failing after `limit`: a bounded readiness wait.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Whether `path` is a valid path in the client's store.
+pub fn valid_in_client_store(path: &str) -> bool {
+    Command::new("nix-store")
+        .args(["--check-validity", path])
+        .env_remove("NIX_REMOTE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}

@@ -1,0 +1,217 @@
+//! End to end: Debian's Nix (2.8) builds through `nixdispatch-hook` on real OpenSSH builders
+//! on loopback, each with its own store, placed by the real scheduler and agents.
+//!
+//! Needs root, `nix-bin`, `openssh-server` and `busybox-static` (the test script installs
+//! them), and the workspace's binaries (`cargo build --workspace --bins`).
+
+mod common;
+
+use common::{BuilderSpec, Env, valid_in_client_store};
+
+fn hook() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_nixdispatch-hook"))
+}
+
+/// Where each leaf and the top were built, from the output's content.
+fn placements(out_path: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(out_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
+        .collect()
+}
+
+/// A `nix-build --max-jobs 0` of five derivations goes through the hook, spreads the four
+/// parallel leaves over the builders by capacity (3 slots vs 1), leaves valid outputs in the
+/// client's store and no lease behind.
+#[test]
+fn builds_spread_over_builders_by_capacity() {
+    let specs = [BuilderSpec::new("b1", 3), BuilderSpec::new("b2", 1)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let tag = env.tag("spread");
+    let run = env.nix_build(
+        &config,
+        hook(),
+        0,
+        &[
+            "--argstr", "tag", &tag, "--arg", "leaves", "4", "--argstr", "sleep", "3",
+        ],
+    );
+    eprintln!("nix-build stderr:\n{}", run.stderr);
+    assert!(run.success, "{}", env.diagnostics(&run));
+    let out = run.out_path();
+    assert!(
+        valid_in_client_store(out),
+        "{out} is not valid in the client store\n{}",
+        env.diagnostics(&run)
+    );
+    let places = placements(out);
+    let on = |b: &str| {
+        places
+            .iter()
+            .filter(|(what, host)| what.starts_with("leaf") && host == b)
+            .count()
+    };
+    assert_eq!(places.len(), 5, "{places:?}");
+    assert_eq!(
+        (on("b1"), on("b2")),
+        (3, 1),
+        "leaves by builder: {places:?}\n{}",
+        env.diagnostics(&run)
+    );
+    assert!(!places.iter().any(|(_, h)| h == "local"), "{places:?}");
+    // Closures really travelled: each builder's own store holds what it built.
+    assert!(
+        !env.builder("b2")
+            .store_paths_with(&format!("-{tag}"))
+            .is_empty()
+    );
+    assert!(
+        run.stderr.contains("nixdispatch: building"),
+        "{}",
+        env.diagnostics(&run)
+    );
+    // The 3 s builds outlive the 3 s lease TTL: only the hook's keep-alives held them.
+    assert!(
+        !env.hook_log().contains("keep-alive failed"),
+        "{}",
+        env.diagnostics(&run)
+    );
+    assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
+}
+
+/// A registered builder whose sshd is down, and one whose pinned host key is wrong, are
+/// skipped (released as unreachable, another host asked for) and the build still succeeds.
+#[test]
+fn unreachable_and_wrongly_pinned_builders_are_skipped() {
+    // The broken hosts are the fastest, so the scheduler picks them first.
+    let mut down = BuilderSpec::new("bdown", 2);
+    down.speed_factor = 100.0;
+    down.up = false;
+    let mut badkey = BuilderSpec::new("bbadkey", 2);
+    badkey.speed_factor = 50.0;
+    badkey.wrong_pinned_key = true;
+    let specs = [down, badkey, BuilderSpec::new("b1", 2)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let tag = env.tag("skip");
+    let run = env.nix_build(
+        &config,
+        hook(),
+        0,
+        &["--argstr", "tag", &tag, "--arg", "leaves", "1"],
+    );
+    eprintln!("nix-build stderr:\n{}", run.stderr);
+    assert!(run.success, "{}", env.diagnostics(&run));
+    let places = placements(run.out_path());
+    assert!(
+        places.iter().all(|(_, h)| h == "b1"),
+        "{places:?}\n{}",
+        env.diagnostics(&run)
+    );
+    assert!(
+        run.stderr.contains("cannot use builder bdown"),
+        "{}",
+        env.diagnostics(&run)
+    );
+    assert!(
+        run.stderr.contains("cannot use builder bbadkey"),
+        "{}",
+        env.diagnostics(&run)
+    );
+    // The wrongly pinned host was really reached and refused by ssh, not merely skipped.
+    assert!(env.builder("bbadkey").store_paths_with(&tag).is_empty());
+    assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
+}
+
+/// With the scheduler down, the configured static fallback machines are used.
+#[test]
+fn scheduler_down_uses_fallback_builders() {
+    let specs = [BuilderSpec::new("b1", 2), BuilderSpec::new("b2", 2)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs[..1]);
+    let url = env.scheduler_addr.clone().unwrap();
+    env.stop_scheduler();
+    let fallback = env.machines_line("b2", 2);
+    let config = env.write_hook_config(&url, &format!("fallback_builders = \"{fallback}\""));
+    let tag = env.tag("fallback");
+    let run = env.nix_build(
+        &config,
+        hook(),
+        0,
+        &["--argstr", "tag", &tag, "--arg", "leaves", "2"],
+    );
+    eprintln!("nix-build stderr:\n{}", run.stderr);
+    assert!(run.success, "{}", env.diagnostics(&run));
+    let places = placements(run.out_path());
+    assert_eq!(places.len(), 3, "{places:?}");
+    assert!(
+        places.iter().all(|(_, h)| h == "b2"),
+        "{places:?}\n{}",
+        env.diagnostics(&run)
+    );
+    assert!(
+        run.stderr.contains("using the fallback builders"),
+        "{}",
+        env.diagnostics(&run)
+    );
+}
+
+/// With the scheduler down and no fallback, the hook declines and Nix builds locally.
+#[test]
+fn scheduler_down_without_fallback_builds_locally() {
+    let env = Env::new(&[]);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let config = env.write_hook_config(&url, "");
+    let tag = env.tag("local");
+    let run = env.nix_build(
+        &config,
+        hook(),
+        2,
+        &["--argstr", "tag", &tag, "--arg", "leaves", "2"],
+    );
+    eprintln!("nix-build stderr:\n{}", run.stderr);
+    assert!(run.success, "{}", env.diagnostics(&run));
+    let places = placements(run.out_path());
+    assert_eq!(places.len(), 3, "{places:?}");
+    assert!(
+        places.iter().all(|(_, h)| h == "local"),
+        "{places:?}\n{}",
+        env.diagnostics(&run)
+    );
+    assert!(
+        run.stderr.contains("scheduler unreachable"),
+        "{}",
+        env.diagnostics(&run)
+    );
+}
+
+/// A build that fails on the builder fails in Nix with the builder's log, and its lease is
+/// released.
+#[test]
+fn failing_build_reports_builder_log_and_releases_lease() {
+    let specs = [BuilderSpec::new("b1", 2)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let tag = env.tag("fail");
+    let run = env.nix_build(
+        &config,
+        hook(),
+        0,
+        &["--argstr", "tag", &tag, "--arg", "fail", "true"],
+    );
+    eprintln!("nix-build stderr:\n{}", run.stderr);
+    assert!(!run.success, "{}", env.diagnostics(&run));
+    assert!(
+        run.stderr.contains("nixdispatch-e2e-failure-marker on b1"),
+        "the builder's log is not in Nix's error\n{}",
+        env.diagnostics(&run)
+    );
+    assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
+}
