@@ -88,6 +88,11 @@ pub struct LeasesConfig {
     /// A postponed request that is not repeated for this long leaves the wait queue,
     /// milliseconds. Default 30000: six missed polls.
     pub waiter_ttl_millis: u64,
+    /// After a client reports a host unreachable, it gets no lease there for this long, and
+    /// once two clients have reported it nobody does, milliseconds. Default 60000: long
+    /// enough that a dead box is not offered to every following derivation (each costs the
+    /// client a failed SSH attempt), short enough that a rebooted one is back within a minute.
+    pub unreachable_cooldown_millis: u64,
 }
 
 impl Default for LeasesConfig {
@@ -96,6 +101,7 @@ impl Default for LeasesConfig {
             ttl_millis: 60_000,
             postpone_retry_millis: 5_000,
             waiter_ttl_millis: 30_000,
+            unreachable_cooldown_millis: 60_000,
         }
     }
 }
@@ -267,6 +273,7 @@ impl Config {
             lease_ttl: Duration::from_millis(self.leases.ttl_millis),
             postpone_retry: Duration::from_millis(self.leases.postpone_retry_millis),
             waiter_ttl: Duration::from_millis(self.leases.waiter_ttl_millis),
+            unreachable_cooldown: Duration::from_millis(self.leases.unreachable_cooldown_millis),
             admission: Admission {
                 min_free_store_percent: a.min_free_store_percent,
                 min_free_store_bytes: a.min_free_store_bytes,

@@ -60,7 +60,15 @@ pub struct CoreConfig {
     /// How many released or expired lease ids are remembered, so that a repeated `Release`
     /// is answered as a repeat instead of `NotFound`.
     pub remembered_leases: usize,
+    /// After a client reports a host unreachable, that client gets no lease on it for this
+    /// long; when [`UNREACHABLE_QUORUM`] distinct clients report it within this time, nobody
+    /// does until the reports age out.
+    pub unreachable_cooldown: Duration,
 }
+
+/// How many distinct clients must report a host unreachable before it is held back for
+/// everyone: one client's broken network must not close a builder for all members.
+pub const UNREACHABLE_QUORUM: usize = 2;
 
 impl Default for CoreConfig {
     fn default() -> Self {
@@ -72,6 +80,7 @@ impl Default for CoreConfig {
             waiter_ttl: Duration::from_secs(30),
             admission: Admission::default(),
             remembered_leases: 65_536,
+            unreachable_cooldown: Duration::from_secs(60),
         }
     }
 }
@@ -129,6 +138,8 @@ struct Host {
     /// `leases` when the last report arrived, to tell outside builds from ours.
     leases_at_report: u32,
     leases_by_client: HashMap<ClientId, u32>,
+    /// Clients that reported the host unreachable, and until when that holds.
+    unreachable_until: HashMap<ClientId, Time>,
 }
 
 impl Host {
@@ -272,6 +283,10 @@ enum Unfit {
     Draining,
     /// An admission gate is closed.
     Gate,
+    /// The asking client reported it unreachable recently.
+    UnreachableForClient,
+    /// Several clients reported it unreachable recently.
+    Unreachable,
     /// No free slot.
     NoSlot,
 }
@@ -453,6 +468,7 @@ impl Scheduler {
                         leases: 0,
                         leases_at_report: 0,
                         leases_by_client: HashMap::new(),
+                        unreachable_until: HashMap::new(),
                     },
                 );
             }
@@ -550,6 +566,16 @@ impl Scheduler {
         if host.draining {
             return Err(Unfit::Draining);
         }
+        if !host.unreachable_until.is_empty()
+            && host
+                .unreachable_until
+                .values()
+                .filter(|t| **t > now)
+                .count()
+                >= UNREACHABLE_QUORUM
+        {
+            return Err(Unfit::Unreachable);
+        }
         if host.gate(&self.config.admission).is_some() {
             return Err(Unfit::Gate);
         }
@@ -565,6 +591,12 @@ impl Scheduler {
         client: Option<&ClientId>,
     ) -> Result<Candidate, Unfit> {
         self.open(now, host)?;
+        if let Some(c) = client
+            && !host.unreachable_until.is_empty()
+            && host.unreachable_until.get(c).is_some_and(|t| *t > now)
+        {
+            return Err(Unfit::UnreachableForClient);
+        }
         let global = self.policy.sees_global_load();
         // Only a policy blind to other clients needs the asking client's own count; the
         // lookup hashes the client id, so skip it on the hot path of the others.
@@ -608,6 +640,14 @@ impl Scheduler {
             Unfit::Gone => "agent gone".into(),
             Unfit::Draining => "draining".into(),
             Unfit::Gate => host.gate(&self.config.admission).unwrap_or_default(),
+            Unfit::UnreachableForClient => "unreachable from this client recently".into(),
+            Unfit::Unreachable => format!(
+                "unreachable from {} clients recently",
+                host.unreachable_until
+                    .values()
+                    .filter(|t| **t > now)
+                    .count()
+            ),
             Unfit::NoSlot => format!("no free slot ({}/{} used)", host.used(), host.spec.max_jobs),
         }
     }
@@ -749,7 +789,15 @@ impl Scheduler {
         outcome: BuildOutcome,
     ) -> Result<bool, Error> {
         self.expire(now);
-        if self.leases.contains_key(id) {
+        if let Some(lease) = self.leases.get(id) {
+            if outcome == BuildOutcome::HostUnreachable {
+                let until = now.after(self.config.unreachable_cooldown);
+                let client = lease.client.clone();
+                if let Some(host) = self.hosts.get_mut(&lease.host) {
+                    host.unreachable_until.retain(|_, t| *t > now);
+                    host.unreachable_until.insert(client, until);
+                }
+            }
             self.end_lease(id, LeaseEnd::Released(outcome));
             return Ok(false);
         }

@@ -428,6 +428,51 @@ fn excluded_hosts_are_skipped() {
     assert_eq!(granted(s.acquire(t(1), &r)).host.id.as_str(), "b");
 }
 
+/// A host a client reported unreachable is not offered to that client again for the
+/// cooldown; once two clients report it, nobody gets it; after the cooldown it is back.
+#[test]
+fn unreachable_reports_hold_a_host_back() {
+    let mut s = sched();
+    s.connect(t(0), spec("dead", &["x86_64-linux"], 8));
+    s.connect(t(0), spec("ok", &["x86_64-linux"], 1));
+    let unreachable = |s: &mut Scheduler, client: &str, drv: &str| {
+        // `dead` has more free capacity, so it is chosen first.
+        let g = granted(s.acquire(t(1), &req("x86_64-linux", client, drv)));
+        assert_eq!(g.host.id.as_str(), "dead");
+        s.release(t(2), &g.lease_id, BuildOutcome::HostUnreachable)
+            .unwrap();
+    };
+    unreachable(&mut s, "alice", "a1");
+    // Alice is sent elsewhere; Bob still gets the box she could not reach.
+    assert_eq!(
+        granted(s.acquire(t(3), &req("x86_64-linux", "alice", "a2")))
+            .host
+            .id
+            .as_str(),
+        "ok"
+    );
+    unreachable(&mut s, "bob", "b1");
+    let e = s.explain(t(4), &System::new("x86_64-linux"), &BTreeSet::new());
+    assert_eq!(
+        e.verdicts[0].result,
+        Err("unreachable from 2 clients recently".into())
+    );
+    assert!(matches!(
+        s.acquire(t(4), &req("x86_64-linux", "carol", "c1")),
+        Decision::Postpone { .. }
+    ));
+    // After the cooldown the reports age out (the agents kept reporting meanwhile).
+    s.connect(t(60_000), spec("dead", &["x86_64-linux"], 8));
+    s.connect(t(60_000), spec("ok", &["x86_64-linux"], 1));
+    assert_eq!(
+        granted(s.acquire(t(60_003), &req("x86_64-linux", "carol", "c1")))
+            .host
+            .id
+            .as_str(),
+        "dead"
+    );
+}
+
 /// Explain names every host with its reason and changes nothing.
 #[test]
 fn explain_reports_every_host_without_side_effects() {
