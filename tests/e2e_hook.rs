@@ -215,3 +215,59 @@ fn failing_build_reports_builder_log_and_releases_lease() {
     );
     assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
 }
+
+/// A scheduler killed and restarted in the middle of a build fails nothing: the running
+/// builds finish, the leases they held are simply unknown to the new scheduler, the agents
+/// reconnect on their own, the derivation built after the restart gets a lease from the new
+/// scheduler, and no lease is left at the end.
+#[test]
+fn scheduler_restart_mid_build_fails_nothing() {
+    let specs = [BuilderSpec::new("b1", 2), BuilderSpec::new("b2", 2)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let tag = env.tag("restart");
+    let started = std::time::Instant::now();
+    let build = env
+        .nix_build_command(
+            &config,
+            hook(),
+            "",
+            0,
+            &[
+                "--argstr", "tag", &tag, "--arg", "leaves", "2", "--argstr", "sleep", "6",
+            ],
+        )
+        .spawn()
+        .expect("nix-build");
+    // Restart once both leaves hold leases, i.e. while they are building.
+    common::wait_for(
+        std::time::Duration::from_secs(60),
+        "both leaves leased",
+        || (env.leases().len() == 2).then_some(()),
+    );
+    env.restart_scheduler();
+    env.wait_until_ready(&specs);
+    assert!(
+        env.leases().is_empty(),
+        "a restarted scheduler starts with no leases"
+    );
+    let out = build.wait_with_output().expect("nix-build");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "nix-build failed after {:?}:\n{stderr}\nhook log:\n{}",
+        started.elapsed(),
+        env.hook_log()
+    );
+    let out_path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(valid_in_client_store(&out_path), "{out_path}");
+    assert_eq!(
+        placements(&out_path).len(),
+        3,
+        "two leaves and the top were built remotely"
+    );
+    common::wait_for(std::time::Duration::from_secs(30), "no lease left", || {
+        env.leases().is_empty().then_some(())
+    });
+}

@@ -506,9 +506,9 @@ impl Env {
         self.builders.iter().find(|b| b.id == id).unwrap()
     }
 
-    /// Starts the scheduler and one agent per builder in `specs`, and waits until the
-    /// scheduler sees every host ready.
-    pub fn start_scheduler_and_agents(&mut self, specs: &[BuilderSpec]) {
+    /// Starts the scheduler on `listen` (`127.0.0.1:0` for any port) and waits for its
+    /// address file; returns its URL.
+    fn start_scheduler(&mut self, listen: &str) -> String {
         let d = self.path().to_owned();
         let config = d.join("scheduler.toml");
         // A short lease TTL so the hook's keep-alives really matter during a build;
@@ -522,11 +522,16 @@ impl Env {
         )
         .unwrap();
         let address_file = d.join("scheduler.addr");
-        let log = std::fs::File::create(d.join("log/scheduler.log")).unwrap();
+        let _ = std::fs::remove_file(&address_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("log/scheduler.log"))
+            .unwrap();
         self.scheduler = Some(ChildGuard::spawn(
             "nixdispatch-scheduler",
             Command::new(workspace_bin("nixdispatch-scheduler"))
-                .args(["--listen", "127.0.0.1:0", "--address-file"])
+                .args(["--listen", listen, "--address-file"])
                 .arg(&address_file)
                 .arg("--config")
                 .arg(&config)
@@ -545,6 +550,14 @@ impl Env {
         );
         let url = format!("http://{}", addr.trim());
         self.scheduler_addr = Some(url.clone());
+        url
+    }
+
+    /// Starts the scheduler and one agent per builder in `specs`, and waits until the
+    /// scheduler sees every host ready.
+    pub fn start_scheduler_and_agents(&mut self, specs: &[BuilderSpec]) {
+        let d = self.path().to_owned();
+        let url = self.start_scheduler("127.0.0.1:0");
         for spec in specs {
             let b = self.builder(spec.id);
             let key_file = if spec.wrong_pinned_key {
@@ -588,6 +601,11 @@ impl Env {
             );
             self.agents.push(agent);
         }
+        self.wait_until_ready(specs);
+    }
+
+    /// Waits until the scheduler lists every host of `specs` as ready.
+    pub fn wait_until_ready(&self, specs: &[BuilderSpec]) {
         let want: Vec<String> = specs.iter().map(|s| s.id.to_owned()).collect();
         wait_for(
             Duration::from_secs(20),
@@ -605,6 +623,15 @@ impl Env {
                 ready.then_some(())
             },
         );
+    }
+
+    /// Kills the scheduler (SIGKILL: no goodbye, all its state lost) and starts a new one on
+    /// the same address; its agents reconnect by themselves.
+    pub fn restart_scheduler(&mut self) {
+        let url = self.scheduler_addr.clone().expect("a running scheduler");
+        self.stop_scheduler();
+        let listen = url.trim_start_matches("http://").to_owned();
+        self.start_scheduler(&listen);
     }
 
     /// Stops the scheduler (its address stays configured: connections are then refused).
@@ -691,31 +718,9 @@ impl Env {
         max_jobs: u32,
         args: &[&str],
     ) -> NixRun {
-        let d = self.path();
-        std::fs::write(
-            d.join("client-conf/nix.conf"),
-            format!(
-                "substituters =\nsandbox = false\nbuild-users-group =\nbuilders = {builders}\nbuild-hook = {}\nmax-jobs = {max_jobs}\nbuild-poll-interval = 1\n",
-                build_hook.display()
-            ),
-        )
-        .unwrap();
         let started = Instant::now();
-        let out: Output = Command::new("timeout")
-            .args([
-                "120",
-                "nix-build",
-                "--no-out-link",
-                "--max-jobs",
-                &max_jobs.to_string(),
-            ])
-            .arg(d.join("hook-e2e.nix"))
-            .args(args)
-            .env("NIX_CONF_DIR", d.join("client-conf"))
-            .env("NIX_SSHOPTS", format!("-F {}", self.ssh_config.display()))
-            .env("NIXDISPATCH_HOOK_CONFIG", hook_config)
-            .env_remove("NIX_REMOTE")
-            .stdin(Stdio::null())
+        let out: Output = self
+            .nix_build_command(hook_config, build_hook, builders, max_jobs, args)
             .output()
             .expect("nix-build");
         NixRun {
@@ -725,6 +730,45 @@ impl Env {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             elapsed: started.elapsed(),
         }
+    }
+
+    /// The `nix-build` command of [`Env::nix_build_with_builders`] (under `timeout`), to be
+    /// run in the background by tests that act while the build runs.
+    pub fn nix_build_command(
+        &self,
+        hook_config: &Path,
+        build_hook: &Path,
+        builders: &str,
+        max_jobs: u32,
+        args: &[&str],
+    ) -> Command {
+        let d = self.path();
+        std::fs::write(
+            d.join("client-conf/nix.conf"),
+            format!(
+                "substituters =\nsandbox = false\nbuild-users-group =\nbuilders = {builders}\nbuild-hook = {}\nmax-jobs = {max_jobs}\nbuild-poll-interval = 1\n",
+                build_hook.display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("timeout");
+        cmd.args([
+            "120",
+            "nix-build",
+            "--no-out-link",
+            "--max-jobs",
+            &max_jobs.to_string(),
+        ])
+        .arg(d.join("hook-e2e.nix"))
+        .args(args)
+        .env("NIX_CONF_DIR", d.join("client-conf"))
+        .env("NIX_SSHOPTS", format!("-F {}", self.ssh_config.display()))
+        .env("NIXDISPATCH_HOOK_CONFIG", hook_config)
+        .env_remove("NIX_REMOTE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd
     }
 
     /// A fresh derivation tag, so that nothing is already built.
