@@ -305,7 +305,8 @@ pub fn svg(reports: &[ScenarioReport]) -> String {
     let row_h = 22.0;
     let n_pol = reports.iter().map(|r| r.policies.len()).max().unwrap_or(0) as f64;
     let panel_h = 60.0 + n_pol * row_h;
-    let width = 960.0;
+    // Room right of the wait panel for the "mean / p95" label after the longest tick.
+    let width = 1040.0;
     let height = 40.0 + panel_h * reports.len() as f64;
     let mut s = String::new();
     let _ = writeln!(
@@ -333,7 +334,7 @@ pub fn svg(reports: &[ScenarioReport]) -> String {
             .iter()
             .map(|p| p.makespan / lb)
             .fold(1.1, f64::max);
-        let (rx, rw) = (600.0, 330.0);
+        let (rx, rw) = (600.0, 300.0);
         let max_wait = r
             .policies
             .iter()
