@@ -29,7 +29,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// On shutdown the health service turns NOT_SERVING first, agent streams are closed with
 /// `UNAVAILABLE` (agents reconnect to the next scheduler), no new connections are accepted,
-/// and in-flight calls get [`DRAIN_TIMEOUT`] to finish.
+/// and in-flight calls get ten seconds to finish.
 pub async fn run(
     listener: TcpListener,
     config: Config,

@@ -1,5 +1,5 @@
 //! The gRPC adapter around the core: one module per service, the wire boundary in
-//! [`convert`], and the state they share in [`Shared`].
+//! `convert`, and the state they share in [`Shared`].
 //!
 //! Handlers validate their input, take the core's lock for a few microseconds, and convert
 //! the answer; they never hold the lock across an `.await`.
