@@ -27,8 +27,8 @@ pub struct Config {
     pub agents: AgentsConfig,
     /// Lease lifetimes.
     pub leases: LeasesConfig,
-    /// Admission gates.
-    pub admission: AdmissionConfig,
+    /// Admission gates (`[admission]`; each key is documented on [`Admission`]).
+    pub admission: Admission,
     /// Placement.
     pub placement: PlacementConfig,
     /// Input limits.
@@ -42,7 +42,7 @@ impl Default for Config {
             metrics_listen: None,
             agents: AgentsConfig::default(),
             leases: LeasesConfig::default(),
-            admission: AdmissionConfig::default(),
+            admission: Admission::default(),
             placement: PlacementConfig::default(),
             limits: LimitsConfig::default(),
         }
@@ -102,45 +102,6 @@ impl Default for LeasesConfig {
             postpone_retry_millis: 5_000,
             waiter_ttl_millis: 30_000,
             unreachable_cooldown_millis: 60_000,
-        }
-    }
-}
-
-/// `[admission]`: thresholds that close a host whatever its free slots. Each applies only
-/// when the agent reports the value.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdmissionConfig {
-    /// Minimum free store space, percent. Default 2: below it builds start failing with
-    /// "no space left" and garbage collection thrashes.
-    pub min_free_store_percent: f64,
-    /// Minimum free store space, bytes. Default 2 GiB: room for one large output.
-    pub min_free_store_bytes: u64,
-    /// Minimum free build directory space, percent. Default 2.
-    pub min_free_build_dir_percent: f64,
-    /// Minimum free build directory space, bytes. Default 1 GiB.
-    pub min_free_build_dir_bytes: u64,
-    /// Maximum CPU `some avg10` pressure, percent. Default 100 (off): a box with all slots
-    /// busy legitimately has CPU pressure; slots already bound CPU use.
-    pub max_cpu_some_pressure: f64,
-    /// Maximum memory `full avg10` pressure, percent. Default 20: every task stalled on
-    /// memory a fifth of the time means the box is thrashing; another build makes it worse.
-    pub max_memory_full_pressure: f64,
-    /// Maximum IO `full avg10` pressure, percent. Default 50.
-    pub max_io_full_pressure: f64,
-}
-
-impl Default for AdmissionConfig {
-    fn default() -> Self {
-        let a = Admission::default();
-        Self {
-            min_free_store_percent: a.min_free_store_percent,
-            min_free_store_bytes: a.min_free_store_bytes,
-            min_free_build_dir_percent: a.min_free_build_dir_percent,
-            min_free_build_dir_bytes: a.min_free_build_dir_bytes,
-            max_cpu_some_pressure: a.max_cpu_some_pressure,
-            max_memory_full_pressure: a.max_memory_full_pressure,
-            max_io_full_pressure: a.max_io_full_pressure,
         }
     }
 }
@@ -266,7 +227,6 @@ impl Config {
 
     /// The core's view of this configuration.
     pub fn core(&self) -> CoreConfig {
-        let a = &self.admission;
         CoreConfig {
             report_interval: Duration::from_millis(self.agents.report_interval_millis),
             grace: Duration::from_millis(self.agents.grace_millis),
@@ -274,15 +234,7 @@ impl Config {
             postpone_retry: Duration::from_millis(self.leases.postpone_retry_millis),
             waiter_ttl: Duration::from_millis(self.leases.waiter_ttl_millis),
             unreachable_cooldown: Duration::from_millis(self.leases.unreachable_cooldown_millis),
-            admission: Admission {
-                min_free_store_percent: a.min_free_store_percent,
-                min_free_store_bytes: a.min_free_store_bytes,
-                min_free_build_dir_percent: a.min_free_build_dir_percent,
-                min_free_build_dir_bytes: a.min_free_build_dir_bytes,
-                max_cpu_some_pressure: a.max_cpu_some_pressure,
-                max_memory_full_pressure: a.max_memory_full_pressure,
-                max_io_full_pressure: a.max_io_full_pressure,
-            },
+            admission: self.admission.clone(),
             ..CoreConfig::default()
         }
     }

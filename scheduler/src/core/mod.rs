@@ -85,23 +85,28 @@ impl Default for CoreConfig {
     }
 }
 
-/// Thresholds that close a host to new leases whatever its free slots. A threshold applies
-/// only when the agent reports the value; an unknown value never closes a host.
-#[derive(Clone, Debug, PartialEq)]
+/// Thresholds that close a host to new leases whatever its free slots: the `[admission]`
+/// section of the scheduler's configuration. A threshold applies only when the agent reports
+/// the value; an unknown value never closes a host.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Admission {
-    /// Minimum free space of the store, percent.
+    /// Minimum free store space, percent. Default 2: below it builds start failing with
+    /// "no space left" and garbage collection thrashes.
     pub min_free_store_percent: f64,
-    /// Minimum free space of the store, bytes.
+    /// Minimum free store space, bytes. Default 2 GiB: room for one large output.
     pub min_free_store_bytes: u64,
-    /// Minimum free space of the build directory, percent.
+    /// Minimum free build directory space, percent. Default 2.
     pub min_free_build_dir_percent: f64,
-    /// Minimum free space of the build directory, bytes.
+    /// Minimum free build directory space, bytes. Default 1 GiB.
     pub min_free_build_dir_bytes: u64,
-    /// Maximum CPU `some avg10` pressure, percent.
+    /// Maximum CPU `some avg10` pressure, percent. Default 100 (off): a box with all slots
+    /// busy legitimately has CPU pressure; slots already bound CPU use.
     pub max_cpu_some_pressure: f64,
-    /// Maximum memory `full avg10` pressure, percent.
+    /// Maximum memory `full avg10` pressure, percent. Default 20: every task stalled on
+    /// memory a fifth of the time means the box is thrashing; another build makes it worse.
     pub max_memory_full_pressure: f64,
-    /// Maximum IO `full avg10` pressure, percent.
+    /// Maximum IO `full avg10` pressure, percent. Default 50.
     pub max_io_full_pressure: f64,
 }
 
