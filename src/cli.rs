@@ -280,6 +280,59 @@ pub fn explain_json(e: &proto::ExplainPlacementResponse) -> Value {
     })
 }
 
+/// An answer the CLI prints: as a table for people, or as JSON for scripts.
+pub trait Render {
+    /// The plain-text form.
+    fn table(&self) -> String;
+    /// The JSON form (field names as in the protocol).
+    fn json(&self) -> Value;
+}
+
+impl Render for Vec<proto::HostStatus> {
+    fn table(&self) -> String {
+        hosts_table(self)
+    }
+    fn json(&self) -> Value {
+        Value::Array(self.iter().map(host_json).collect())
+    }
+}
+
+impl Render for proto::HostStatus {
+    fn table(&self) -> String {
+        host_line(self)
+    }
+    fn json(&self) -> Value {
+        host_json(self)
+    }
+}
+
+impl Render for Vec<proto::SystemCapacity> {
+    fn table(&self) -> String {
+        capacity_table(self)
+    }
+    fn json(&self) -> Value {
+        capacity_json(self)
+    }
+}
+
+impl Render for Vec<proto::LeaseStatus> {
+    fn table(&self) -> String {
+        leases_table(self)
+    }
+    fn json(&self) -> Value {
+        leases_json(self)
+    }
+}
+
+impl Render for proto::ExplainPlacementResponse {
+    fn table(&self) -> String {
+        explain_text(self)
+    }
+    fn json(&self) -> Value {
+        explain_json(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

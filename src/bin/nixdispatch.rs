@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nixdispatch::cli;
+use nixdispatch::cli::Render;
 use nixdispatch::client::{self, ClientConfig};
 use nixdispatch::proto;
 
@@ -65,83 +65,54 @@ async fn run(args: Args) -> anyhow::Result<String> {
     config.connect_timeout = Duration::from_secs(5);
     config.request_timeout = Some(Duration::from_secs(30));
     let mut admin = client::admin_client(client::connect(&config).await?);
-    let json = args.json;
-    let render = |v: serde_json::Value| serde_json::to_string_pretty(&v).map(|s| s + "\n");
-    Ok(match args.command {
-        Command::Hosts => {
-            let hosts = admin
+    let answer: Box<dyn Render> = match args.command {
+        Command::Hosts => Box::new(
+            admin
                 .list_hosts(proto::ListHostsRequest {})
                 .await?
                 .into_inner()
-                .hosts;
-            if json {
-                render(serde_json::Value::Array(
-                    hosts.iter().map(cli::host_json).collect(),
-                ))?
-            } else {
-                cli::hosts_table(&hosts)
-            }
-        }
-        Command::Capacity => {
-            let systems = admin
+                .hosts,
+        ),
+        Command::Capacity => Box::new(
+            admin
                 .get_capacity(proto::GetCapacityRequest {})
                 .await?
                 .into_inner()
-                .systems;
-            if json {
-                render(cli::capacity_json(&systems))?
-            } else {
-                cli::capacity_table(&systems)
-            }
-        }
-        Command::Leases => {
-            let leases = admin
+                .systems,
+        ),
+        Command::Leases => Box::new(
+            admin
                 .list_leases(proto::ListLeasesRequest {})
                 .await?
                 .into_inner()
-                .leases;
-            if json {
-                render(cli::leases_json(&leases))?
-            } else {
-                cli::leases_table(&leases)
-            }
-        }
-        Command::Drain { host_id } => {
-            let h = admin
+                .leases,
+        ),
+        Command::Drain { host_id } => Box::new(
+            admin
                 .drain_host(proto::DrainHostRequest { host_id })
                 .await?
-                .into_inner();
-            if json {
-                render(cli::host_json(&h))?
-            } else {
-                cli::host_line(&h)
-            }
-        }
-        Command::Undrain { host_id } => {
-            let h = admin
+                .into_inner(),
+        ),
+        Command::Undrain { host_id } => Box::new(
+            admin
                 .undrain_host(proto::UndrainHostRequest { host_id })
                 .await?
-                .into_inner();
-            if json {
-                render(cli::host_json(&h))?
-            } else {
-                cli::host_line(&h)
-            }
-        }
-        Command::Explain { system, features } => {
-            let e = admin
+                .into_inner(),
+        ),
+        Command::Explain { system, features } => Box::new(
+            admin
                 .explain_placement(proto::ExplainPlacementRequest {
                     system,
                     required_features: features,
                 })
                 .await?
-                .into_inner();
-            if json {
-                render(cli::explain_json(&e))?
-            } else {
-                cli::explain_text(&e)
-            }
-        }
+                .into_inner(),
+        ),
+    };
+    Ok(if args.json {
+        serde_json::to_string_pretty(&answer.json())? + "\n"
+    } else {
+        answer.table()
     })
 }
 
