@@ -5,7 +5,7 @@
 //! The scheduler lives in `nixdispatch-scheduler`, the builder agent in `nixdispatch-agent`.
 //! See `ARCHITECTURE.md` at the repository root for the map.
 
-pub mod proto;
 pub mod cli;
 pub mod client;
 pub mod hook;
+pub mod proto;

@@ -32,9 +32,15 @@ if ! grpcurl -version >/dev/null 2>&1; then
   grpcurl -version >/dev/null 2>&1 || { echo "tests/run.sh: grpcurl does not run after install" >&2; exit 1; }
 fi
 
-# A cold build of the workspace in about two minutes and a small target/ (see RUST-DEPS notes
-# in ARCHITECTURE.md); the tests start each other's binaries, so build them all first.
+# Incremental builds only cost time and disk on a one-off run.
 export CARGO_INCREMENTAL=0
+
+# The house style is part of the suite: formatted, no clippy warning, no broken doc link.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
+# The tests start each other's binaries (scheduler, agent, hook), so build them all first.
 cargo build --workspace --bins
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
