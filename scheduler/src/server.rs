@@ -96,6 +96,10 @@ pub async fn run(
         health
             .set_not_serving::<AdminServiceServer<AdminService>>()
             .await;
+        // The whole server too (service name ""), which is what load balancers ask.
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         let _ = down_tx.send(true);
         let _ = drained_tx.send(());
     };

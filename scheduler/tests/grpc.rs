@@ -710,10 +710,11 @@ async fn bad_lease_requests_name_the_field() {
     server.shutdown().await;
 }
 
-/// Health is SERVING while up; on shutdown agent streams are closed with UNAVAILABLE and
-/// `run` returns.
+/// Health is SERVING while up; on shutdown it turns NOT_SERVING first, agent streams are
+/// closed with UNAVAILABLE, and `run` returns.
 #[tokio::test]
 async fn health_serving_and_shutdown_closes_agent_streams() {
+    use tonic_health::pb::health_check_response::ServingStatus;
     let server = Server::start(Config::default()).await;
     let ch = server.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
@@ -731,14 +732,34 @@ async fn health_serving_and_shutdown_closes_agent_streams() {
             .unwrap()
             .into_inner()
             .status;
-        assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-            "{service}"
-        );
+        assert_eq!(status, ServingStatus::Serving as i32, "{service}");
+    }
+    // Watchers see NOT_SERVING before the server goes away, for the whole server ("") and
+    // for each service.
+    let mut watches = Vec::new();
+    for service in ["", "nixdispatch.v1.LeaseService"] {
+        let mut w = health
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let first = w.message().await.unwrap().unwrap().status;
+        assert_eq!(first, ServingStatus::Serving as i32, "{service}");
+        watches.push((service, w));
     }
     let mut agent = Agent::register(ch, register("b1", &["x86_64-linux"], 2)).await;
     let stop = tokio::spawn(server.shutdown());
+    for (service, mut w) in watches {
+        let next = tokio::time::timeout(Duration::from_secs(10), w.message())
+            .await
+            .expect("a health update within 10 s")
+            .unwrap()
+            .unwrap()
+            .status;
+        assert_eq!(next, ServingStatus::NotServing as i32, "{service}");
+    }
     let err = agent.next().await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     tokio::time::timeout(Duration::from_secs(15), stop)
