@@ -6,7 +6,9 @@
 //!   `speed * min(1, slots / running)`. A host given more builds than slots (stock Nix, or
 //!   load from outside the scheduler) gets no more work done, it only stretches every build
 //!   on it. This is the kindest model of oversubscription (real hosts also thrash memory and
-//!   fail SSH starts), so it flatters the policies that oversubscribe.
+//!   fail SSH starts), so it flatters the policies that oversubscribe. With
+//!   [`SimConfig::oversubscription_penalty`] `a > 0` an oversubscribed host also loses
+//!   efficiency: its rate is divided by `1 + a * (running / slots - 1)`.
 //! - **Agents** report every `report_interval` at a per-host phase drawn from the seed, with
 //!   the number of builds running on the host (scheduled and outside ones): what the
 //!   scheduler knows of outside load is up to one interval old.
@@ -139,6 +141,10 @@ pub struct SimConfig {
     pub poll_interval: Duration,
     /// Stop with an error when simulated time passes this (a bound on the loop).
     pub horizon: Duration,
+    /// Efficiency lost by an oversubscribed host: with `running > slots` its total rate is
+    /// divided by `1 + penalty * (running / slots - 1)` (memory pressure, cache thrash).
+    /// 0, the published default, charges nothing.
+    pub oversubscription_penalty: f64,
 }
 
 impl SimConfig {
@@ -150,6 +156,7 @@ impl SimConfig {
             report_interval: Duration::from_secs(10),
             poll_interval: Duration::from_secs(5),
             horizon: Duration::from_secs(30 * 86_400),
+            oversubscription_penalty: 0.0,
         }
     }
 }
@@ -216,6 +223,8 @@ struct HostRt {
     version: u64,
     work_done_ms: f64,
     peak: u32,
+    /// [`SimConfig::oversubscription_penalty`].
+    penalty: f64,
 }
 
 impl HostRt {
@@ -224,7 +233,9 @@ impl HostRt {
         if n == 0.0 {
             0.0
         } else {
-            self.speed * (f64::from(self.slots) / n).min(1.0)
+            let slots = f64::from(self.slots);
+            let over = (n / slots - 1.0).max(0.0);
+            self.speed * (slots / n).min(1.0) / (1.0 + self.penalty * over)
         }
     }
 
@@ -328,6 +339,7 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
             version: 0,
             work_done_ms: 0.0,
             peak: 0,
+            penalty: cfg.oversubscription_penalty,
         });
     }
 
@@ -631,5 +643,36 @@ impl Sim<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(slots: u32, running: usize, penalty: f64) -> HostRt {
+        HostRt {
+            id: HostId::new("h"),
+            generation: nixdispatch_scheduler::core::Generation(1),
+            slots,
+            speed: 2.0,
+            running: (0..running).map(|j| (j, 1000.0)).collect(),
+            last: 0,
+            version: 0,
+            work_done_ms: 0.0,
+            peak: 0,
+            penalty,
+        }
+    }
+
+    /// Processor sharing: up to its slots each build runs at full speed; beyond, the host's
+    /// total stays `slots * speed` without a penalty and shrinks with one.
+    #[test]
+    fn oversubscription_rate() {
+        assert_eq!(host(4, 2, 0.5).rate(), 2.0);
+        assert_eq!(host(4, 4, 0.5).rate(), 2.0);
+        assert_eq!(host(4, 8, 0.0).rate(), 1.0);
+        // 8 builds on 4 slots: half speed each, and 1 / (1 + 0.5 * 1) of that.
+        assert!((host(4, 8, 0.5).rate() - 2.0 / 3.0).abs() < 1e-12);
     }
 }

@@ -43,10 +43,18 @@ struct Args {
     /// Also write each scenario's trace and fleet into this directory, then simulate.
     #[arg(long)]
     emit: Option<PathBuf>,
+    /// Efficiency an oversubscribed host loses: its rate is divided by
+    /// `1 + P * (running / slots - 1)`. 0 (the default) charges nothing.
+    #[arg(long, default_value_t = 0.0)]
+    oversubscription_penalty: f64,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.oversubscription_penalty.is_finite() && args.oversubscription_penalty >= 0.0,
+        "--oversubscription-penalty must be a number >= 0"
+    );
     let scenarios: Vec<Scenario> = match (&args.trace, &args.fleet) {
         (Some(t), Some(f)) => vec![Scenario {
             name: t
@@ -80,7 +88,11 @@ fn main() -> anyhow::Result<()> {
         let mut runs = Vec::new();
         for &p in &policies {
             let started = std::time::Instant::now();
-            let r = simulate(&sc.trace, &sc.fleet, &SimConfig::new(p, args.seed))
+            let cfg = SimConfig {
+                oversubscription_penalty: args.oversubscription_penalty,
+                ..SimConfig::new(p, args.seed)
+            };
+            let r = simulate(&sc.trace, &sc.fleet, &cfg)
                 .with_context(|| format!("simulating {} under {}", sc.name, p.label()))?;
             eprintln!(
                 "{}: {:<13} {} builds, {} acquires, {:.1} s wall",
