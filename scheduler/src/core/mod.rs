@@ -145,6 +145,11 @@ struct Host {
     leases_by_client: HashMap<ClientId, u32>,
     /// Clients that reported the host unreachable, and until when that holds.
     unreachable_until: HashMap<ClientId, Time>,
+    /// Whether an admission gate is closed, decided when the report arrives (it depends only
+    /// on the report and the configuration), so requests do not recompute it per host.
+    gate_closed: bool,
+    /// The host's systems as bits of [`SystemBits`]: a cheap first test on the hot path.
+    system_mask: u64,
 }
 
 impl Host {
@@ -193,6 +198,9 @@ impl Host {
     /// Whether a request with these features may run here: required ⊆ supported ∪
     /// mandatory, and mandatory ⊆ required. Allocation-free, for the hot path.
     fn features_fit(&self, required: &BTreeSet<Feature>) -> bool {
+        if required.is_empty() {
+            return self.spec.mandatory_features.is_empty();
+        }
         required.iter().all(|f| {
             self.spec.supported_features.contains(f) || self.spec.mandatory_features.contains(f)
         }) && self
@@ -395,6 +403,48 @@ pub struct Explanation {
     pub outcome: &'static str,
 }
 
+/// Gives each system seen in a registration a bit, so that "does this host build that
+/// system" is one AND on the hot path instead of a set lookup with string comparisons.
+/// Bits are never reused. Past 64 systems (far more than Nix knows) new ones get no bit:
+/// their masks are all ones and the exact comparison decides.
+#[derive(Debug, Default)]
+struct SystemBits {
+    bits: HashMap<System, u32>,
+}
+
+impl SystemBits {
+    /// The mask of a host's systems, assigning bits to new ones.
+    fn mask<'a>(&mut self, systems: impl IntoIterator<Item = &'a System>) -> u64 {
+        let mut mask = 0;
+        for s in systems {
+            let next = self.bits.len() as u32;
+            let bit = match self.bits.get(s) {
+                Some(b) => *b,
+                None if next < 64 => {
+                    self.bits.insert(s.clone(), next);
+                    next
+                }
+                None => return u64::MAX,
+            };
+            mask |= 1 << bit;
+        }
+        mask
+    }
+
+    /// The mask a request's system must meet: every host for `builtin`, none for a system
+    /// no host registered (unless the bits ran out: then every host, checked exactly).
+    fn request_mask(&self, system: &System) -> u64 {
+        if system.is_builtin() {
+            return u64::MAX;
+        }
+        match self.bits.get(system) {
+            Some(b) => 1 << b,
+            None if self.bits.len() < 64 => 0,
+            None => u64::MAX,
+        }
+    }
+}
+
 /// The scheduling state machine. See the module documentation.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -408,6 +458,7 @@ pub struct Scheduler {
     ended: HashMap<LeaseId, LeaseEnd>,
     ended_order: VecDeque<LeaseId>,
     waiters: Waiters,
+    system_bits: SystemBits,
     policy: Box<dyn Policy>,
     rng: SplitMix64,
     /// Makes lease ids unique across restarts, so a hook holding a lease from before a
@@ -430,6 +481,7 @@ impl Scheduler {
             ended: HashMap::new(),
             ended_order: VecDeque::new(),
             waiters: Waiters::default(),
+            system_bits: SystemBits::default(),
             policy,
             rng,
             boot_nonce,
@@ -455,8 +507,10 @@ impl Scheduler {
         self.next_generation += 1;
         let generation = Generation(self.next_generation);
         let id = spec.id.clone();
+        let system_mask = self.system_bits.mask(&spec.systems);
         match self.hosts.get_mut(&id) {
             Some(host) => {
+                host.system_mask = system_mask;
                 host.spec = spec;
                 host.last_seen = now;
                 host.link = Link::Connected(generation);
@@ -474,6 +528,8 @@ impl Scheduler {
                         leases_at_report: 0,
                         leases_by_client: HashMap::new(),
                         unreachable_until: HashMap::new(),
+                        gate_closed: false,
+                        system_mask,
                     },
                 );
             }
@@ -501,8 +557,10 @@ impl Scheduler {
         generation: Generation,
         report: HostReport,
     ) -> Result<(), Error> {
+        let admission = self.config.admission.clone();
         let host = self.connected_host(id, generation)?;
         host.report = report;
+        host.gate_closed = host.gate(&admission).is_some();
         host.leases_at_report = host.leases;
         host.last_seen = now;
         Ok(())
@@ -543,12 +601,16 @@ impl Scheduler {
         &self,
         now: Time,
         host: &Host,
-        system: &System,
+        (system, mask): (&System, u64),
         features: &BTreeSet<Feature>,
         client: Option<&ClientId>,
         exclude: &BTreeSet<HostId>,
     ) -> Result<Candidate, Unfit> {
-        if !host.builds(system) {
+        // The mask test is exact while fewer than 64 systems are known; past that, masks
+        // are all ones and the string comparison decides.
+        if host.system_mask & mask == 0
+            || ((mask == u64::MAX || host.system_mask == u64::MAX) && !host.builds(system))
+        {
             return Err(Unfit::System);
         }
         if !host.features_fit(features) {
@@ -581,7 +643,7 @@ impl Scheduler {
         {
             return Err(Unfit::Unreachable);
         }
-        if host.gate(&self.config.admission).is_some() {
+        if host.gate_closed {
             return Err(Unfit::Gate);
         }
         Ok(())
@@ -682,11 +744,12 @@ impl Scheduler {
         // nothing fits: under saturation most requests end here, so no string is built
         // per host.
         let mut example: Option<(&Host, Unfit)> = None;
+        let mask = self.system_bits.request_mask(&req.system);
         for host in self.hosts.values() {
             match self.assess(
                 now,
                 host,
-                &req.system,
+                (&req.system, mask),
                 &req.required_features,
                 Some(&req.client),
                 &req.exclude_hosts,
@@ -945,10 +1008,11 @@ impl Scheduler {
     /// copy of the generator).
     pub fn explain(&self, now: Time, system: &System, features: &BTreeSet<Feature>) -> Explanation {
         let none = Default::default();
+        let mask = self.system_bits.request_mask(system);
         let mut verdicts = Vec::with_capacity(self.hosts.len());
         let mut candidates = Vec::new();
         for h in self.hosts.values() {
-            let result = match self.assess(now, h, system, features, None, &none) {
+            let result = match self.assess(now, h, (system, mask), features, None, &none) {
                 Ok(c) => {
                     candidates.push((h.spec.id.clone(), c));
                     Ok(c.score())

@@ -168,6 +168,38 @@ fn systems_of_one_host_share_slots() {
     ));
 }
 
+/// Placement stays exact past 64 distinct systems, where the system bitmask runs out and
+/// the string comparison takes over.
+#[test]
+fn more_systems_than_mask_bits() {
+    let mut s = sched();
+    for i in 0..70 {
+        s.connect(t(0), spec(&format!("h{i}"), &[&format!("sys{i}-linux")], 1));
+    }
+    s.connect(t(0), spec("multi", &["sys3-linux", "sys68-linux"], 1));
+    for i in [0, 63, 64, 69] {
+        let g = granted(s.acquire(t(1), &req(&format!("sys{i}-linux"), "c", &format!("d{i}"))));
+        assert_eq!(g.host.id.to_string(), format!("h{i}"));
+    }
+    // Two hosts build sys68: its own and the multi-system one (the tie is broken at random).
+    let mut got: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|d| {
+            granted(s.acquire(t(1), &req("sys68-linux", "c", d)))
+                .host
+                .id
+                .to_string()
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, ["h68", "multi"]);
+    assert!(matches!(
+        s.acquire(t(1), &req("sys99-linux", "c", "x")),
+        Decision::DeclinePermanently { .. }
+    ));
+    granted(s.acquire(t(1), &req("builtin", "c", "fetch")));
+}
+
 /// Features: required ⊆ supported ∪ mandatory, and mandatory ⊆ required.
 #[test]
 fn feature_rules() {
