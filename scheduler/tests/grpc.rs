@@ -658,6 +658,42 @@ async fn misbehaving_agents_are_refused_without_disturbing_others() {
     server.shutdown().await;
 }
 
+/// An agent that sends reports but never reads the answers does not stall its own session
+/// (the scheduler never waits on it): its latest report is still taken into account.
+#[tokio::test]
+async fn agent_that_never_reads_answers_is_still_heard() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    // Its own connection with tiny HTTP/2 windows, so that unread answers push back on the
+    // scheduler after a few dozen messages instead of after megabytes.
+    let deaf = Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .initial_connection_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let agent = Agent::register(deaf, register("deaf", &["x86_64-linux"], 8)).await;
+    // Far more answers than the outbox and the flow-control windows hold.
+    for _ in 0..2_000 {
+        agent.send(Message::Report(Report::default())).await;
+    }
+    agent
+        .send(Message::Report(Report {
+            running_builds: Some(7),
+            ..Default::default()
+        }))
+        .await;
+    let admin = AdminServiceClient::new(ch);
+    eventually("the last report to be applied", || {
+        let mut admin = admin.clone();
+        async move { host(&mut admin, "deaf").await.running_builds == Some(7) }
+    })
+    .await;
+    drop(agent);
+    server.shutdown().await;
+}
+
 /// Every Acquire field is validated at the boundary with InvalidArgument naming the field.
 #[tokio::test]
 async fn bad_lease_requests_name_the_field() {

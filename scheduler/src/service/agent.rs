@@ -54,7 +54,10 @@ impl agent_service_server::AgentService for AgentService {
             async move {
                 if let Err(e) = run_session(&shared, inbound, &tx).await {
                     warn!(error = %e, "agent stream closed with an error");
-                    let _ = tx.send(Err(e.into())).await;
+                    // Bounded: an agent that does not read gets its stream closed without
+                    // the status rather than pinning this task.
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), tx.send(Err(e.into()))).await;
                 }
             }
             .instrument(span),
@@ -113,7 +116,7 @@ async fn run_session(
     }
     info!(systems, slots, "agent registered");
     metrics::agent_streams(1.0);
-    let _ = tx.send(Ok(shared.directive(&id))).await;
+    let _ = tx.try_send(Ok(shared.directive(&id)));
 
     let shutdown = super::shutting_down(shared.shutdown.clone());
     tokio::pin!(shutdown);
@@ -141,7 +144,12 @@ async fn run_session(
                             break Err(e);
                         }
                         metrics::agent_report();
-                        if tx.send(Ok(shared.directive(&id))).await.is_err() {
+                        // Never wait for an agent that does not read: each answer carries the
+                        // whole current state, so dropping one when the outbox is full loses
+                        // nothing the next one does not repeat.
+                        if let Err(mpsc::error::TrySendError::Closed(_)) =
+                            tx.try_send(Ok(shared.directive(&id)))
+                        {
                             break Ok(());
                         }
                     }
@@ -162,7 +170,7 @@ async fn run_session(
                 break Err(Error::Superseded { host_id: id.to_string() });
             }
             () = &mut shutdown => {
-                let _ = tx.send(Err(Status::unavailable("the scheduler is shutting down"))).await;
+                let _ = tx.try_send(Err(Status::unavailable("the scheduler is shutting down")));
                 break Ok(());
             }
         }
