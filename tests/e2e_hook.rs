@@ -127,6 +127,21 @@ fn unreachable_and_wrongly_pinned_builders_are_skipped() {
     assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
 }
 
+/// Asserts that `run` built the two leaves and the top, all on `host` (`local`: the client),
+/// and told the user `message`.
+fn assert_two_leaves_and_top_built_on(env: &Env, run: &common::NixRun, host: &str, message: &str) {
+    eprintln!("nix-build stderr:\n{}", run.stderr);
+    assert!(run.success, "{}", env.diagnostics(run));
+    let places = placements(run.out_path());
+    assert_eq!(places.len(), 3, "{places:?}");
+    assert!(
+        places.iter().all(|(_, h)| h == host),
+        "{places:?}\n{}",
+        env.diagnostics(run)
+    );
+    assert!(run.stderr.contains(message), "{}", env.diagnostics(run));
+}
+
 /// With the scheduler down, the configured static fallback machines are used.
 #[test]
 fn scheduler_down_uses_fallback_builders() {
@@ -144,20 +159,7 @@ fn scheduler_down_uses_fallback_builders() {
         0,
         &["--argstr", "tag", &tag, "--arg", "leaves", "2"],
     );
-    eprintln!("nix-build stderr:\n{}", run.stderr);
-    assert!(run.success, "{}", env.diagnostics(&run));
-    let places = placements(run.out_path());
-    assert_eq!(places.len(), 3, "{places:?}");
-    assert!(
-        places.iter().all(|(_, h)| h == "b2"),
-        "{places:?}\n{}",
-        env.diagnostics(&run)
-    );
-    assert!(
-        run.stderr.contains("using the fallback builders"),
-        "{}",
-        env.diagnostics(&run)
-    );
+    assert_two_leaves_and_top_built_on(&env, &run, "b2", "using the fallback builders");
 }
 
 /// With the scheduler down and no fallback, the hook declines and Nix builds locally.
@@ -175,20 +177,7 @@ fn scheduler_down_without_fallback_builds_locally() {
         2,
         &["--argstr", "tag", &tag, "--arg", "leaves", "2"],
     );
-    eprintln!("nix-build stderr:\n{}", run.stderr);
-    assert!(run.success, "{}", env.diagnostics(&run));
-    let places = placements(run.out_path());
-    assert_eq!(places.len(), 3, "{places:?}");
-    assert!(
-        places.iter().all(|(_, h)| h == "local"),
-        "{places:?}\n{}",
-        env.diagnostics(&run)
-    );
-    assert!(
-        run.stderr.contains("scheduler unreachable"),
-        "{}",
-        env.diagnostics(&run)
-    );
+    assert_two_leaves_and_top_built_on(&env, &run, "local", "scheduler unreachable");
 }
 
 /// A build that fails on the builder fails in Nix with the builder's log, and its lease is
