@@ -81,7 +81,7 @@ pub async fn run(
         what: "reading the listener's address".into(),
         source,
     })?;
-    info!(%local, policy = shared_policy(&shared), "scheduler listening");
+    info!(%local, policy = shared.policy_name(), "scheduler listening");
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
@@ -141,8 +141,4 @@ pub async fn run(
     ticker.abort();
     info!("scheduler stopped");
     result
-}
-
-fn shared_policy(shared: &Shared) -> &'static str {
-    shared.policy_name()
 }

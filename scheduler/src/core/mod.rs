@@ -538,7 +538,17 @@ impl Scheduler {
     }
 
     fn connected_host(&mut self, id: &HostId, generation: Generation) -> Result<&mut Host, Error> {
-        let host = self.hosts.get_mut(id).ok_or_else(|| Error::UnknownHost {
+        Self::connected_in(&mut self.hosts, id, generation)
+    }
+
+    /// [`Self::connected_host`] over the host table alone, so that callers can borrow the
+    /// configuration at the same time.
+    fn connected_in<'h>(
+        hosts: &'h mut BTreeMap<HostId, Host>,
+        id: &HostId,
+        generation: Generation,
+    ) -> Result<&'h mut Host, Error> {
+        let host = hosts.get_mut(id).ok_or_else(|| Error::UnknownHost {
             host_id: id.to_string(),
         })?;
         if host.link != Link::Connected(generation) {
@@ -557,10 +567,9 @@ impl Scheduler {
         generation: Generation,
         report: HostReport,
     ) -> Result<(), Error> {
-        let admission = self.config.admission.clone();
-        let host = self.connected_host(id, generation)?;
+        let host = Self::connected_in(&mut self.hosts, id, generation)?;
         host.report = report;
-        host.gate_closed = host.gate(&admission).is_some();
+        host.gate_closed = host.gate(&self.config.admission).is_some();
         host.leases_at_report = host.leases;
         host.last_seen = now;
         Ok(())
@@ -930,25 +939,25 @@ impl Scheduler {
 
     /// Every known host, by id.
     pub fn hosts(&self, now: Time) -> Vec<HostView> {
-        self.hosts
-            .values()
-            .map(|h| HostView {
-                spec: h.spec.clone(),
-                report: h.report.clone(),
-                state: h.state(now, &self.config),
-                draining: h.draining,
-                leases: h.leases,
-                slots_used: h.used(),
-                since_last_report: now.since(h.last_seen),
-                unavailable_reason: self.unavailable(now, h),
-            })
-            .collect()
+        self.hosts.values().map(|h| self.view(now, h)).collect()
     }
 
     /// One host.
     pub fn host(&self, now: Time, id: &HostId) -> Option<HostView> {
-        // Small fleets: a filtered full view is simpler than a second code path.
-        self.hosts(now).into_iter().find(|h| &h.spec.id == id)
+        self.hosts.get(id).map(|h| self.view(now, h))
+    }
+
+    fn view(&self, now: Time, h: &Host) -> HostView {
+        HostView {
+            spec: h.spec.clone(),
+            report: h.report.clone(),
+            state: h.state(now, &self.config),
+            draining: h.draining,
+            leases: h.leases,
+            slots_used: h.used(),
+            since_last_report: now.since(h.last_seen),
+            unavailable_reason: self.unavailable(now, h),
+        }
     }
 
     /// Live leases, oldest first.

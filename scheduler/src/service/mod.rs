@@ -120,11 +120,14 @@ impl Shared {
     /// Expires leases that were not kept alive; called periodically by the server.
     pub fn tick(&self) {
         let now = self.now();
-        let expired = self.core().expire(now);
+        let (expired, active) = {
+            let mut core = self.core();
+            (core.expire(now), core.lease_count())
+        };
         if expired > 0 {
             metrics::lease_expired(expired);
         }
-        metrics::leases_active(self.core().lease_count());
+        metrics::leases_active(active);
     }
 
     /// The message that tells host `id`'s agent its deadline and drain state.
