@@ -1,5 +1,7 @@
 //! The scheduler's one error type, and its single mapping to `tonic::Status`.
 
+use crate::core::Error as CoreError;
+
 /// Everything that can go wrong in the scheduler.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -11,25 +13,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// No lease with this id is known (never granted, expired and forgotten, or granted
-    /// before a scheduler restart).
-    #[error("unknown lease `{lease_id}`")]
-    UnknownLease {
-        /// The lease id asked for.
-        lease_id: String,
-    },
-    /// No host with this id has registered since the scheduler started.
-    #[error("unknown host `{host_id}`")]
-    UnknownHost {
-        /// The host id asked for.
-        host_id: String,
-    },
-    /// A newer agent stream took over this host; the older one must stop.
-    #[error("the agent stream of host `{host_id}` was replaced by a newer connection")]
-    Superseded {
-        /// The host.
-        host_id: String,
-    },
+    /// The scheduling core refused the operation (unknown lease or host, superseded stream).
+    #[error(transparent)]
+    Core(#[from] crate::core::Error),
     /// An agent stream broke the protocol's order (e.g. a report before the registration).
     #[error("agent protocol violation: {0}")]
     Protocol(String),
@@ -84,8 +70,12 @@ impl From<Error> for tonic::Status {
             Error::InvalidArgument { .. } | Error::Protocol(_) => {
                 tonic::Status::invalid_argument(msg)
             }
-            Error::UnknownLease { .. } | Error::UnknownHost { .. } => tonic::Status::not_found(msg),
-            Error::Superseded { .. } => tonic::Status::aborted(msg),
+            Error::Core(core) => match core {
+                CoreError::UnknownLease { .. } | CoreError::UnknownHost { .. } => {
+                    tonic::Status::not_found(msg)
+                }
+                CoreError::Superseded { .. } => tonic::Status::aborted(msg),
+            },
             Error::Config { .. } | Error::ConfigParse { .. } => {
                 tonic::Status::failed_precondition(msg)
             }

@@ -1,7 +1,9 @@
 //! Placement policies: given the hosts that may take a build now, pick one.
 //!
 //! The scheduler runs [`LeastLoaded`]; the others exist so that the benchmarks compare the
-//! alternatives on the same core (see `../shared/ANCHORS.md` for where they come from).
+//! alternatives on the same core: stock Nix's `build-remote` (each client counts only its own
+//! builds), Hydra's queue runner (first fit over a static ranking), and the textbook
+//! baselines (random, round robin, power of two choices). `docs/BENCHMARKS.md` compares them.
 //! A policy sees only [`Candidate`]s, which the core has already filtered for eligibility
 //! (system, features, liveness, drain, admission gates and free slots).
 

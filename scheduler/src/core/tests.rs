@@ -293,7 +293,7 @@ fn release_is_idempotent_and_unknown_is_not_found() {
     );
     assert!(matches!(
         s.release(t(3), &LeaseId::new("nope"), BuildOutcome::Succeeded),
-        Err(crate::Error::UnknownLease { .. })
+        Err(Error::UnknownLease { .. })
     ));
     granted(s.acquire(t(4), &req("x86_64-linux", "c", "b")));
 }
@@ -377,7 +377,7 @@ fn reconnect_within_grace_keeps_state() {
     // The old stream can no longer change anything.
     assert!(matches!(
         s.report(t(10_002), &id, g1, HostReport::default()),
-        Err(crate::Error::Superseded { .. })
+        Err(Error::Superseded { .. })
     ));
     s.disconnect(t(10_003), &id, g1);
     assert_eq!(s.host(t(10_004), &id).unwrap().state, HostState::Ready);

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use super::{Shared, convert, metrics};
+use crate::Error;
 use crate::core::HostId;
 
 /// Lets operators inspect and steer the scheduler.
@@ -29,7 +30,7 @@ impl AdminService {
         let now = self.shared.now();
         let view = {
             let mut core = self.shared.core();
-            core.set_draining(&id, draining)?;
+            core.set_draining(&id, draining).map_err(Error::from)?;
             core.host(now, &id)
         };
         info!(host = %id, draining, "drain state changed by an operator");

@@ -141,7 +141,7 @@ async fn run_session(
                             Err(e) => break Err(e),
                         };
                         if let Err(e) = shared.core().report(shared.now(), &id, generation, report) {
-                            break Err(e);
+                            break Err(e.into());
                         }
                         metrics::agent_report();
                         // Never wait for an agent that does not read: each answer carries the
@@ -167,7 +167,7 @@ async fn run_session(
             }
             () = superseded.notified() => {
                 info!("agent stream replaced by a newer connection");
-                break Err(Error::Superseded { host_id: id.to_string() });
+                break Err(crate::core::Error::Superseded { host_id: id.to_string() }.into());
             }
             () = &mut shutdown => {
                 let _ = tx.try_send(Err(Status::unavailable("the scheduler is shutting down")));

@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, instrument};
 
 use super::{Shared, convert, metrics};
+use crate::Error;
 use crate::core::{Decision, LeaseRequest};
 
 /// Serves leases to build hooks.
@@ -74,7 +75,11 @@ impl lease_service_server::LeaseService for LeaseService {
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
         let id = convert::keep_alive(request.get_ref()).map_err(rejected)?;
         let now = self.shared.now();
-        let ttl = self.shared.core().keep_alive(now, &id)?;
+        let ttl = self
+            .shared
+            .core()
+            .keep_alive(now, &id)
+            .map_err(Error::from)?;
         Ok(Response::new(proto::KeepAliveResponse {
             lease_ttl_millis: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
         }))
@@ -90,7 +95,11 @@ impl lease_service_server::LeaseService for LeaseService {
         span.record("lease", id.as_str());
         span.record("outcome", outcome.as_str());
         let now = self.shared.now();
-        let already_released = self.shared.core().release(now, &id, outcome)?;
+        let already_released = self
+            .shared
+            .core()
+            .release(now, &id, outcome)
+            .map_err(Error::from)?;
         if !already_released {
             metrics::release(outcome.as_str());
             debug!(

@@ -1,0 +1,26 @@
+//! The core's one error type. The server wraps it (`crate::Error::Core`) and maps it to a
+//! `tonic::Status` in `crate::error`, the one place where codes are chosen.
+
+/// What a core operation can refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// No lease with this id is known (never granted, expired and forgotten, or granted
+    /// before a scheduler restart).
+    #[error("unknown lease `{lease_id}`")]
+    UnknownLease {
+        /// The lease id asked for.
+        lease_id: String,
+    },
+    /// No host with this id has registered since the scheduler started.
+    #[error("unknown host `{host_id}`")]
+    UnknownHost {
+        /// The host id asked for.
+        host_id: String,
+    },
+    /// A newer agent stream took over this host; the older one must stop.
+    #[error("the agent stream of host `{host_id}` was replaced by a newer connection")]
+    Superseded {
+        /// The host.
+        host_id: String,
+    },
+}

@@ -1,0 +1,165 @@
+//! Placement, in named stages: **find candidates** (every host that is eligible for the
+//! request now, see `super::eligibility`), **admit** (the request's own limits; this is
+//! where per-member quotas and reservations plug in), **choose** (the placement
+//! [`Policy`](super::Policy) picks one). When no host is left, the request is postponed,
+//! declined or declined permanently.
+
+use std::fmt::Write as _;
+
+use super::eligibility::{self, Ask, Unfit};
+use super::policy::Candidate;
+use super::registry::{Host, Registry};
+use super::{
+    CoreConfig, Decision, Feature, Grant, HostId, HostState, LeaseRequest, Scheduler, Time,
+};
+
+/// The hosts that could take a request now.
+struct Found<'r> {
+    ids: Vec<&'r HostId>,
+    candidates: Vec<Candidate>,
+    /// One example of why a host that builds the system said no, rendered only if nothing
+    /// fits: under saturation most requests end here, so no string is built per host.
+    example: Option<(&'r Host, Unfit)>,
+}
+
+/// Stage one: every host eligible for `req` now.
+fn find_candidates<'r>(
+    now: Time,
+    cfg: &CoreConfig,
+    global: bool,
+    registry: &'r Registry,
+    req: &LeaseRequest,
+) -> Found<'r> {
+    let ask = Ask {
+        system: &req.system,
+        mask: registry.system_bits().request_mask(&req.system),
+        features: &req.required_features,
+        client: Some(&req.client),
+        exclude: &req.exclude_hosts,
+    };
+    let mut found = Found {
+        ids: Vec::new(),
+        candidates: Vec::new(),
+        example: None,
+    };
+    for host in registry.iter() {
+        match eligibility::assess(now, cfg, global, host, &ask) {
+            Ok(c) => {
+                found.ids.push(&host.spec.id);
+                found.candidates.push(c);
+            }
+            Err(Unfit::System) => {}
+            Err(unfit) => found.example = Some((host, unfit)),
+        }
+    }
+    found
+}
+
+/// Stage two: the request's own limits on the candidates. Nothing limits a request yet;
+/// per-member quotas and reservations go here.
+fn admit<'r>(_req: &LeaseRequest, found: Found<'r>) -> Found<'r> {
+    found
+}
+
+impl Scheduler {
+    /// Decides a request. See [`Decision`].
+    pub fn acquire(&mut self, now: Time, req: &LeaseRequest) -> Decision {
+        self.expire(now);
+        let global = self.policy.sees_global_load();
+        let found = admit(
+            req,
+            find_candidates(now, &self.config, global, &self.registry, req),
+        );
+        if found.candidates.is_empty() {
+            let reason = found.example.map(|(host, unfit)| {
+                format!(
+                    "{}: {}",
+                    host.spec.id,
+                    eligibility::describe(
+                        now,
+                        &self.config,
+                        host,
+                        unfit,
+                        &req.system,
+                        &req.required_features
+                    )
+                )
+            });
+            return self.no_host(now, req, reason);
+        }
+        // Stage three: the policy chooses.
+        let i = self.policy.choose(&found.candidates, &mut self.rng);
+        let id = found.ids[i].clone();
+        self.waiters.remove(&req.client, &req.drv_path);
+        Decision::Granted(self.grant(now, &id, req))
+    }
+
+    /// The answer when no host can take `req` now.
+    fn no_host(&mut self, now: Time, req: &LeaseRequest, example: Option<String>) -> Decision {
+        if !self.could_ever_build(now, &req.system, &req.required_features) {
+            self.waiters.remove(&req.client, &req.drv_path);
+            let mut reason = format!("no live builder builds {}", req.system);
+            if !req.required_features.is_empty() {
+                let fs: Vec<&str> = req.required_features.iter().map(Feature::as_str).collect();
+                let _ = write!(reason, " with features {}", fs.join(","));
+            }
+            return Decision::DeclinePermanently { reason };
+        }
+        let reason = match example {
+            Some(why) => format!("no builder free for {} (e.g. {why})", req.system),
+            None => format!("no builder free for {}", req.system),
+        };
+        if req.can_build_locally {
+            self.waiters.remove(&req.client, &req.drv_path);
+            return Decision::Decline { reason };
+        }
+        self.waiters.expire(now, self.config.waiter_ttl);
+        let position = self
+            .waiters
+            .touch(now, &req.client, &req.drv_path, &req.system);
+        Decision::Postpone {
+            retry_after: self.config.postpone_retry,
+            position,
+            reason,
+        }
+    }
+
+    /// Whether some host that is not gone (drained ones included) could ever build this.
+    pub(super) fn could_ever_build(
+        &self,
+        now: Time,
+        system: &super::System,
+        features: &std::collections::BTreeSet<Feature>,
+    ) -> bool {
+        self.registry.iter().any(|h| {
+            h.state(now, &self.config) != HostState::Gone
+                && h.builds(system)
+                && h.features_fit(features)
+        })
+    }
+
+    /// Leases host `host_id` to `req`.
+    fn grant(&mut self, now: Time, host_id: &HostId, req: &LeaseRequest) -> Grant {
+        let ttl = self.config.lease_ttl;
+        let lease_id = self.ledger.grant(
+            now,
+            ttl,
+            host_id.clone(),
+            req.client.clone(),
+            req.system.clone(),
+            req.drv_path.clone(),
+        );
+        let host = self
+            .registry
+            .get_mut(host_id)
+            .expect("candidate hosts exist");
+        host.count_lease(&req.client);
+        Grant {
+            lease_id,
+            host: host.spec.clone(),
+            ttl,
+            slots_used: host.used(),
+            slots_total: host.spec.max_jobs,
+        }
+    }
+}
