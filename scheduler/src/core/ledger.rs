@@ -89,6 +89,34 @@ impl Ledger {
         id
     }
 
+    /// Records a lease granted before a restart under its old `id`, expiring `ttl` from
+    /// `now`. The caller checked that `id` is neither live nor ended in this run.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn reattach(
+        &mut self,
+        now: Time,
+        ttl: Duration,
+        id: LeaseId,
+        host: HostId,
+        client: ClientId,
+        system: System,
+        drv_path: String,
+    ) {
+        let expires_at = now.after(ttl);
+        self.expiries.push(Reverse((expires_at, id.clone())));
+        self.leases.insert(
+            id,
+            Lease {
+                host,
+                client,
+                system,
+                drv_path,
+                granted_at: now,
+                expires_at,
+            },
+        );
+    }
+
     /// Lease `id`, if live.
     pub(super) fn get(&self, id: &LeaseId) -> Option<&Lease> {
         self.leases.get(id)

@@ -11,8 +11,12 @@
 //!   gates, slots), and why not;
 //! - `ledger`: live leases, their expiry, recently ended ones;
 //! - [`OperatorState`] (`operator`): what operators decided (drains), keyed by host id;
-//! - `waiters`: the requests that were postponed;
-//! - `placement`: find candidates → admit → choose, with the [`Policy`] in `policy`;
+//! - `waiters`: the requests waiting for a slot, on a stream or polling, per class and
+//!   member; `dispatch`: who gets a freed slot, at once, in fair order;
+//! - `accounts`: running counts, quotas and usage per member and system, and the fair key;
+//!   `durations`: expected build durations learned per derivation name;
+//! - `placement`: find candidates → admit (quotas, pin) → choose, with the [`Policy`] in
+//!   `policy`;
 //! - `views`: the read models operators see.
 //!
 //! Accounting rules:
@@ -25,12 +29,16 @@
 //!   its leases (the builds run over SSH regardless); a lease ends when it is released or
 //!   when its hook stops keeping it alive.
 
+mod accounts;
+mod dispatch;
+mod durations;
 mod eligibility;
 mod error;
 mod ledger;
 mod operator;
 mod placement;
 mod policy;
+mod ranked;
 mod registry;
 mod rng;
 mod types;
@@ -40,6 +48,9 @@ mod waiters;
 use std::fmt;
 use std::time::Duration;
 
+pub use accounts::{MemberQuota, MemberView, Quotas, Usage};
+pub use dispatch::{WaitAnswer, WaitStatus};
+pub use durations::DurationStat;
 pub use eligibility::Admission;
 pub use error::Error;
 pub use ledger::LeaseEnd;
@@ -50,7 +61,10 @@ pub use policy::{
 pub use rng::SplitMix64;
 pub use types::*;
 pub use views::{CapacityView, Explanation, HostView, LeaseView, Verdict};
+pub use waiters::{Handout, WaiterId};
 
+use accounts::Accounts;
+use durations::Durations;
 use ledger::Ledger;
 use registry::Registry;
 use waiters::Waiters;
@@ -76,6 +90,11 @@ pub struct CoreConfig {
     pub postpone_retry: Duration,
     /// A postponed request not repeated for this long leaves the wait queue.
     pub waiter_ttl: Duration,
+    /// A grant made to a waiter must be claimed (kept alive, or polled for) within this
+    /// long, or it expires and its slot goes to the next waiter.
+    pub claim_ttl: Duration,
+    /// Quotas at start; operators change them at run time.
+    pub quotas: Quotas,
     /// Admission gates.
     pub admission: Admission,
     /// How many released or expired lease ids are remembered, so that a repeated `Release`
@@ -99,6 +118,8 @@ impl Default for CoreConfig {
             lease_ttl: Duration::from_secs(60),
             postpone_retry: Duration::from_secs(5),
             waiter_ttl: Duration::from_secs(30),
+            claim_ttl: Duration::from_secs(10),
+            quotas: Quotas::default(),
             admission: Admission::default(),
             remembered_leases: 65_536,
             unreachable_cooldown: Duration::from_secs(60),
@@ -114,8 +135,25 @@ pub struct Scheduler {
     ledger: Ledger,
     operator: OperatorState,
     waiters: Waiters,
+    accounts: Accounts,
+    durations: Durations,
     policy: Box<dyn Policy>,
     rng: SplitMix64,
+    /// Picks that differ from the brute-force oracle (tests only).
+    #[cfg(test)]
+    audit: Vec<String>,
+}
+
+/// The queue state worth keeping across restarts: quotas as operators left them, learned
+/// durations, usage records. Plain data for the service to persist.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueSnapshot {
+    /// Quotas in force.
+    pub quotas: Quotas,
+    /// Learned durations by derivation name, sorted by name.
+    pub durations: Vec<(String, DurationStat)>,
+    /// Usage records by member, sorted by member.
+    pub usage: Vec<(ClientId, Usage)>,
 }
 
 impl Scheduler {
@@ -125,12 +163,16 @@ impl Scheduler {
         let boot_nonce = rng.next_u64();
         Self {
             ledger: Ledger::new(boot_nonce, config.remembered_leases),
+            accounts: Accounts::new(config.quotas.clone()),
             config,
             registry: Registry::default(),
             operator: OperatorState::default(),
             waiters: Waiters::default(),
+            durations: Durations::default(),
             policy,
             rng,
+            #[cfg(test)]
+            audit: Vec::new(),
         }
     }
 
@@ -149,7 +191,11 @@ impl Scheduler {
     /// host is superseded (its later calls fail with `Error::Superseded`).
     pub fn connect(&mut self, now: Time, spec: HostSpec) -> Generation {
         let draining = self.operator.is_draining(&spec.id);
-        self.registry.connect(now, spec, draining)
+        let id = spec.id.clone();
+        let generation = self.registry.connect(now, spec, draining);
+        self.waiters.hosts_changed();
+        self.dispatch_host(now, &id);
+        generation
     }
 
     /// Records a report from the stream `generation` of host `id`.
@@ -165,6 +211,7 @@ impl Scheduler {
         host.gate_closed = host.gate(&self.config.admission).is_some();
         host.leases_at_report = host.leases;
         host.last_seen = now;
+        self.dispatch_host(now, id);
         Ok(())
     }
 
@@ -231,7 +278,7 @@ impl Scheduler {
                     host.note_unreachable(now, client, until);
                 }
             }
-            self.end_lease(id, LeaseEnd::Released(outcome));
+            self.end_lease(now, id, LeaseEnd::Released(outcome));
             return Ok(false);
         }
         if self.ledger.ended(id).is_some() {
@@ -243,26 +290,134 @@ impl Scheduler {
     }
 
     /// Ends a live lease in the ledger and frees its slot.
-    fn end_lease(&mut self, id: &LeaseId, end: LeaseEnd) {
+    fn end_lease(&mut self, now: Time, id: &LeaseId, end: LeaseEnd) {
         if let Some(lease) = self.ledger.end(id, end) {
-            self.uncount(&lease);
+            self.lease_over(now, &lease, end);
         }
     }
 
-    fn uncount(&mut self, lease: &ledger::Lease) {
+    /// Everything that follows the end of a lease: its host's and member's counts, the
+    /// duration learned from a build that ran, a grant held for it voided, and its slot
+    /// handed to the next waiter.
+    fn lease_over(&mut self, now: Time, lease: &ledger::Lease, end: LeaseEnd) {
         if let Some(host) = self.registry.get_mut(&lease.host) {
             host.uncount_lease(&lease.client);
         }
+        let held = now.since(lease.granted_at);
+        let built = matches!(
+            end,
+            LeaseEnd::Released(BuildOutcome::Succeeded | BuildOutcome::BuildFailed)
+        );
+        // A member or system at its quota frees more than this host's slot: its waiters
+        // may now take free slots anywhere.
+        let capped = self.accounts.admits(&lease.client, &lease.system).is_err();
+        self.accounts
+            .count_end(&lease.client, &lease.system, held, built);
+        if built {
+            self.durations
+                .learn(durations::drv_name(&lease.drv_path), held);
+        }
+        self.waiters
+            .lease_ended(&lease.client, &lease.drv_path, &lease.host);
+        if capped {
+            self.dispatch_free(now);
+        } else {
+            self.dispatch_host(now, &lease.host);
+        }
     }
 
-    /// Expires every lease not kept alive until `now`; returns how many expired.
+    /// Expires every lease not kept alive until `now` (handing their slots to waiters) and
+    /// every poller that stopped asking; returns how many leases expired.
     pub fn expire(&mut self, now: Time) -> usize {
         let mut n = 0;
         while let Some(lease) = self.ledger.pop_expired(now) {
-            self.uncount(&lease);
+            self.lease_over(now, &lease, LeaseEnd::Expired);
             n += 1;
         }
+        self.waiters.expire(now, self.config.waiter_ttl);
         n
+    }
+
+    /// Re-attaches a lease this scheduler does not know, from a holder that keeps it alive
+    /// after a restart (or after its expiry went unnoticed by the holder). The build is
+    /// running, so the lease counts against its host at once even if that fills the host
+    /// beyond its slots: the alternative is granting the same slot twice. Refused (as an
+    /// unknown lease) for an id this run knows to have ended, and for an unknown host
+    /// (`UnknownHost`: its agent has not registered yet; the holder keeps trying). Returns
+    /// the TTL.
+    pub fn reattach(
+        &mut self,
+        now: Time,
+        id: &LeaseId,
+        host: &HostId,
+        client: &ClientId,
+        system: &System,
+        drv_path: &str,
+    ) -> Result<Duration, Error> {
+        self.expire(now);
+        let ttl = self.config.lease_ttl;
+        if self.ledger.get(id).is_some() {
+            self.ledger.keep_alive(now, id, ttl)?;
+            return Ok(ttl);
+        }
+        if self.ledger.ended(id).is_some() {
+            return Err(Error::UnknownLease {
+                lease_id: id.to_string(),
+            });
+        }
+        let h = self
+            .registry
+            .get_mut(host)
+            .ok_or_else(|| Error::UnknownHost {
+                host_id: host.to_string(),
+            })?;
+        h.count_lease(client);
+        self.ledger.reattach(
+            now,
+            ttl,
+            id.clone(),
+            host.clone(),
+            client.clone(),
+            system.clone(),
+            drv_path.to_owned(),
+        );
+        self.accounts
+            .count_grant(now, client, system, Duration::ZERO);
+        Ok(ttl)
+    }
+
+    /// The quotas in force.
+    pub fn quotas(&self) -> &Quotas {
+        self.accounts.quotas()
+    }
+
+    /// Replaces the quotas (an operator's change) and hands out what a raised quota frees.
+    /// Leases beyond a lowered quota run on; no new ones are granted until below it.
+    pub fn set_quotas(&mut self, now: Time, quotas: Quotas) {
+        self.accounts.set_quotas(quotas);
+        self.dispatch(now);
+    }
+
+    /// Every member seen since the start, with its running leases, quota and usage.
+    pub fn members(&self) -> Vec<MemberView> {
+        self.accounts.views()
+    }
+
+    /// The state to persist (see [`QueueSnapshot`]).
+    pub fn queue_snapshot(&self) -> QueueSnapshot {
+        QueueSnapshot {
+            quotas: self.accounts.quotas().clone(),
+            durations: self.durations.snapshot(),
+            usage: self.accounts.usage(),
+        }
+    }
+
+    /// Restores persisted state at start: the quotas replace the configured ones, durations
+    /// and usage add to what this run learned.
+    pub fn restore_queue(&mut self, snapshot: QueueSnapshot) {
+        self.accounts.set_quotas(snapshot.quotas);
+        self.accounts.restore_usage(snapshot.usage);
+        self.durations.restore(snapshot.durations);
     }
 
     /// How a remembered lease ended.

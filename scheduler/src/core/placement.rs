@@ -1,16 +1,23 @@
 //! Placement, in named stages: **find candidates** (every host that is eligible for the
-//! request now, see `super::eligibility`), **admit** (the request's own limits; this is
-//! where per-member quotas and reservations plug in), **choose** (the placement
-//! [`Policy`](super::Policy) picks one). When no host is left, the request is postponed,
-//! declined or declined permanently.
+//! request now, see `super::eligibility`), **admit** (the request's own limits: its
+//! member's and its system's quotas, and the one host it may be pinned to), **choose**
+//! (the last slot rule of `super::dispatch` first, then the placement
+//! [`Policy`](super::Policy) picks one). When no host is left, the request is postponed
+//! (and waits in the queue), declined or declined permanently.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::time::Duration;
 
+use super::accounts::Accounts;
+use super::dispatch::{self, class_of};
 use super::eligibility::{self, Ask, Unfit};
 use super::policy::Candidate;
 use super::registry::{Host, Registry};
+use super::waiters::Via;
 use super::{
-    CoreConfig, Decision, Feature, Grant, HostId, HostState, LeaseRequest, Scheduler, Time,
+    ClientId, CoreConfig, Decision, Feature, Grant, HostId, HostState, LeaseRequest, Scheduler,
+    System, Time,
 };
 
 /// The hosts that could take a request now.
@@ -55,21 +62,82 @@ fn find_candidates<'r>(
     found
 }
 
-/// Stage two: the request's own limits on the candidates. Nothing limits a request yet;
-/// per-member quotas and reservations go here.
-fn admit<'r>(_req: &LeaseRequest, found: Found<'r>) -> Found<'r> {
-    found
+/// Stage two: the request's own limits. Its member and its system must be under their
+/// quotas (else the refusal, for the user), and a pinned request keeps only its host.
+fn admit<'r>(
+    accounts: &Accounts,
+    req: &LeaseRequest,
+    pin: Option<&HostId>,
+    mut found: Found<'r>,
+) -> Result<Found<'r>, String> {
+    accounts
+        .admits(&req.client, &req.system)
+        .map_err(|r| r.describe(&req.client, &req.system))?;
+    if let Some(pin) = pin {
+        keep(&mut found, |id, _| id == pin);
+    }
+    Ok(found)
+}
+
+/// Keeps the candidates for which `f` holds.
+fn keep(found: &mut Found<'_>, mut f: impl FnMut(&HostId, &Candidate) -> bool) {
+    let mut i = 0;
+    while i < found.ids.len() {
+        if f(found.ids[i], &found.candidates[i]) {
+            i += 1;
+        } else {
+            found.ids.swap_remove(i);
+            found.candidates.swap_remove(i);
+        }
+    }
 }
 
 impl Scheduler {
-    /// Decides a request. See [`Decision`].
+    /// Decides a request. See [`Decision`]. A postponed request waits in the same queue as
+    /// the streams of `WaitForLease`; when its turn comes its grant is held until it asks
+    /// again (within the claim TTL).
     pub fn acquire(&mut self, now: Time, req: &LeaseRequest) -> Decision {
         self.expire(now);
+        self.accounts.arrive(&req.client);
+        if let Some(g) = self.claim_held(now, req) {
+            return Decision::Granted(g);
+        }
+        match self.place(now, req, None) {
+            Ok(g) => {
+                self.waiters.remove_request(&req.client, &req.drv_path);
+                Decision::Granted(g)
+            }
+            Err(reason) => self.no_host(now, req, reason),
+        }
+    }
+
+    /// Runs the stages for `req` and grants the chosen host, or says why none (`None`: no
+    /// particular reason to give).
+    pub(super) fn place(
+        &mut self,
+        now: Time,
+        req: &LeaseRequest,
+        pin: Option<&HostId>,
+    ) -> Result<Grant, Option<String>> {
         let global = self.policy.sees_global_load();
-        let found = admit(
-            req,
-            find_candidates(now, &self.config, global, &self.registry, req),
-        );
+        let found = find_candidates(now, &self.config, global, &self.registry, req);
+        let mut found = admit(&self.accounts, req, pin, found).map_err(Some)?;
+        // Stage three: the last slot rule, then the policy chooses.
+        if global && self.waiters.len() > 0 {
+            let class = class_of(req, pin);
+            let waiting = self.waiting_classes();
+            let (registry, waiters) = (&self.registry, &mut self.waiters);
+            keep(&mut found, |id, c| {
+                c.slots - c.used > 1
+                    || !registry.get(id).is_some_and(|h| {
+                        waiting.iter().any(|k| {
+                            *k != class
+                                && dispatch::fits(h, k)
+                                && dispatch::narrower(registry, waiters, k, &class)
+                        })
+                    })
+            });
+        }
         if found.candidates.is_empty() {
             let reason = found.example.map(|(host, unfit)| {
                 format!(
@@ -85,19 +153,31 @@ impl Scheduler {
                     )
                 )
             });
-            return self.no_host(now, req, reason);
+            return Err(reason);
         }
-        // Stage three: the policy chooses.
         let i = self.policy.choose(&found.candidates, &mut self.rng);
         let id = found.ids[i].clone();
-        self.waiters.remove(&req.client, &req.drv_path);
-        Decision::Granted(self.grant(now, &id, req))
+        Ok(self.grant(now, &id, req))
+    }
+
+    /// The classes with a waiter whose member is under quota: the ones the last slot rule
+    /// protects.
+    fn waiting_classes(&self) -> Vec<super::waiters::Class> {
+        self.waiters
+            .classes()
+            .filter(|(_, q)| {
+                q.members
+                    .keys()
+                    .any(|m| self.accounts.admits(m, &q.class.system).is_ok())
+            })
+            .map(|(_, q)| q.class.clone())
+            .collect()
     }
 
     /// The answer when no host can take `req` now.
     fn no_host(&mut self, now: Time, req: &LeaseRequest, example: Option<String>) -> Decision {
         if !self.could_ever_build(now, &req.system, &req.required_features) {
-            self.waiters.remove(&req.client, &req.drv_path);
+            self.waiters.remove_request(&req.client, &req.drv_path);
             let mut reason = format!("no live builder builds {}", req.system);
             if !req.required_features.is_empty() {
                 let fs: Vec<&str> = req.required_features.iter().map(Feature::as_str).collect();
@@ -110,13 +190,11 @@ impl Scheduler {
             None => format!("no builder free for {}", req.system),
         };
         if req.can_build_locally {
-            self.waiters.remove(&req.client, &req.drv_path);
+            self.waiters.remove_request(&req.client, &req.drv_path);
             return Decision::Decline { reason };
         }
-        self.waiters.expire(now, self.config.waiter_ttl);
-        let position = self
-            .waiters
-            .touch(now, &req.client, &req.drv_path, &req.system);
+        let waiter = self.enqueue(now, req, None, Via::Poll);
+        let position = self.position(waiter);
         Decision::Postpone {
             retry_after: self.config.postpone_retry,
             position,
@@ -129,7 +207,7 @@ impl Scheduler {
         &self,
         now: Time,
         system: &super::System,
-        features: &std::collections::BTreeSet<Feature>,
+        features: &BTreeSet<Feature>,
     ) -> bool {
         self.registry.iter().any(|h| {
             h.state(now, &self.config) != HostState::Gone
@@ -141,19 +219,44 @@ impl Scheduler {
     /// Leases host `host_id` to `req`.
     fn grant(&mut self, now: Time, host_id: &HostId, req: &LeaseRequest) -> Grant {
         let ttl = self.config.lease_ttl;
+        self.grant_lease(
+            now,
+            host_id,
+            &req.client,
+            &req.system,
+            &req.drv_path,
+            ttl,
+            Duration::ZERO,
+        )
+    }
+
+    /// Leases host `host_id` to `client` for a build of `system`, expiring `ttl` from now
+    /// unless kept alive; the request waited `waited` for it.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grant_lease(
+        &mut self,
+        now: Time,
+        host_id: &HostId,
+        client: &ClientId,
+        system: &System,
+        drv_path: &str,
+        ttl: Duration,
+        waited: Duration,
+    ) -> Grant {
         let lease_id = self.ledger.grant(
             now,
             ttl,
             host_id.clone(),
-            req.client.clone(),
-            req.system.clone(),
-            req.drv_path.clone(),
+            client.clone(),
+            system.clone(),
+            drv_path.to_owned(),
         );
+        self.accounts.count_grant(now, client, system, waited);
         let host = self
             .registry
             .get_mut(host_id)
             .expect("candidate hosts exist");
-        host.count_lease(&req.client);
+        host.count_lease(client);
         Grant {
             lease_id,
             host: host.spec.clone(),

@@ -136,9 +136,12 @@ fn released_slot_is_free_before_the_next_report() {
         s.acquire(t(3), &req("x86_64-linux", "c", "x")),
         Decision::Postpone { .. }
     ));
+    // The released slot is free at once: it goes straight to the postponed request (held
+    // for it until it asks again), so the host is full again without waiting for a report.
     s.release(t(4), &ours.lease_id, BuildOutcome::Succeeded)
         .unwrap();
-    assert_eq!(s.host(t(5), &id).unwrap().slots_used, 2);
+    assert_eq!(s.host(t(5), &id).unwrap().leases, 1);
+    assert_eq!(s.host(t(5), &id).unwrap().slots_used, 3);
     granted(s.acquire(t(5), &req("x86_64-linux", "c", "x")));
 }
 
@@ -493,11 +496,20 @@ fn unreachable_reports_hold_a_host_back() {
         s.acquire(t(4), &req("x86_64-linux", "carol", "c1")),
         Decision::Postpone { .. }
     ));
-    // After the cooldown the reports age out (the agents kept reporting meanwhile).
+    // After the cooldown the reports age out (the agents kept reporting meanwhile). Carol's
+    // postponed request waits in the queue and takes the slot of Alice's expiring lease;
+    // Dave, asking next, gets the box that is back.
     s.connect(t(60_000), spec("dead", &["x86_64-linux"], 8));
     s.connect(t(60_000), spec("ok", &["x86_64-linux"], 1));
     assert_eq!(
         granted(s.acquire(t(60_003), &req("x86_64-linux", "carol", "c1")))
+            .host
+            .id
+            .as_str(),
+        "ok"
+    );
+    assert_eq!(
+        granted(s.acquire(t(60_003), &req("x86_64-linux", "dave", "d1")))
             .host
             .id
             .as_str(),
@@ -616,7 +628,8 @@ proptest! {
                     let before = s.host(t(now), &specs[h].id).unwrap();
                     gens[h] = s.connect(t(now), specs[h].clone());
                     let after = s.host(t(now), &specs[h].id).unwrap();
-                    prop_assert_eq!(before.leases, after.leases);
+                    // Never fewer; more when the reconnect handed a slot to a waiter.
+                    prop_assert!(after.leases >= before.leases);
                     prop_assert_eq!(before.draining, after.draining);
                 }
                 Op::Advance(ms) => now += ms,
@@ -651,5 +664,666 @@ proptest! {
             }
         }
         prop_assert_eq!(granted, 26);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The wait queue: hand-over at once, fair order, quotas, the last slot rule, durations.
+// ---------------------------------------------------------------------------------------
+
+use super::dispatch::fits;
+use super::waiters::Class;
+
+/// Test oracle for `Scheduler::pick`: a brute-force scan of every waiter, sharing none of
+/// the queue's indexes. Among the waiters host `id` fits (not excluded, member not reporting
+/// it unreachable, member and system under quota), and on the host's last free slot not of a
+/// class broader than another such waiter's: the first member in fair order, then its
+/// shortest expected build, then the earliest.
+pub(super) fn oracle_pick(s: &Scheduler, now: Time, id: &HostId, free: u32) -> Option<WaiterId> {
+    let host = s.registry.get(id)?;
+    let cands: Vec<(WaiterId, &waiters::Waiter, &Class)> = s
+        .waiters
+        .iter()
+        .filter_map(|(wid, w)| {
+            let class = &s.waiters.class(w.class)?.class;
+            (fits(host, class)
+                && s.accounts.admits(&w.client, &class.system).is_ok()
+                && !host.unreachable_for(now, &w.client)
+                && !w.exclude.contains(id))
+            .then_some((wid, w, class))
+        })
+        .collect();
+    let strictly_inside = |a: &Class, b: &Class| {
+        let (mut sub, mut strict) = (true, false);
+        for h in s.registry.iter() {
+            let (fa, fb) = (fits(h, a), fits(h, b));
+            sub &= !fa || fb;
+            strict |= fb && !fa;
+        }
+        sub && strict
+    };
+    let broad = |c: &Class| {
+        free == 1
+            && cands
+                .iter()
+                .any(|(_, _, k)| *k != c && strictly_inside(k, c))
+    };
+    cands
+        .iter()
+        .filter(|(_, _, c)| !broad(c))
+        .min_by(|a, b| {
+            s.accounts
+                .fair_key(&a.1.client)
+                .cmp(&s.accounts.fair_key(&b.1.client))
+                .then(a.1.key.cmp(&b.1.key))
+        })
+        .map(|x| x.0)
+}
+
+fn queued(a: WaitAnswer) -> WaiterId {
+    match a {
+        WaitAnswer::Queued { waiter, .. } => waiter,
+        other => panic!("expected to be queued, got {other:?}"),
+    }
+}
+
+fn wait_granted(a: WaitAnswer) -> Grant {
+    match a {
+        WaitAnswer::Granted(g) => g,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// A slot freed by a release goes to the waiting stream within the same call.
+#[test]
+fn a_release_hands_the_slot_to_the_waiter_at_once() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    let first = wait_granted(s.wait(t(1), &req("x86_64-linux", "alice", "one"), None));
+    let w = queued(s.wait(t(2), &req("x86_64-linux", "bob", "two"), None));
+    assert!(s.take_handouts().is_empty());
+    s.release(t(3), &first.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    let h = s.take_handouts();
+    assert_eq!(h.len(), 1);
+    assert_eq!((h[0].waiter, h[0].grant.host.id.as_str()), (w, "a"));
+    assert_eq!(h[0].grant.ttl, CoreConfig::default().claim_ttl);
+    // Claiming it with a keep-alive extends it to the full TTL.
+    assert_eq!(
+        s.keep_alive(t(4), &h[0].grant.lease_id).unwrap(),
+        CoreConfig::default().lease_ttl
+    );
+    assert_eq!(s.waiting(), 0);
+    assert!(s.audit.is_empty(), "{:?}", s.audit);
+}
+
+/// A member flooding the queue does not starve one that asks later: the freed slot goes
+/// to the member running fewer builds.
+#[test]
+fn fair_order_across_members() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 2));
+    let f0 = wait_granted(s.wait(t(1), &req("x86_64-linux", "flood", "f0"), None));
+    let f1 = wait_granted(s.wait(t(1), &req("x86_64-linux", "flood", "f1"), None));
+    let flood: Vec<WaiterId> = (2..7)
+        .map(|i| queued(s.wait(t(2), &req("x86_64-linux", "flood", &format!("f{i}")), None)))
+        .collect();
+    let o1 = queued(s.wait(t(3), &req("x86_64-linux", "other", "o1"), None));
+    assert_eq!(s.wait_status(t(3), o1).unwrap().position, 1);
+    // `flood` still runs one build, `other` none: the freed slot is `other`'s although its
+    // request came last.
+    s.release(t(4), &f0.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].waiter, o1);
+    // Both run one now; `flood` was served least recently, so the next slot is its.
+    s.release(t(5), &f1.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].waiter, flood[0]);
+    assert!(s.audit.is_empty(), "{:?}", s.audit);
+}
+
+/// Within a member, the build expected to be shortest (learned from earlier releases of
+/// the same derivation name) goes first.
+#[test]
+fn shortest_expected_build_first_within_a_member() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    for (drv, ms) in [
+        ("0123456789abcdfghijklmnpqrsvwxyz-long", 600_000),
+        ("0123456789abcdfghijklmnpqrsvwxyz-short", 5_000),
+    ] {
+        let g = wait_granted(s.wait(t(0), &req("x86_64-linux", "m", drv), None));
+        s.release(t(ms), &g.lease_id, BuildOutcome::Succeeded)
+            .unwrap();
+        s.connect(t(ms), spec("a", &["x86_64-linux"], 1));
+        s.durations.learn("unused", Duration::ZERO);
+    }
+    let now = 700_000;
+    s.connect(t(now), spec("a", &["x86_64-linux"], 1));
+    let busy = wait_granted(s.wait(t(now), &req("x86_64-linux", "x", "busy"), None));
+    queued(s.wait(
+        t(now),
+        &req("x86_64-linux", "m", "9999999999abcdfghijklmnpqrsvwxyz-long"),
+        None,
+    ));
+    let short = queued(s.wait(
+        t(now + 1),
+        &req(
+            "x86_64-linux",
+            "m",
+            "8888888888abcdfghijklmnpqrsvwxyz-short",
+        ),
+        None,
+    ));
+    s.release(t(now + 2), &busy.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].waiter, short);
+}
+
+/// The last slot rule: a plain build first in fair order does not get the last slot of the
+/// only `kvm` host while a `kvm` build waits; it gets the next plain slot instead.
+#[test]
+fn a_plain_build_leaves_the_last_kvm_slot_to_a_waiting_kvm_build() {
+    let mut s = sched();
+    s.connect(t(0), spec("plain", &["x86_64-linux"], 1));
+    let mut kvm = spec("kvm", &["x86_64-linux"], 1);
+    kvm.supported_features = features(&["kvm"]);
+    s.connect(t(0), kvm);
+    let g1 = wait_granted(s.wait(t(1), &req("x86_64-linux", "busy", "b1"), None));
+    let g2 = wait_granted(s.wait(t(1), &req("x86_64-linux", "busy", "b2"), None));
+    let (on_kvm, on_plain) = if g1.host.id.as_str() == "kvm" {
+        (g1, g2)
+    } else {
+        (g2, g1)
+    };
+    // `alice` (plain) arrives before `bob` (kvm), so she is first in fair order.
+    let plain = queued(s.wait(t(2), &req("x86_64-linux", "alice", "plain"), None));
+    let mut r = req("x86_64-linux", "bob", "vm-test");
+    r.required_features = features(&["kvm"]);
+    let vm = queued(s.wait(t(3), &r, None));
+    s.release(t(4), &on_kvm.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    let h = s.take_handouts();
+    assert_eq!((h[0].waiter, h[0].grant.host.id.as_str()), (vm, "kvm"));
+    s.release(t(5), &on_plain.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].waiter, plain);
+    assert!(s.audit.is_empty(), "{:?}", s.audit);
+}
+
+/// The last slot rule in the choose stage too: a new plain request is not placed on the
+/// last slot of the kvm host while a kvm waiter that could use it waits (here because the
+/// kvm waiter excluded nothing but its member was at quota until now).
+#[test]
+fn a_new_plain_request_skips_a_protected_last_slot() {
+    let mut s = sched();
+    let mut kvm = spec("kvm", &["x86_64-linux"], 1);
+    kvm.supported_features = features(&["kvm"]);
+    s.connect(t(0), spec("plain", &["x86_64-linux"], 1));
+    s.connect(t(0), kvm);
+    // A kvm waiter exists while the kvm slot is busy; the plain host is busy as well.
+    let mut q = Quotas::default();
+    q.members.insert(
+        ClientId::new("bob"),
+        MemberQuota {
+            max_slots: Some(0),
+            priority: 0,
+        },
+    );
+    s.set_quotas(t(0), q);
+    let mut r = req("x86_64-linux", "bob", "vm-test");
+    r.required_features = features(&["kvm"]);
+    queued(s.wait(t(1), &r, None));
+    // Bob at quota: his waiter does not protect anything, a plain request may take kvm.
+    let g = wait_granted(s.wait(t(2), &req("x86_64-linux", "alice", "a"), None));
+    let g2 = wait_granted(s.wait(t(2), &req("x86_64-linux", "alice", "b"), None));
+    assert_ne!(g.host.id, g2.host.id);
+    // Bob's quota is lifted: with every slot busy nothing is handed out yet.
+    s.set_quotas(t(3), Quotas::default());
+    assert!(s.take_handouts().is_empty());
+    let plain_lease = if g.host.id.as_str() == "plain" {
+        &g
+    } else {
+        &g2
+    };
+    let kvm_lease = if g.host.id.as_str() == "kvm" { &g } else { &g2 };
+    s.release(t(4), &kvm_lease.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].grant.host.id.as_str(), "kvm");
+    s.release(t(5), &plain_lease.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    // Now nothing waits: a plain request takes the plain host.
+    let g3 = wait_granted(s.wait(t(6), &req("x86_64-linux", "alice", "c"), None));
+    assert_eq!(g3.host.id.as_str(), "plain");
+}
+
+/// Member and system quotas refuse at the limit with a reason naming it; an operator
+/// raising the quota hands out the waiting builds at once.
+#[test]
+fn quotas_cap_members_and_systems_and_change_at_run_time() {
+    let mut cfg = CoreConfig::default();
+    cfg.quotas.default_member_max_slots = Some(1);
+    cfg.quotas.systems.insert(System::new("aarch64-linux"), 1);
+    let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
+    s.connect(t(0), spec("x", &["x86_64-linux"], 4));
+    s.connect(t(0), spec("arm", &["aarch64-linux"], 4));
+    wait_granted(s.wait(t(1), &req("x86_64-linux", "m", "a"), None));
+    match s.wait(t(1), &req("x86_64-linux", "m", "b"), None) {
+        WaitAnswer::Queued { reason, .. } => assert!(reason.contains("quota of 1"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    wait_granted(s.wait(t(1), &req("aarch64-linux", "n", "c"), None));
+    match s.acquire(t(1), &req("aarch64-linux", "o", "d")) {
+        Decision::Postpone { reason, .. } => {
+            assert!(reason.contains("aarch64-linux builds hold"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut q = s.quotas().clone();
+    q.default_member_max_slots = Some(2);
+    s.set_quotas(t(2), q);
+    assert_eq!(s.take_handouts().len(), 1);
+    let m = s
+        .members()
+        .into_iter()
+        .find(|v| v.member.as_str() == "m")
+        .unwrap();
+    assert_eq!((m.running, m.max_slots), (2, Some(2)));
+}
+
+/// A poller's turn comes while it is not asking: its grant is held and given when it asks
+/// again; a poller that does not come back within the claim TTL loses it to the next one.
+#[test]
+fn pollers_share_the_queue_and_their_grants_are_held() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    let g = granted(s.acquire(t(0), &req("x86_64-linux", "x", "busy")));
+    assert!(matches!(
+        s.acquire(t(1), &req("x86_64-linux", "p", "one")),
+        Decision::Postpone { position: 1, .. }
+    ));
+    let stream = queued(s.wait(t(2), &req("x86_64-linux", "q", "two"), None));
+    s.release(t(3), &g.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    // The poller was first: nothing for the stream yet, the slot is held for the poller.
+    assert!(s.take_handouts().is_empty());
+    assert_eq!(s.lease_count(), 1);
+    let mine = granted(s.acquire(t(4), &req("x86_64-linux", "p", "one")));
+    assert_eq!(mine.ttl, CoreConfig::default().lease_ttl);
+    s.release(t(5), &mine.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].waiter, stream);
+
+    // A poller that never comes back: its held grant expires after the claim TTL.
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    let g = granted(s.acquire(t(0), &req("x86_64-linux", "x", "busy")));
+    assert!(matches!(
+        s.acquire(t(1), &req("x86_64-linux", "p", "gone")),
+        Decision::Postpone { .. }
+    ));
+    let stream = queued(s.wait(t(2), &req("x86_64-linux", "q", "two"), None));
+    s.release(t(3), &g.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert!(s.take_handouts().is_empty());
+    s.connect(t(10_000), spec("a", &["x86_64-linux"], 1));
+    s.expire(t(13_001));
+    assert_eq!(s.take_handouts()[0].waiter, stream);
+}
+
+/// A waiter whose stream broke never gets a slot; a grant made to it but not delivered goes
+/// back and on to the next waiter.
+#[test]
+fn dropped_waiters_never_hold_a_slot() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    let g = wait_granted(s.wait(t(0), &req("x86_64-linux", "x", "busy"), None));
+    let gone = queued(s.wait(t(1), &req("x86_64-linux", "a", "one"), None));
+    let late = queued(s.wait(t(2), &req("x86_64-linux", "b", "two"), None));
+    let next = queued(s.wait(t(3), &req("x86_64-linux", "c", "three"), None));
+    assert!(s.cancel_wait(t(4), gone));
+    s.release(t(5), &g.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    // `late` got it, but its stream broke before the service delivered it.
+    assert!(s.cancel_wait(t(6), late));
+    let h = s.take_handouts();
+    assert_eq!(h.iter().map(|h| h.waiter).collect::<Vec<_>>(), vec![next]);
+    assert_eq!(s.lease_count(), 1);
+    // The service may also find the stream gone only when pushing: the grant goes back.
+    s.return_grant(t(7), &h[0].grant.lease_id);
+    assert_eq!(s.lease_count(), 0);
+    assert!(!s.cancel_wait(t(8), gone));
+    // A returned grant is no build: nothing is counted in the member's usage.
+    assert!(s.members().iter().all(|m| m.usage.builds <= 1));
+}
+
+/// A pinned waiter (a builder-side gate) waits for its own host even when others are free.
+#[test]
+fn a_pinned_waiter_waits_for_its_host() {
+    let mut s = sched();
+    s.connect(t(0), spec("gate", &["x86_64-linux"], 1));
+    s.connect(t(0), spec("other", &["x86_64-linux"], 4));
+    let pin = HostId::new("gate");
+    let g = wait_granted(s.wait(t(1), &req("x86_64-linux", "m", "one"), Some(&pin)));
+    assert_eq!(g.host.id, pin);
+    let w = queued(s.wait(t(2), &req("x86_64-linux", "m", "two"), Some(&pin)));
+    // A plain build does not take the gate host's last slot from the pinned waiter...
+    let plain = wait_granted(s.wait(t(3), &req("x86_64-linux", "n", "three"), None));
+    assert_eq!(plain.host.id.as_str(), "other");
+    s.release(t(4), &g.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    let h = s.take_handouts();
+    assert_eq!((h[0].waiter, &h[0].grant.host.id), (w, &pin));
+    // ...and a pin to an unknown host is declined once the start-up window is over.
+    let late = t(31_000);
+    s.connect(late, spec("other", &["x86_64-linux"], 4));
+    assert!(matches!(
+        s.wait(
+            late,
+            &req("x86_64-linux", "m", "four"),
+            Some(&HostId::new("nope"))
+        ),
+        WaitAnswer::DeclinePermanently { .. }
+    ));
+}
+
+/// Right after a start nothing is declined permanently (agents have not registered yet):
+/// the request waits, and is served when a host registers.
+#[test]
+fn waiters_survive_the_start_up_window() {
+    let mut s = sched();
+    let w = queued(s.wait(t(100), &req("x86_64-linux", "m", "one"), None));
+    s.connect(t(2_000), spec("a", &["x86_64-linux"], 1));
+    assert_eq!(s.take_handouts()[0].waiter, w);
+    assert!(matches!(
+        s.wait(t(40_000), &req("riscv64-linux", "m", "two"), None),
+        WaitAnswer::DeclinePermanently { .. }
+    ));
+    let mut local = req("x86_64-linux", "m", "three");
+    local.can_build_locally = true;
+    assert!(matches!(
+        s.wait(t(40_000), &local, None),
+        WaitAnswer::Decline { .. }
+    ));
+}
+
+/// Positions and estimates: the second waiter of the same class stands second, and its
+/// estimate is its position times the mean duration over the slots.
+#[test]
+fn waiters_learn_their_position_and_an_estimate() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 2));
+    wait_granted(s.wait(t(0), &req("x86_64-linux", "x", "b1"), None));
+    wait_granted(s.wait(t(0), &req("x86_64-linux", "x", "b2"), None));
+    let w1 = queued(s.wait(t(1), &req("x86_64-linux", "m", "one"), None));
+    let w2 = queued(s.wait(t(1), &req("x86_64-linux", "n", "two"), None));
+    assert_eq!(s.wait_status(t(2), w1).unwrap().position, 1);
+    let st = s.wait_status(t(2), w2).unwrap();
+    assert_eq!(st.position, 2);
+    // Mean 60 s (nothing learned yet) × 2 / 2 slots.
+    assert_eq!(st.estimate, Duration::from_secs(60));
+    assert!(s.cancel_wait(t(3), w1));
+    assert_eq!(s.wait_status(t(3), w1), None);
+}
+
+/// After a restart, a holder's keep-alive re-attaches its lease: it counts against the host
+/// and its member at once, so the host is not over-committed; an id that ended in this run
+/// is not revived.
+#[test]
+fn leases_re_attach_after_a_restart() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    let old = LeaseId::new("00000000000000ff-7");
+    let (h, c, sys) = (
+        HostId::new("a"),
+        ClientId::new("m"),
+        System::new("x86_64-linux"),
+    );
+    assert!(s.keep_alive(t(1), &old).is_err());
+    s.reattach(t(1), &old, &h, &c, &sys, "/nix/store/x.drv")
+        .unwrap();
+    assert_eq!(s.host(t(1), &h).unwrap().leases, 1);
+    queued(s.wait(t(2), &req("x86_64-linux", "n", "new"), None));
+    s.keep_alive(t(3), &old).unwrap();
+    s.release(t(4), &old, BuildOutcome::Succeeded).unwrap();
+    assert_eq!(s.take_handouts().len(), 1);
+    assert!(matches!(
+        s.reattach(t(5), &old, &h, &c, &sys, "/nix/store/x.drv"),
+        Err(Error::UnknownLease { .. })
+    ));
+    assert!(matches!(
+        s.reattach(
+            t(5),
+            &LeaseId::new("z-1"),
+            &HostId::new("nope"),
+            &c,
+            &sys,
+            "/nix/store/x.drv"
+        ),
+        Err(Error::UnknownHost { .. })
+    ));
+}
+
+/// Quotas, durations and usage survive a snapshot and restore.
+#[test]
+fn the_queue_state_round_trips_through_a_snapshot() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    let mut q = Quotas::default();
+    q.systems.insert(System::new("x86_64-linux"), 3);
+    s.set_quotas(t(0), q.clone());
+    let g = wait_granted(s.wait(
+        t(0),
+        &req(
+            "x86_64-linux",
+            "m",
+            "0123456789abcdfghijklmnpqrsvwxyz-hello",
+        ),
+        None,
+    ));
+    let w = queued(s.wait(t(0), &req("x86_64-linux", "n", "two"), None));
+    s.release(t(4_000), &g.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].waiter, w);
+    let snap = s.queue_snapshot();
+    assert_eq!(snap.quotas, q);
+    assert_eq!(
+        snap.durations,
+        vec![(
+            "hello".to_owned(),
+            DurationStat {
+                mean_millis: 4000.0,
+                samples: 1
+            }
+        )]
+    );
+    assert_eq!(
+        snap.usage,
+        vec![
+            (
+                ClientId::new("m"),
+                Usage {
+                    builds: 1,
+                    build_millis: 4000,
+                    wait_millis: 0
+                }
+            ),
+            (
+                ClientId::new("n"),
+                Usage {
+                    builds: 0,
+                    build_millis: 0,
+                    wait_millis: 4000
+                }
+            ),
+        ]
+    );
+    let mut r = sched();
+    r.restore_queue(snap.clone());
+    assert_eq!(r.queue_snapshot(), snap);
+}
+
+/// One step of a random queue scenario.
+#[derive(Clone, Debug)]
+enum QOp {
+    Wait { class: usize, client: u8, pin: bool },
+    Poll { class: usize, client: u8 },
+    Release(usize),
+    Cancel(usize),
+    Report { host: usize, running: Option<u32> },
+    Drain(usize, bool),
+    Advance(u64),
+}
+
+/// (system, features) of the random requests.
+const QCLASSES: [(&str, &[&str]); 3] = [
+    ("x86_64-linux", &[]),
+    ("x86_64-linux", &["kvm"]),
+    ("aarch64-linux", &[]),
+];
+
+fn qop() -> impl Strategy<Value = QOp> {
+    prop_oneof![
+        4 => (0..QCLASSES.len(), 0u8..5, proptest::bool::weighted(0.15)).prop_map(|(class, client, pin)| QOp::Wait { class, client, pin }),
+        2 => (0..QCLASSES.len(), 0u8..5).prop_map(|(class, client)| QOp::Poll { class, client }),
+        3 => (0usize..64).prop_map(QOp::Release),
+        1 => (0usize..64).prop_map(QOp::Cancel),
+        1 => (0usize..3, proptest::option::of(0u32..4)).prop_map(|(host, running)| QOp::Report { host, running }),
+        1 => (0usize..3, any::<bool>()).prop_map(|(h, d)| QOp::Drain(h, d)),
+        1 => (0u64..3_000).prop_map(QOp::Advance),
+    ]
+}
+
+fn qfleet() -> Vec<HostSpec> {
+    let mut kvm = spec("kvm", &["x86_64-linux"], 2);
+    kvm.supported_features = features(&["kvm"]);
+    vec![
+        spec("linux", &["x86_64-linux"], 3),
+        kvm,
+        spec("arm", &["aarch64-linux"], 2),
+    ]
+}
+
+fn qreq(class: usize, client: u8, drv: usize) -> LeaseRequest {
+    let (system, fs) = QCLASSES[class];
+    let mut r = req(
+        system,
+        &format!("m{client}"),
+        &format!("{:032}-d{}", drv, drv % 7),
+    );
+    r.required_features = features(fs);
+    r
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(192))]
+
+    /// Whatever happens to the queue: every hand-out is the brute-force oracle's choice (no
+    /// grant skips a waiter ahead in fair order that could use the slot, the last slot rule
+    /// aside); no member ever runs above its quota; no host above its slots; a cancelled
+    /// waiter never gets a grant; and once the chaos stops and builds keep finishing, every
+    /// waiter is served.
+    #[test]
+    fn queue_invariants(
+        ops in proptest::collection::vec(qop(), 1..160),
+        quota in proptest::option::of(1u32..4),
+        seed in any::<u64>(),
+    ) {
+        let mut cfg = CoreConfig::default();
+        cfg.quotas.default_member_max_slots = quota;
+        let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), seed);
+        let specs = qfleet();
+        let gens: Vec<Generation> = specs.iter().map(|h| s.connect(Time::ZERO, h.clone())).collect();
+        let mut now = 0u64;
+        let mut held: Vec<LeaseId> = Vec::new();
+        let mut streams: std::collections::BTreeMap<WaiterId, usize> = Default::default();
+        let mut cancelled: BTreeSet<WaiterId> = BTreeSet::new();
+        let mut polls: Vec<LeaseRequest> = Vec::new();
+        let take = |s: &mut Scheduler, now: u64, held: &mut Vec<LeaseId>, streams: &mut std::collections::BTreeMap<WaiterId, usize>, cancelled: &BTreeSet<WaiterId>| -> Result<(), TestCaseError> {
+            for h in s.take_handouts() {
+                prop_assert!(!cancelled.contains(&h.waiter), "a cancelled waiter got {:?}", h.grant.lease_id);
+                prop_assert!(streams.remove(&h.waiter).is_some(), "unknown waiter {:?}", h.waiter);
+                s.keep_alive(t(now), &h.grant.lease_id).unwrap();
+                held.push(h.grant.lease_id);
+            }
+            Ok(())
+        };
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                QOp::Wait { class, client, pin } => {
+                    let r = qreq(class, client, i);
+                    let p = pin.then(|| specs[if class == 2 { 2 } else { class }].id.clone());
+                    match s.wait(t(now), &r, p.as_ref()) {
+                        WaitAnswer::Granted(g) => held.push(g.lease_id),
+                        WaitAnswer::Queued { waiter, .. } => { streams.insert(waiter, class); }
+                        other => prop_assert!(false, "{:?}", other),
+                    }
+                }
+                QOp::Poll { class, client } => {
+                    let r = qreq(class, client, i);
+                    if let Decision::Granted(g) = s.acquire(t(now), &r) { held.push(g.lease_id) } else { polls.push(r) }
+                }
+                QOp::Release(k) if !held.is_empty() => {
+                    let id = held.remove(k % held.len());
+                    let _ = s.release(t(now), &id, BuildOutcome::Succeeded);
+                }
+                QOp::Cancel(k) if !streams.is_empty() => {
+                    let id = *streams.keys().nth(k % streams.len()).unwrap();
+                    streams.remove(&id);
+                    cancelled.insert(id);
+                    s.cancel_wait(t(now), id);
+                }
+                QOp::Report { host, running } => {
+                    s.report(t(now), &specs[host].id, gens[host], HostReport { running_builds: running, ..Default::default() }).unwrap();
+                }
+                QOp::Drain(h, d) => { s.set_draining(&specs[h].id, d).unwrap(); s.dispatch(t(now)); }
+                QOp::Advance(ms) => {
+                    now += ms;
+                    for l in &held { let _ = s.keep_alive(t(now), l); }
+                    for (h, g) in specs.iter().zip(&gens) { s.report(t(now), &h.id, *g, HostReport::default()).unwrap(); }
+                    for r in std::mem::take(&mut polls) {
+                        if let Decision::Granted(g) = s.acquire(t(now), &r) { held.push(g.lease_id) } else { polls.push(r) }
+                    }
+                }
+                _ => {}
+            }
+            take(&mut s, now, &mut held, &mut streams, &cancelled)?;
+            prop_assert!(s.audit.is_empty(), "{:?}", s.audit);
+            if let Some(q) = quota {
+                for m in s.members() {
+                    prop_assert!(m.running <= q, "{} runs {} above its quota {}", m.member, m.running, q);
+                }
+            }
+            for (id, leases, slots) in s.lease_counts() {
+                prop_assert!(leases <= slots, "{} has {} leases for {} slots", id, leases, slots);
+            }
+        }
+        // Calm: every host open and honest, builds finish one by one; every stream waiter
+        // must be served (each class has a host, every quota is at least 1).
+        for (i, h) in specs.iter().enumerate() {
+            s.set_draining(&h.id, false).unwrap();
+            s.report(t(now), &h.id, gens[i], HostReport::default()).unwrap();
+        }
+        s.dispatch(t(now));
+        take(&mut s, now, &mut held, &mut streams, &cancelled)?;
+        let mut rounds = 0;
+        while !streams.is_empty() {
+            rounds += 1;
+            prop_assert!(rounds < 1000, "waiters starve: {:?}", streams);
+            now += 100;
+            for (i, h) in specs.iter().enumerate() {
+                s.report(t(now), &h.id, gens[i], HostReport::default()).unwrap();
+            }
+            // Pollers ask again: they take the grants held for them, or keep waiting.
+            for r in std::mem::take(&mut polls) {
+                if let Decision::Granted(g) = s.acquire(t(now), &r) { held.push(g.lease_id) } else { polls.push(r) }
+            }
+            prop_assert!(!held.is_empty(), "waiters {:?} but no lease to finish", streams);
+            let id = held.remove(0);
+            let _ = s.release(t(now), &id, BuildOutcome::Succeeded);
+            for l in &held { let _ = s.keep_alive(t(now), l); }
+            take(&mut s, now, &mut held, &mut streams, &cancelled)?;
+            prop_assert!(s.audit.is_empty(), "{:?}", s.audit);
+        }
     }
 }

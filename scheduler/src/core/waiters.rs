@@ -1,122 +1,359 @@
-//! The wait queue: requests that were postponed and are expected to ask again.
+//! The wait queue: requests that found no host and wait for a slot.
 //!
-//! Nix re-asks a postponed derivation every `build-poll-interval` (5 s by default) from the
-//! same hook process, so a waiter is identified by `(client, drv path)` and stays in the queue
-//! while it keeps asking. Today the queue only informs (queue positions, `waiting` counts);
-//! grants stay first come, first served. It is the place where fair queueing with per-member
-//! quotas will decide who gets a freed slot.
+//! A waiter waits either on a stream (`WaitForLease`: the service pushes its grant the
+//! moment it is made) or by polling (`Acquire` answered `postpone`: Nix asks again every
+//! `build-poll-interval`). Both wait in the same queue and are served in the same order;
+//! a poller's grant is held for it until it asks again (see [`Held`]).
 //!
-//! Cost: a mass rebuild keeps thousands of derivations polling, so every operation here is
-//! `O(log n)` or `O(position)`, and the sweep for waiters that stopped asking runs at most
-//! once per [`SWEEP_EVERY`] of simulated or real time.
+//! Waiters are grouped by **class**, what a host must offer to take them (system, features,
+//! the one host a request is pinned to), and within a class by **member**. Within a member's
+//! queue of a class, waiters are ordered by expected duration, then by arrival: shortest
+//! expected build first. Which member is served first is decided per freed slot by the
+//! scheduler (see `super::dispatch`); this module only keeps the order.
+//!
+//! Cost: a mass rebuild queues tens of thousands of waiters, so nothing here walks the
+//! queue. Enqueue, removal and the head of a member's queue are `O(log n)` or `O(√n)`
+//! (`super::ranked`); a position is `O(members + √n)`; pollers that stopped asking are found
+//! in order of their last request.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use super::{ClientId, System, Time};
+use super::accounts::FairKey;
+use super::ranked::Ranked;
+use super::{ClientId, Feature, Grant, HostId, System, Time};
 
-/// How often waiters that stopped asking are swept out.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Identifies one waiter for the service that waits on it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WaiterId(pub u64);
 
-#[derive(Clone, Debug)]
-struct Waiter {
-    system: System,
-    /// Order of arrival: sequence numbers only grow, so they sort by first request.
-    seq: u64,
-    last_seen: Time,
+/// What a host must offer to take a waiter.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Class {
+    pub(super) system: System,
+    pub(super) features: BTreeSet<Feature>,
+    /// Only this host may take it (a builder-side gate waiting for its own host).
+    pub(super) pin: Option<HostId>,
 }
 
-/// Postponed requests, keyed by `(client, drv path)`.
+/// How a waiter waits.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(super) enum Via {
+    /// On a stream: its grant is pushed.
+    Stream,
+    /// By polling `Acquire`: its grant is held until it asks again.
+    Poll,
+}
+
+/// A waiter's place in its member's queue: expected milliseconds, arrival sequence, id.
+pub(super) type Key = (u64, u64, u64);
+
+/// One waiting request.
+#[derive(Clone, Debug)]
+pub(super) struct Waiter {
+    pub(super) client: ClientId,
+    pub(super) class: u32,
+    pub(super) drv_path: String,
+    pub(super) exclude: BTreeSet<HostId>,
+    pub(super) key: Key,
+    /// When it started waiting (kept across a poller's repeats and a stream's re-connect).
+    pub(super) since: Time,
+    pub(super) via: Via,
+    pub(super) last_seen: Time,
+}
+
+/// The waiters of one class.
+#[derive(Debug)]
+pub(super) struct ClassQueue {
+    pub(super) class: Class,
+    /// Each member's waiters, shortest expected first.
+    pub(super) members: HashMap<ClientId, Ranked<Key>>,
+    len: usize,
+}
+
+/// A grant made to a waiter on a stream, for the service to push.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Handout {
+    /// The waiter.
+    pub waiter: WaiterId,
+    /// Its lease. The holder MUST keep it alive within `grant.ttl` (the claim window).
+    pub grant: Grant,
+}
+
+/// Every waiter, and the grants waiting for their pollers.
 #[derive(Debug, Default)]
 pub(super) struct Waiters {
-    waiting: HashMap<(ClientId, String), Waiter>,
-    /// Sequence numbers of the waiters of each system, in queue order.
-    order: BTreeMap<System, BTreeSet<u64>>,
-    seq: u64,
-    last_sweep: Option<Time>,
+    by_id: HashMap<WaiterId, Waiter>,
+    by_request: HashMap<(ClientId, String), WaiterId>,
+    classes: HashMap<u32, ClassQueue>,
+    class_ids: HashMap<Class, u32>,
+    next_class: u32,
+    next: u64,
+    /// Pollers by their last request, oldest first.
+    polls: BTreeSet<(Time, WaiterId)>,
+    /// Grants held for pollers, by `(client, drv path)`.
+    held: HashMap<(ClientId, String), Grant>,
+    /// Grants for stream waiters, not yet taken by the service.
+    pub(super) outbox: Vec<Handout>,
+    /// Whether the hosts fitting one class are a strict subset of those fitting another,
+    /// by spec; cleared when a host registers or changes its spec.
+    narrower: HashMap<(Class, Class), bool>,
+}
+
+/// A new waiter, as [`Waiters::enqueue`] takes it.
+pub(super) struct NewWaiter<'a> {
+    pub(super) client: &'a ClientId,
+    pub(super) class: Class,
+    pub(super) drv_path: &'a str,
+    pub(super) exclude: &'a BTreeSet<HostId>,
+    pub(super) expected: Duration,
+    pub(super) via: Via,
 }
 
 impl Waiters {
-    /// Records that `(client, drv)` asked again (or for the first time) and returns its
-    /// 1-based position among the waiters for the same system.
-    pub(super) fn touch(
-        &mut self,
-        now: Time,
-        client: &ClientId,
-        drv: &str,
-        system: &System,
-    ) -> u32 {
-        let key = (client.clone(), drv.to_owned());
-        let w = match self.waiting.get_mut(&key) {
-            Some(w) if &w.system == system => {
-                w.last_seen = now;
-                w.clone()
+    /// Adds a waiter, or refreshes the one already waiting for the same `(client, drv)`:
+    /// a repeated poll, or a stream re-connecting. A repeat keeps its place; anything else
+    /// about it (class, exclusions, how it waits) is taken from the new request. Returns its
+    /// id (new when the way of waiting changed, so that a stale stream cannot cancel it).
+    pub(super) fn enqueue(&mut self, now: Time, w: NewWaiter<'_>) -> WaiterId {
+        let request = (w.client.clone(), w.drv_path.to_owned());
+        let (seq, since, same) = match self.by_request.get(&request).copied() {
+            Some(old) => {
+                let o = self.by_id.get(&old).expect("indexed waiters exist");
+                let keep = self.class_ids.get(&w.class) == Some(&o.class)
+                    && o.via == Via::Poll
+                    && w.via == Via::Poll
+                    && o.exclude == *w.exclude;
+                let r = (o.key.1, o.since, keep.then_some(old));
+                if !keep {
+                    self.remove(old);
+                }
+                r
             }
-            _ => {
-                // New, or the same derivation now asked for under another system.
-                self.remove(client, drv);
-                self.seq += 1;
-                let w = Waiter {
-                    system: system.clone(),
-                    seq: self.seq,
-                    last_seen: now,
-                };
-                self.order.entry(system.clone()).or_default().insert(w.seq);
-                self.waiting.insert(key, w.clone());
-                w
+            None => {
+                self.next += 1;
+                (self.next, now, None)
             }
         };
-        let ahead = self
-            .order
-            .get(system)
-            .map_or(0, |q| q.range(..w.seq).count());
-        u32::try_from(ahead + 1).unwrap_or(u32::MAX)
+        if let Some(id) = same {
+            self.touch(now, id);
+            return id;
+        }
+        self.next += 1;
+        let id = WaiterId(self.next);
+        let class = match self.class_ids.get(&w.class) {
+            Some(c) => *c,
+            None => {
+                self.next_class = self.next_class.wrapping_add(1);
+                while self.classes.contains_key(&self.next_class) {
+                    self.next_class = self.next_class.wrapping_add(1);
+                }
+                let c = self.next_class;
+                self.class_ids.insert(w.class.clone(), c);
+                self.classes.insert(
+                    c,
+                    ClassQueue {
+                        class: w.class,
+                        members: HashMap::new(),
+                        len: 0,
+                    },
+                );
+                c
+            }
+        };
+        let expected = u64::try_from(w.expected.as_millis()).unwrap_or(u64::MAX);
+        let key = (expected, seq, id.0);
+        let q = self.classes.get_mut(&class).expect("created above");
+        q.members.entry(w.client.clone()).or_default().insert(key);
+        q.len += 1;
+        if w.via == Via::Poll {
+            self.polls.insert((now, id));
+        }
+        self.by_request.insert(request, id);
+        self.by_id.insert(
+            id,
+            Waiter {
+                client: w.client.clone(),
+                class,
+                drv_path: w.drv_path.to_owned(),
+                exclude: w.exclude.clone(),
+                key,
+                since,
+                via: w.via,
+                last_seen: now,
+            },
+        );
+        id
     }
 
-    /// Forgets `(client, drv)` (granted, or sent elsewhere).
-    pub(super) fn remove(&mut self, client: &ClientId, drv: &str) {
-        if self.waiting.is_empty() {
-            return;
-        }
-        if let Some(w) = self.waiting.remove(&(client.clone(), drv.to_owned())) {
-            self.unlink(&w);
+    /// A poller asked again.
+    fn touch(&mut self, now: Time, id: WaiterId) {
+        if let Some(w) = self.by_id.get_mut(&id) {
+            if w.via == Via::Poll {
+                self.polls.remove(&(w.last_seen, id));
+                self.polls.insert((now, id));
+            }
+            w.last_seen = now;
         }
     }
 
-    fn unlink(&mut self, w: &Waiter) {
-        if let Some(q) = self.order.get_mut(&w.system) {
-            q.remove(&w.seq);
-            if q.is_empty() {
-                self.order.remove(&w.system);
+    /// Every waiter, in no order.
+    #[cfg(test)]
+    pub(super) fn iter(&self) -> impl Iterator<Item = (WaiterId, &Waiter)> {
+        self.by_id.iter().map(|(id, w)| (*id, w))
+    }
+
+    /// Waiter `id`.
+    pub(super) fn get(&self, id: WaiterId) -> Option<&Waiter> {
+        self.by_id.get(&id)
+    }
+
+    /// The waiter of `(client, drv)`, if any.
+    pub(super) fn find(&self, client: &ClientId, drv: &str) -> Option<WaiterId> {
+        if self.by_request.is_empty() {
+            return None;
+        }
+        self.by_request
+            .get(&(client.clone(), drv.to_owned()))
+            .copied()
+    }
+
+    /// Removes waiter `id` (served, cancelled or gone); returns it.
+    pub(super) fn remove(&mut self, id: WaiterId) -> Option<Waiter> {
+        let w = self.by_id.remove(&id)?;
+        self.by_request
+            .remove(&(w.client.clone(), w.drv_path.clone()));
+        if w.via == Via::Poll {
+            self.polls.remove(&(w.last_seen, id));
+        }
+        if let Some(q) = self.classes.get_mut(&w.class) {
+            if let Some(mq) = q.members.get_mut(&w.client) {
+                mq.remove(&w.key);
+                if mq.is_empty() {
+                    q.members.remove(&w.client);
+                }
+            }
+            q.len -= 1;
+            if q.len == 0 {
+                let q = self.classes.remove(&w.class).expect("present");
+                self.class_ids.remove(&q.class);
             }
         }
+        Some(w)
     }
 
-    /// Forgets waiters that stopped asking more than `ttl` ago. Sweeps at most once per
-    /// [`SWEEP_EVERY`], so a waiter may outlive its `ttl` by that much.
-    pub(super) fn expire(&mut self, now: Time, ttl: Duration) {
-        if self.last_sweep.is_some_and(|t| now.since(t) < SWEEP_EVERY) {
-            return;
+    /// Forgets the waiter of `(client, drv)`, if any.
+    pub(super) fn remove_request(&mut self, client: &ClientId, drv: &str) {
+        if let Some(id) = self.find(client, drv) {
+            self.remove(id);
         }
-        self.last_sweep = Some(now);
-        let mut gone = Vec::new();
-        self.waiting.retain(|_, w| {
-            let keep = now.since(w.last_seen) <= ttl;
-            if !keep {
-                gone.push(w.clone());
+    }
+
+    /// Removes pollers that have not asked for longer than `ttl`.
+    pub(super) fn expire(&mut self, now: Time, ttl: Duration) -> usize {
+        let mut n = 0;
+        while let Some(&(seen, id)) = self.polls.first() {
+            if now.since(seen) <= ttl {
+                break;
             }
-            keep
-        });
-        for w in &gone {
-            self.unlink(w);
+            self.remove(id);
+            n += 1;
         }
+        n
+    }
+
+    /// Every class with waiters.
+    pub(super) fn classes(&self) -> impl Iterator<Item = (u32, &ClassQueue)> {
+        self.classes.iter().map(|(c, q)| (*c, q))
+    }
+
+    /// Class `c`.
+    pub(super) fn class(&self, c: u32) -> Option<&ClassQueue> {
+        self.classes.get(&c)
+    }
+
+    /// Waiters.
+    pub(super) fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// 1-based position of waiter `id` among the waiters of its class, in fair order.
+    ///
+    /// An honest approximation, `O(members)`: fair order takes turns between members, so
+    /// before my member reaches me (`r` of its waiters are ahead of me), each other member
+    /// is served about `min(its queue, r)` times, once more if it comes before mine in fair
+    /// order now. Exact for round robin among equals; weights and members whose running
+    /// counts change as they are served make it an estimate.
+    pub(super) fn position(&self, id: WaiterId, fair: impl Fn(&ClientId) -> FairKey) -> u32 {
+        let Some(w) = self.by_id.get(&id) else {
+            return 0;
+        };
+        let Some(q) = self.classes.get(&w.class) else {
+            return 0;
+        };
+        let r = q.members.get(&w.client).map_or(0, |m| m.rank(&w.key)) as u64;
+        let mine = fair(&w.client);
+        let mut pos = r + 1;
+        for (m, mq) in &q.members {
+            if *m == w.client {
+                continue;
+            }
+            let ahead = u64::from(fair(m).cmp(&mine).is_lt());
+            pos += (mq.len() as u64).min(r + ahead);
+        }
+        u32::try_from(pos).unwrap_or(u32::MAX)
     }
 
     /// Waiters per system.
-    pub(super) fn per_system(&self) -> impl Iterator<Item = (&System, u32)> {
-        self.order
-            .iter()
-            .map(|(s, q)| (s, u32::try_from(q.len()).unwrap_or(u32::MAX)))
+    pub(super) fn per_system(&self) -> BTreeMap<System, u32> {
+        let mut m: BTreeMap<System, u32> = BTreeMap::new();
+        for q in self.classes.values() {
+            *m.entry(q.class.system.clone()).or_default() +=
+                u32::try_from(q.len).unwrap_or(u32::MAX);
+        }
+        m
+    }
+
+    /// Holds `grant` for the poller `(client, drv)` until it asks again.
+    pub(super) fn hold(&mut self, client: &ClientId, drv: &str, grant: Grant) {
+        self.held.insert((client.clone(), drv.to_owned()), grant);
+    }
+
+    /// The grant held for `(client, drv)`, taken.
+    pub(super) fn take_held(&mut self, client: &ClientId, drv: &str) -> Option<Grant> {
+        if self.held.is_empty() {
+            return None;
+        }
+        self.held.remove(&(client.clone(), drv.to_owned()))
+    }
+
+    /// A lease of `(client, drv)` on `host` ended: a grant held for it is void.
+    pub(super) fn lease_ended(&mut self, client: &ClientId, drv: &str, host: &HostId) {
+        if self.held.is_empty() {
+            return;
+        }
+        let k = (client.clone(), drv.to_owned());
+        if self.held.get(&k).is_some_and(|g| g.host.id == *host) {
+            self.held.remove(&k);
+        }
+    }
+
+    /// The cached "hosts of `a` ⊊ hosts of `b`", if known.
+    pub(super) fn narrower(&self, a: &Class, b: &Class) -> Option<bool> {
+        self.narrower.get(&(a.clone(), b.clone())).copied()
+    }
+
+    /// Caches "hosts of `a` ⊊ hosts of `b`".
+    pub(super) fn set_narrower(&mut self, a: Class, b: Class, v: bool) {
+        if self.narrower.len() > 4096 {
+            self.narrower.clear();
+        }
+        self.narrower.insert((a, b), v);
+    }
+
+    /// A host registered or changed: which classes are narrower than which may differ.
+    pub(super) fn hosts_changed(&mut self) {
+        self.narrower.clear();
     }
 }
 
@@ -128,25 +365,67 @@ mod tests {
         ClientId::new(s)
     }
 
-    /// Positions count only waiters of the same system that came first; removal and expiry
-    /// move the others up.
+    fn class(system: &str) -> Class {
+        Class {
+            system: System::new(system),
+            features: BTreeSet::new(),
+            pin: None,
+        }
+    }
+
+    fn add(w: &mut Waiters, now: u64, client: &str, drv: &str, secs: u64, via: Via) -> WaiterId {
+        w.enqueue(
+            Time::from_millis(now),
+            NewWaiter {
+                client: &c(client),
+                class: class("x86_64-linux"),
+                drv_path: drv,
+                exclude: &BTreeSet::new(),
+                expected: Duration::from_secs(secs),
+                via,
+            },
+        )
+    }
+
+    /// Positions take turns between members: with equal shares, my third waiter comes
+    /// after two of every other member's; a repeated poll keeps its place; removal and
+    /// expiry move the others up.
     #[test]
-    fn positions_per_system() {
+    fn positions_take_turns_between_members() {
         let mut w = Waiters::default();
-        let x86 = System::new("x86_64-linux");
-        let arm = System::new("aarch64-linux");
-        let t = Time::from_millis;
-        assert_eq!(w.touch(t(0), &c("a"), "1", &x86), 1);
-        assert_eq!(w.touch(t(0), &c("b"), "2", &arm), 1);
-        assert_eq!(w.touch(t(0), &c("b"), "3", &x86), 2);
-        assert_eq!(w.touch(t(0), &c("c"), "4", &x86), 3);
-        w.remove(&c("b"), "3");
-        assert_eq!(w.touch(t(1000), &c("c"), "4", &x86), 2);
-        // Only `c`'s request was repeated; the others expire.
-        w.expire(t(40_000), Duration::from_secs(30));
-        w.expire(t(41_500), Duration::from_secs(30));
-        let counts: Vec<_> = w.per_system().map(|(s, n)| (s.to_string(), n)).collect();
-        assert_eq!(counts, vec![]);
-        assert_eq!(w.touch(t(42_000), &c("c"), "4", &x86), 1);
+        let a: Vec<_> = (0..3)
+            .map(|i| add(&mut w, 0, "a", &format!("a{i}"), 10, Via::Stream))
+            .collect();
+        let b1 = add(&mut w, 0, "b", "b1", 10, Via::Poll);
+        add(&mut w, 0, "b", "b2", 10, Via::Stream);
+        // `a` arrived first: it is ahead of `b` in fair order.
+        let fair = |m: &ClientId| {
+            let mut acc = super::super::accounts::Accounts::default();
+            acc.arrive(&c("a"));
+            acc.arrive(&c("b"));
+            acc.fair_key(m)
+        };
+        assert_eq!(w.position(a[0], fair), 1);
+        assert_eq!(w.position(b1, fair), 2);
+        assert_eq!(w.position(a[2], fair), 5);
+        assert_eq!(add(&mut w, 5, "b", "b1", 10, Via::Poll), b1);
+        w.remove(a[0]);
+        assert_eq!(w.position(b1, fair), 2);
+        assert_eq!(
+            w.expire(Time::from_millis(30_006), Duration::from_secs(30)),
+            1
+        );
+        assert_eq!(w.len(), 3);
+        assert_eq!(w.per_system().values().sum::<u32>(), 3);
+    }
+
+    /// Within a member, the shortest expected build is first whatever the arrival order.
+    #[test]
+    fn shortest_expected_first_within_a_member() {
+        let mut w = Waiters::default();
+        add(&mut w, 0, "a", "long", 600, Via::Stream);
+        let short = add(&mut w, 1, "a", "short", 5, Via::Stream);
+        let (_, q) = w.classes().next().unwrap();
+        assert_eq!(q.members[&c("a")].first().map(|k| k.2), Some(short.0));
     }
 }

@@ -1,0 +1,398 @@
+//! Handing freed slots to waiters, in fair order, the moment they free.
+//!
+//! Every change that can free a slot (a release, an expiry, a host registering or
+//! reporting, an undrain, a quota raised) calls [`Scheduler::dispatch_host`] for the host
+//! concerned, or [`Scheduler::dispatch`] for all of them. So between two operations the
+//! queue is **settled**: no waiter could be placed on any free slot. A new request that
+//! finds a free slot therefore takes nothing a waiter could use, and the slot a release
+//! frees goes to a waiter within the same call.
+//!
+//! Who gets a free slot of host `H`: among the waiters that `H` fits (system, features, pin;
+//! not excluded by them, not reported unreachable by their member, their member and system
+//! under quota), the member first in fair order (`super::accounts`), and that member's
+//! shortest expected build. One exception, the **last slot rule**: when `H` has one free
+//! slot left and waiters of a narrower class also fit it (the hosts that can serve them are
+//! a strict subset of those that can serve the broader one, e.g. `kvm` builds against
+//! plain ones, or builds pinned to `H`), the broader classes do not get that slot: their
+//! builds can run elsewhere, the narrower ones cannot. The same rule applies to new
+//! requests in the choose stage of placement.
+//!
+//! A stream waiter's grant goes to the outbox ([`Scheduler::take_handouts`]); a poller's is
+//! held until it asks again. Both are leases with the short claim TTL: a grant nobody
+//! claims expires and its slot goes to the next waiter.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use super::eligibility;
+use super::registry::{Host, Registry};
+use super::waiters::{Class, Handout, Key, NewWaiter, Via, WaiterId, Waiters};
+use super::{BuildOutcome, durations};
+use super::{ClientId, Grant, HostId, HostState, LeaseEnd, LeaseId, LeaseRequest, Scheduler, Time};
+
+/// How many of a member's waiters are looked at to find one that does not exclude a host.
+/// Exclusions are rare (a retry after `HOST_UNREACHABLE`), so a member whose first few
+/// waiters all exclude the host simply waits for another host.
+const EXCLUDE_SCAN: usize = 16;
+
+/// The answer to [`Scheduler::wait`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum WaitAnswer {
+    /// A host was free: the lease is granted at once.
+    Granted(Grant),
+    /// Queued: its grant will come through [`Scheduler::take_handouts`].
+    Queued {
+        /// The waiter, to cancel it or ask its position.
+        waiter: WaiterId,
+        /// Where it stands, as [`WaitStatus`].
+        status: WaitStatus,
+        /// Why nothing was granted now, for the user.
+        reason: String,
+    },
+    /// Nothing free and the client can build locally: it should.
+    Decline {
+        /// Why, for the user.
+        reason: String,
+    },
+    /// No live host can ever build this.
+    DeclinePermanently {
+        /// Why, for the user.
+        reason: String,
+    },
+}
+
+/// Where a waiter stands.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct WaitStatus {
+    /// 1-based position among the waiters of its class (system, features, pin), in fair
+    /// order; an estimate (see `Waiters::position`).
+    pub position: u32,
+    /// About how long until its grant: `position × mean build duration / slots` of the
+    /// hosts that can serve it.
+    pub estimate: Duration,
+}
+
+/// Whether `host` fits `class` by spec: system, features and pin.
+pub(super) fn fits(host: &Host, class: &Class) -> bool {
+    class.pin.as_ref().is_none_or(|p| *p == host.spec.id)
+        && host.builds(&class.system)
+        && host.features_fit(&class.features)
+}
+
+/// Whether the hosts fitting `a` are a strict subset of those fitting `b` (by spec, every
+/// registered host), cached in `waiters` until a host registers.
+pub(super) fn narrower(registry: &Registry, waiters: &mut Waiters, a: &Class, b: &Class) -> bool {
+    if let Some(v) = waiters.narrower(a, b) {
+        return v;
+    }
+    let mut strict = false;
+    let mut subset = true;
+    for h in registry.iter() {
+        let (fa, fb) = (fits(h, a), fits(h, b));
+        if fa && !fb {
+            subset = false;
+            break;
+        }
+        strict |= fb && !fa;
+    }
+    let v = subset && strict;
+    waiters.set_narrower(a.clone(), b.clone(), v);
+    v
+}
+
+/// The class of a request.
+pub(super) fn class_of(req: &LeaseRequest, pin: Option<&HostId>) -> Class {
+    Class {
+        system: req.system.clone(),
+        features: req.required_features.clone(),
+        pin: pin.cloned(),
+    }
+}
+
+impl Scheduler {
+    /// Waits for a lease: grants one now when a host is free (exactly like
+    /// [`acquire`](Self::acquire)), else queues the request and returns its waiter, whose
+    /// grant later comes out of [`take_handouts`](Self::take_handouts). With `pin`, only
+    /// that host may be granted.
+    ///
+    /// Declines when the client can build locally and nothing is free, and declines
+    /// permanently when no host that is not gone could ever build it, except in the first
+    /// `report_interval + grace` after the clock's epoch (the scheduler's start): agents
+    /// may not have re-registered yet after a restart, and a member that cannot build
+    /// locally must not fail for that.
+    pub fn wait(&mut self, now: Time, req: &LeaseRequest, pin: Option<&HostId>) -> WaitAnswer {
+        self.expire(now);
+        self.accounts.arrive(&req.client);
+        if let Some(g) = self.claim_held(now, req) {
+            return WaitAnswer::Granted(g);
+        }
+        let why = match self.place(now, req, pin) {
+            Ok(g) => {
+                self.waiters.remove_request(&req.client, &req.drv_path);
+                return WaitAnswer::Granted(g);
+            }
+            Err(why) => why,
+        };
+        let starting = now.since(Time::ZERO) < self.config.report_interval + self.config.grace;
+        if !starting && !self.could_ever_serve(now, req, pin) {
+            self.waiters.remove_request(&req.client, &req.drv_path);
+            return WaitAnswer::DeclinePermanently {
+                reason: self.never_reason(req, pin),
+            };
+        }
+        let reason = why.unwrap_or_else(|| format!("no builder free for {}", req.system));
+        if req.can_build_locally {
+            self.waiters.remove_request(&req.client, &req.drv_path);
+            return WaitAnswer::Decline { reason };
+        }
+        let waiter = self.enqueue(now, req, pin, Via::Stream);
+        let status = self
+            .wait_status(now, waiter)
+            .expect("the waiter was just queued");
+        WaitAnswer::Queued {
+            waiter,
+            status,
+            reason,
+        }
+    }
+
+    /// Queues `req` (or refreshes its waiter); returns the waiter.
+    pub(super) fn enqueue(
+        &mut self,
+        now: Time,
+        req: &LeaseRequest,
+        pin: Option<&HostId>,
+        via: Via,
+    ) -> WaiterId {
+        let expected = self.durations.expected(durations::drv_name(&req.drv_path));
+        self.waiters.enqueue(
+            now,
+            NewWaiter {
+                client: &req.client,
+                class: class_of(req, pin),
+                drv_path: &req.drv_path,
+                exclude: &req.exclude_hosts,
+                expected,
+                via,
+            },
+        )
+    }
+
+    /// 1-based position of waiter `id` in fair order (an estimate, see
+    /// `Waiters::position`).
+    pub(super) fn position(&self, id: WaiterId) -> u32 {
+        self.waiters.position(id, |m| self.accounts.fair_key(m))
+    }
+
+    /// Where waiter `id` stands, or `None` when it is no longer waiting (served, cancelled,
+    /// or gone).
+    pub fn wait_status(&self, now: Time, id: WaiterId) -> Option<WaitStatus> {
+        let w = self.waiters.get(id)?;
+        let class = &self.waiters.class(w.class)?.class;
+        let position = self.position(id);
+        // Slots of the hosts that serve the class now. `O(hosts)`; the service asks once per
+        // progress interval per waiter.
+        let slots: u32 = self
+            .registry
+            .iter()
+            .filter(|h| fits(h, class) && eligibility::open(now, &self.config, h).is_ok())
+            .map(|h| h.spec.max_jobs)
+            .sum();
+        let mean = self.durations.overall();
+        let estimate = mean.mul_f64(f64::from(position) / f64::from(slots.max(1)));
+        Some(WaitStatus { position, estimate })
+    }
+
+    /// The waiter stopped waiting (its stream broke). A grant already made to it and not
+    /// yet taken by the service goes back, and its slot to the next waiter. Returns whether
+    /// it was still known.
+    pub fn cancel_wait(&mut self, now: Time, id: WaiterId) -> bool {
+        if self.waiters.remove(id).is_some() {
+            return true;
+        }
+        let Some(i) = self.waiters.outbox.iter().position(|h| h.waiter == id) else {
+            return false;
+        };
+        let h = self.waiters.outbox.swap_remove(i);
+        self.return_grant(now, &h.grant.lease_id);
+        true
+    }
+
+    /// A grant its waiter could not take (the stream was gone before it was delivered):
+    /// the lease ends without counting as a build, and its slot goes to the next waiter.
+    pub fn return_grant(&mut self, now: Time, lease: &LeaseId) {
+        self.end_lease(now, lease, LeaseEnd::Released(BuildOutcome::Cancelled));
+    }
+
+    /// The grants made to stream waiters since the last call, for the service to push.
+    pub fn take_handouts(&mut self) -> Vec<Handout> {
+        std::mem::take(&mut self.waiters.outbox)
+    }
+
+    /// Waiters in the queue (streams and pollers).
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Hands every free slot to waiters, the least loaded hosts first. For changes that
+    /// are not tied to one host (a quota raised, an undrain, time passing).
+    pub fn dispatch(&mut self, now: Time) {
+        self.expire(now);
+        self.dispatch_free(now);
+    }
+
+    /// [`dispatch`](Self::dispatch) without expiring first.
+    pub(super) fn dispatch_free(&mut self, now: Time) {
+        if self.waiters.len() == 0 {
+            return;
+        }
+        let mut free: Vec<(f64, HostId)> = self
+            .registry
+            .iter()
+            .filter_map(|h| {
+                eligibility::assess_now(now, &self.config, true, h, None)
+                    .ok()
+                    .map(|c| (c.score(), h.spec.id.clone()))
+            })
+            .collect();
+        free.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, id) in free {
+            self.dispatch_host(now, &id);
+        }
+    }
+
+    /// Hands the free slots of host `id` to waiters in fair order.
+    ///
+    /// Only for policies that see every client's load: under `stock-nix` a host is never
+    /// full for the scheduler, and nothing waits in a fair order.
+    pub(super) fn dispatch_host(&mut self, now: Time, id: &HostId) {
+        if self.waiters.len() == 0 || !self.policy.sees_global_load() {
+            return;
+        }
+        loop {
+            let Some(host) = self.registry.get(id) else {
+                return;
+            };
+            let Ok(c) = eligibility::assess_now(now, &self.config, true, host, None) else {
+                return;
+            };
+            let free = c.slots - c.used;
+            let Some(w) = self.pick(now, id, free) else {
+                return;
+            };
+            #[cfg(test)]
+            self.audit_pick(now, id, free, w);
+            self.hand_out(now, w, id);
+        }
+    }
+
+    /// The waiter that gets one free slot of host `id` (`free` slots are free), if any.
+    pub(super) fn pick(&mut self, now: Time, id: &HostId, free: u32) -> Option<WaiterId> {
+        let host = self.registry.get(id)?;
+        let mut entries: Vec<(u32, ClientId, Key)> = Vec::new();
+        for (c, q) in self.waiters.classes() {
+            if !fits(host, &q.class) {
+                continue;
+            }
+            for (m, mq) in &q.members {
+                if self.accounts.admits(m, &q.class.system).is_err() || host.unreachable_for(now, m)
+                {
+                    continue;
+                }
+                let head = mq.iter().take(EXCLUDE_SCAN).find(|k| {
+                    self.waiters
+                        .get(WaiterId(k.2))
+                        .is_some_and(|w| !w.exclude.contains(id))
+                });
+                if let Some(k) = head {
+                    entries.push((c, m.clone(), k));
+                }
+            }
+        }
+        if free == 1 {
+            let classes: BTreeSet<u32> = entries.iter().map(|e| e.0).collect();
+            if classes.len() > 1 {
+                let owned: Vec<(u32, Class)> = classes
+                    .iter()
+                    .filter_map(|c| self.waiters.class(*c).map(|q| (*c, q.class.clone())))
+                    .collect();
+                let mut broad = HashSet::new();
+                for (a, ca) in &owned {
+                    for (b, cb) in &owned {
+                        if a != b && narrower(&self.registry, &mut self.waiters, ca, cb) {
+                            broad.insert(*b);
+                        }
+                    }
+                }
+                entries.retain(|e| !broad.contains(&e.0));
+            }
+        }
+        entries
+            .iter()
+            .min_by(|x, y| {
+                self.accounts
+                    .fair_key(&x.1)
+                    .cmp(&self.accounts.fair_key(&y.1))
+                    .then(x.2.cmp(&y.2))
+            })
+            .map(|e| WaiterId(e.2.2))
+    }
+
+    /// Leases host `host` to waiter `id` with the claim TTL.
+    fn hand_out(&mut self, now: Time, id: WaiterId, host: &HostId) {
+        let Some(w) = self.waiters.get(id) else {
+            return;
+        };
+        let Some(system) = self.waiters.class(w.class).map(|q| q.class.system.clone()) else {
+            return;
+        };
+        let w = self.waiters.remove(id).expect("looked up above");
+        let waited = now.since(w.since);
+        let ttl = self.config.claim_ttl;
+        let grant = self.grant_lease(now, host, &w.client, &system, &w.drv_path, ttl, waited);
+        match w.via {
+            Via::Stream => self.waiters.outbox.push(Handout { waiter: id, grant }),
+            Via::Poll => self.waiters.hold(&w.client, &w.drv_path, grant),
+        }
+    }
+
+    /// The grant held for a poller that asks again, its lease now kept alive for the full
+    /// TTL; `None` when none is held (or its claim ran out).
+    pub(super) fn claim_held(&mut self, now: Time, req: &LeaseRequest) -> Option<Grant> {
+        let held = self.waiters.take_held(&req.client, &req.drv_path)?;
+        let ttl = self.config.lease_ttl;
+        self.ledger.keep_alive(now, &held.lease_id, ttl).ok()?;
+        Some(Grant { ttl, ..held })
+    }
+
+    /// Whether some host that is not gone could ever serve `req` (with `pin`, that host).
+    fn could_ever_serve(&self, now: Time, req: &LeaseRequest, pin: Option<&HostId>) -> bool {
+        match pin {
+            None => self.could_ever_build(now, &req.system, &req.required_features),
+            Some(p) => self.registry.get(p).is_some_and(|h| {
+                h.state(now, &self.config) != HostState::Gone
+                    && h.builds(&req.system)
+                    && h.features_fit(&req.required_features)
+            }),
+        }
+    }
+
+    fn never_reason(&self, req: &LeaseRequest, pin: Option<&HostId>) -> String {
+        match pin {
+            Some(p) => format!("host {p} is not live or does not build {}", req.system),
+            None => format!("no live builder builds {}", req.system),
+        }
+    }
+
+    /// Test oracle: the choice [`pick`](Self::pick) made must be the one a brute-force scan
+    /// of every waiter makes; a mismatch is recorded for the property tests.
+    #[cfg(test)]
+    fn audit_pick(&mut self, now: Time, id: &HostId, free: u32, chosen: WaiterId) {
+        let expected = super::tests::oracle_pick(self, now, id, free);
+        if expected != Some(chosen) {
+            self.audit.push(format!(
+                "on {id} with {free} free: picked {chosen:?}, oracle says {expected:?}"
+            ));
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Expected build durations, learned per derivation name (the store path name without its
+//! hash: `/nix/store/<hash>-hello-2.12.drv` is `hello-2.12`) from how long released leases
+//! held their slots. Used to serve each member's shortest builds first and to estimate waits.
+//!
+//! The slot time measured by the scheduler (grant to release) is what a waiter waits for, so
+//! that is what is learned, not the client's build time: it includes copying closures.
+//! Each name keeps an exponentially weighted mean (weight [`ALPHA`] on the newest build), so
+//! a derivation that got slower is believed within a few builds. An unknown name is expected
+//! to take the mean of all builds (weighted the same way, more slowly).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Weight of the newest duration in a name's mean.
+const ALPHA: f64 = 0.3;
+/// Weight of the newest duration in the mean over all builds.
+const ALPHA_ALL: f64 = 0.02;
+/// What an unknown build is expected to take before any build was measured.
+const DEFAULT: Duration = Duration::from_secs(60);
+/// Most names remembered; past it new names are not learned (their builds still update the
+/// overall mean). Far above the distinct derivation names of a community's builds per day.
+const MAX_NAMES: usize = 200_000;
+
+/// What is known of one derivation name.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct DurationStat {
+    /// Weighted mean slot time, milliseconds.
+    pub mean_millis: f64,
+    /// Builds measured.
+    pub samples: u64,
+}
+
+/// Learned durations.
+#[derive(Debug)]
+pub(super) struct Durations {
+    by_name: HashMap<String, DurationStat>,
+    overall_millis: f64,
+}
+
+impl Default for Durations {
+    fn default() -> Self {
+        Self {
+            by_name: HashMap::new(),
+            overall_millis: DEFAULT.as_millis() as f64,
+        }
+    }
+}
+
+/// The derivation name of a `.drv` store path: the base name without the hash and `.drv`.
+/// A path that does not look like a store path is its own name.
+pub(super) fn drv_name(drv_path: &str) -> &str {
+    let base = drv_path.rsplit('/').next().unwrap_or(drv_path);
+    let base = base.strip_suffix(".drv").unwrap_or(base);
+    match base.split_once('-') {
+        Some((hash, name)) if hash.len() == 32 && !name.is_empty() => name,
+        _ => base,
+    }
+}
+
+impl Durations {
+    /// What a build of `name` is expected to hold its slot for.
+    pub(super) fn expected(&self, name: &str) -> Duration {
+        let ms = self
+            .by_name
+            .get(name)
+            .map_or(self.overall_millis, |s| s.mean_millis);
+        Duration::from_millis(ms.max(0.0) as u64)
+    }
+
+    /// The mean over all builds.
+    pub(super) fn overall(&self) -> Duration {
+        Duration::from_millis(self.overall_millis.max(0.0) as u64)
+    }
+
+    /// A build of `name` held its slot for `took`.
+    pub(super) fn learn(&mut self, name: &str, took: Duration) {
+        let ms = took.as_millis() as f64;
+        self.overall_millis += ALPHA_ALL * (ms - self.overall_millis);
+        if let Some(s) = self.by_name.get_mut(name) {
+            s.mean_millis += ALPHA * (ms - s.mean_millis);
+            s.samples += 1;
+        } else if self.by_name.len() < MAX_NAMES {
+            self.by_name.insert(
+                name.to_owned(),
+                DurationStat {
+                    mean_millis: ms,
+                    samples: 1,
+                },
+            );
+        }
+    }
+
+    /// Every name's record, for persistence, sorted by name.
+    pub(super) fn snapshot(&self) -> Vec<(String, DurationStat)> {
+        let mut v: Vec<_> = self.by_name.iter().map(|(k, s)| (k.clone(), *s)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Restores records (after a restart); the overall mean restarts from their mean.
+    pub(super) fn restore(&mut self, records: impl IntoIterator<Item = (String, DurationStat)>) {
+        let mut sum = 0.0;
+        let mut n = 0u64;
+        for (name, s) in records {
+            if !s.mean_millis.is_finite() || s.mean_millis < 0.0 {
+                continue;
+            }
+            sum += s.mean_millis;
+            n += 1;
+            if self.by_name.len() < MAX_NAMES || self.by_name.contains_key(&name) {
+                self.by_name.insert(name, s);
+            }
+        }
+        if n > 0 {
+            self.overall_millis = sum / n as f64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The name drops the store directory, the 32-character hash and `.drv`.
+    #[test]
+    fn names_drop_hash_and_suffix() {
+        assert_eq!(
+            drv_name("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello-2.12.drv"),
+            "hello-2.12"
+        );
+        assert_eq!(drv_name("/nix/store/x.drv"), "x");
+        assert_eq!(drv_name("/nix/store/short-name.drv"), "short-name");
+    }
+
+    /// A name's mean follows its builds; an unknown name gets the overall mean; a snapshot
+    /// restores to the same expectations.
+    #[test]
+    fn learns_a_weighted_mean_and_restores_it() {
+        let mut d = Durations::default();
+        assert_eq!(d.expected("new"), DEFAULT);
+        d.learn("hello", Duration::from_secs(10));
+        assert_eq!(d.expected("hello"), Duration::from_secs(10));
+        d.learn("hello", Duration::from_secs(20));
+        assert_eq!(d.expected("hello"), Duration::from_secs(13));
+        let mut e = Durations::default();
+        e.restore(d.snapshot());
+        assert_eq!(e.expected("hello"), Duration::from_secs(13));
+        assert_eq!(e.expected("other"), Duration::from_secs(13));
+    }
+}
