@@ -304,6 +304,7 @@ async fn client(
                 let ka = lease
                     .keep_alive(KeepAliveRequest {
                         lease_id: g.lease_id.clone(),
+                        ..Default::default()
                     })
                     .await;
                 let rel = lease

@@ -3,6 +3,7 @@
 //! With no file at all the scheduler runs on [`Config::default`], the embedded defaults
 //! below. Each default says why it is what it is.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::Error;
-use crate::core::{Admission, CoreConfig, PolicyKind};
+use crate::core::{Admission, ClientId, CoreConfig, MemberQuota, PolicyKind, Quotas, System};
 
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -33,6 +34,8 @@ pub struct Config {
     pub placement: PlacementConfig,
     /// Input limits.
     pub limits: LimitsConfig,
+    /// The wait queue and its quotas.
+    pub queue: QueueConfig,
 }
 
 impl Default for Config {
@@ -45,6 +48,79 @@ impl Default for Config {
             admission: Admission::default(),
             placement: PlacementConfig::default(),
             limits: LimitsConfig::default(),
+            queue: QueueConfig::default(),
+        }
+    }
+}
+
+/// `[queue]`: waiting for a lease, and quotas.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// A grant made to a waiter must be claimed within this, milliseconds: a `WaitForLease`
+    /// client keeps it alive, a polling hook asks again. Default 10000: two of Nix's
+    /// 5-second polls, and far more than a stream needs; a grant lost in transit keeps its
+    /// slot idle at most this long.
+    pub claim_millis: u64,
+    /// How often a waiting stream gets its position and estimate when they changed,
+    /// milliseconds. Default 5000: often enough for a person watching, rare enough that
+    /// 100,000 waiters cost little.
+    pub progress_interval_millis: u64,
+    /// Most live leases of one member; default none (unlimited): the fair order already
+    /// shares a full fleet, a quota is for a member who must never hold more.
+    pub default_member_max_slots: Option<u32>,
+    /// Members' own quotas and priorities (`[queue.members."alice-laptop"]`).
+    pub members: BTreeMap<String, MemberQuotaConfig>,
+    /// Most live leases for builds of a system (`[queue.systems] "x86_64-linux" = 20`).
+    pub systems: BTreeMap<String, u32>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            claim_millis: 10_000,
+            progress_interval_millis: 5_000,
+            default_member_max_slots: None,
+            members: BTreeMap::new(),
+            systems: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[queue.members.<client id>]`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemberQuotaConfig {
+    /// Most live leases of this member; default: `queue.default_member_max_slots`.
+    pub max_slots: Option<u32>,
+    /// Fair-order weight, -10000 to 10000: `-100` doubles the member's share, `100` halves
+    /// it. Default 0.
+    pub priority: i32,
+}
+
+impl QueueConfig {
+    /// The core's quotas.
+    pub fn quotas(&self) -> Quotas {
+        Quotas {
+            default_member_max_slots: self.default_member_max_slots,
+            members: self
+                .members
+                .iter()
+                .map(|(m, q)| {
+                    (
+                        ClientId::new(m.as_str()),
+                        MemberQuota {
+                            max_slots: q.max_slots,
+                            priority: q.priority,
+                        },
+                    )
+                })
+                .collect(),
+            systems: self
+                .systems
+                .iter()
+                .map(|(s, n)| (System::new(s.as_str()), *n))
+                .collect(),
         }
     }
 }
@@ -195,6 +271,25 @@ impl Config {
             self.leases.postpone_retry_millis,
         )?;
         positive("leases.waiter_ttl_millis", self.leases.waiter_ttl_millis)?;
+        positive("queue.claim_millis", self.queue.claim_millis)?;
+        positive(
+            "queue.progress_interval_millis",
+            self.queue.progress_interval_millis,
+        )?;
+        for (m, q) in &self.queue.members {
+            if m.is_empty() || m.len() > 128 || !m.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(Error::Config {
+                    key: format!("queue.members.{m:?}"),
+                    reason: "a client id is 1 to 128 printable ASCII characters".into(),
+                });
+            }
+            if !(-10_000..=10_000).contains(&q.priority) {
+                return Err(Error::Config {
+                    key: format!("queue.members.{m:?}.priority"),
+                    reason: format!("{} is outside -10000 to 10000", q.priority),
+                });
+            }
+        }
         if self.limits.max_message_bytes < 4096 {
             return Err(Error::Config {
                 key: "limits.max_message_bytes".into(),
@@ -234,6 +329,8 @@ impl Config {
             postpone_retry: Duration::from_millis(self.leases.postpone_retry_millis),
             waiter_ttl: Duration::from_millis(self.leases.waiter_ttl_millis),
             unreachable_cooldown: Duration::from_millis(self.leases.unreachable_cooldown_millis),
+            claim_ttl: Duration::from_millis(self.queue.claim_millis),
+            quotas: self.queue.quotas(),
             admission: self.admission.clone(),
             ..CoreConfig::default()
         }
@@ -274,9 +371,24 @@ mod tests {
             seed = 7
             [limits]
             max_message_bytes = 8192
+            [queue]
+            claim_millis = 4000
+            progress_interval_millis = 1000
+            default_member_max_slots = 4
+            [queue.members."alice-laptop"]
+            max_slots = 8
+            priority = -100
+            [queue.systems]
+            "x86_64-linux" = 20
             "#,
         )
         .unwrap();
+        let q = c.core().quotas;
+        assert_eq!(q.member_max(&ClientId::new("alice-laptop")), Some(8));
+        assert_eq!(q.priority(&ClientId::new("alice-laptop")), -100);
+        assert_eq!(q.member_max(&ClientId::new("bob")), Some(4));
+        assert_eq!(q.systems[&System::new("x86_64-linux")], 20);
+        assert_eq!(c.core().claim_ttl, Duration::from_secs(4));
         assert_eq!(c.listen.port(), 6000);
         assert_eq!(c.placement.policy, PolicyKind::PowerOfTwo);
         assert_eq!(c.core().lease_ttl, Duration::from_secs(3));
@@ -318,5 +430,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("admission.max_io_full_pressure"), "{e}");
+        let e = Config::parse("[queue.members.m]\npriority = 20000")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue.members.\"m\".priority"), "{e}");
     }
 }

@@ -270,6 +270,7 @@ async fn acquire_keep_alive_release() {
     let ka = leases
         .keep_alive(proto::KeepAliveRequest {
             lease_id: granted.lease_id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -324,19 +325,29 @@ async fn acquire_keep_alive_release() {
     let err = leases
         .keep_alive(proto::KeepAliveRequest {
             lease_id: granted.lease_id,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(
-        admin
-            .list_leases(proto::ListLeasesRequest {})
+    // The released slot went straight to Bob's postponed request, held for his next ask.
+    let left = admin
+        .list_leases(proto::ListLeasesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .leases;
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].client_id, "bob");
+    assert!(matches!(
+        leases
+            .acquire(acquire("x86_64-linux", "bob", "b", false))
             .await
             .unwrap()
             .into_inner()
-            .leases
-            .is_empty()
-    );
+            .outcome,
+        Some(Outcome::Granted(g)) if g.lease_id == left[0].lease_id
+    ));
     server.shutdown().await;
 }
 
@@ -514,8 +525,11 @@ async fn liveness_disconnect_reconnect_stale_and_replace() {
         Some(Outcome::Postpone(_))
     ));
     let mut again = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    // Its first report (right after a start, the one that shows what runs there) hands
+    // its free slot to the request postponed meanwhile.
+    again.report(Report::default()).await;
     let h = host(&mut admin, "b1").await;
-    assert_eq!((h.state(), h.leases), (proto::HostState::Ready, 1));
+    assert_eq!((h.state(), h.leases), (proto::HostState::Ready, 2));
 
     // A second stream for the same host replaces the first, which is told so.
     let _newer = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
@@ -839,5 +853,390 @@ async fn reflection_v1_lists_every_service() {
             "{want} missing from {names:?}"
         );
     }
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// WaitForLease: the waiting stream.
+// ---------------------------------------------------------------------------------------
+
+use proto::wait_for_lease_response::Event;
+
+fn wait_request(system: &str, client: &str, drv: &str) -> proto::WaitForLeaseRequest {
+    proto::WaitForLeaseRequest {
+        system: system.into(),
+        drv_path: format!("/nix/store/{drv}.drv"),
+        client_id: client.into(),
+        ..Default::default()
+    }
+}
+
+/// Opens a waiting stream.
+async fn wait_for(
+    leases: &mut LeaseServiceClient<Channel>,
+    r: proto::WaitForLeaseRequest,
+) -> Streaming<proto::WaitForLeaseResponse> {
+    leases.wait_for_lease(r).await.unwrap().into_inner()
+}
+
+/// The next event of a waiting stream (bounded, so a broken test fails instead of hanging).
+async fn event(s: &mut Streaming<proto::WaitForLeaseResponse>) -> Option<Event> {
+    tokio::time::timeout(Duration::from_secs(10), s.message())
+        .await
+        .expect("the scheduler answers within 10 s")
+        .unwrap()
+        .and_then(|m| m.event)
+}
+
+/// Reads a waiting stream up to its grant (skipping progress) and checks that it ends there.
+async fn grant_of(s: &mut Streaming<proto::WaitForLeaseResponse>) -> proto::Granted {
+    loop {
+        match event(s).await {
+            Some(Event::Waiting(_)) => continue,
+            Some(Event::Granted(g)) => {
+                assert!(event(s).await.is_none(), "the stream ends after the grant");
+                return g;
+            }
+            other => panic!("expected a grant, got {other:?}"),
+        }
+    }
+}
+
+async fn acquire_granted(
+    leases: &mut LeaseServiceClient<Channel>,
+    client: &str,
+    drv: &str,
+) -> proto::Granted {
+    match leases
+        .acquire(acquire("x86_64-linux", client, drv, false))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+    {
+        Some(Outcome::Granted(g)) => g,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn release_ok(leases: &mut LeaseServiceClient<Channel>, lease: &str) {
+    leases
+        .release(proto::ReleaseRequest {
+            lease_id: lease.into(),
+            outcome: proto::BuildOutcome::Succeeded as i32,
+            duration_millis: 1,
+        })
+        .await
+        .unwrap();
+}
+
+async fn lease_holders(admin: &mut AdminServiceClient<Channel>) -> Vec<String> {
+    let mut v: Vec<String> = admin
+        .list_leases(proto::ListLeasesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+        .into_iter()
+        .map(|l| l.client_id)
+        .collect();
+    v.sort();
+    v
+}
+
+async fn waiting(admin: &mut AdminServiceClient<Channel>) -> u32 {
+    admin
+        .get_capacity(proto::GetCapacityRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .systems
+        .iter()
+        .map(|s| s.waiting)
+        .sum()
+}
+
+/// A waiter hears its position, then gets the slot in the call that releases it: the
+/// grant is on its stream when the release returns, and the stream ends after it.
+#[tokio::test]
+async fn a_waiter_gets_the_slot_the_moment_a_lease_is_released() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let held = acquire_granted(&mut leases, "alice", "a").await;
+    let mut stream = wait_for(&mut leases, wait_request("x86_64-linux", "bob", "b")).await;
+    match event(&mut stream).await {
+        Some(Event::Waiting(w)) => {
+            assert_eq!(w.queue_position, 1);
+            assert!(w.reason.contains("no free slot"), "{}", w.reason);
+        }
+        other => panic!("{other:?}"),
+    }
+    release_ok(&mut leases, &held.lease_id).await;
+    let g = grant_of(&mut stream).await;
+    assert_eq!(g.host_id, "b1");
+    // The claim window, then the full TTL once claimed.
+    assert_eq!(g.lease_ttl_millis, 10_000);
+    let ka = leases
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: g.lease_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ka.into_inner().lease_ttl_millis, 60_000);
+    server.shutdown().await;
+}
+
+/// Fair order across members: with the flooder still running a build, the freed slot goes
+/// to the member who asked last but runs nothing.
+#[tokio::test]
+async fn waiters_are_served_in_fair_order_across_members() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let mut admin = AdminServiceClient::new(ch.clone());
+    let first = acquire_granted(&mut leases, "flood", "f0").await;
+    acquire_granted(&mut leases, "flood", "f1").await;
+    let mut flood = Vec::new();
+    for i in 2..6 {
+        let mut s = wait_for(
+            &mut leases,
+            wait_request("x86_64-linux", "flood", &format!("f{i}")),
+        )
+        .await;
+        assert!(matches!(event(&mut s).await, Some(Event::Waiting(_))));
+        flood.push(s);
+    }
+    let mut other = wait_for(&mut leases, wait_request("x86_64-linux", "other", "o")).await;
+    match event(&mut other).await {
+        Some(Event::Waiting(w)) => assert_eq!(w.queue_position, 1),
+        e => panic!("{e:?}"),
+    }
+    release_ok(&mut leases, &first.lease_id).await;
+    grant_of(&mut other).await;
+    assert_eq!(lease_holders(&mut admin).await, ["flood", "other"]);
+    assert_eq!(waiting(&mut admin).await, 4);
+    server.shutdown().await;
+}
+
+/// A waiter whose stream goes away leaves the queue at once and never holds a slot: the
+/// slot freed next goes to the waiter behind it.
+#[tokio::test]
+async fn a_waiter_that_vanishes_drops_out_and_never_holds_a_slot() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let mut admin = AdminServiceClient::new(ch.clone());
+    let held = acquire_granted(&mut leases, "x", "busy").await;
+    // The vanishing waiter is on its own connection, which it drops.
+    let gone_ch = server.channel().await;
+    let mut gone = wait_for(
+        &mut LeaseServiceClient::new(gone_ch.clone()),
+        wait_request("x86_64-linux", "gone", "g"),
+    )
+    .await;
+    assert!(matches!(event(&mut gone).await, Some(Event::Waiting(_))));
+    let mut next = wait_for(&mut leases, wait_request("x86_64-linux", "next", "n")).await;
+    assert!(matches!(event(&mut next).await, Some(Event::Waiting(w)) if w.queue_position == 2));
+    drop(gone);
+    drop(gone_ch);
+    eventually("the vanished waiter to leave the queue", || {
+        let mut admin = admin.clone();
+        async move { waiting(&mut admin).await == 1 }
+    })
+    .await;
+    release_ok(&mut leases, &held.lease_id).await;
+    let g = grant_of(&mut next).await;
+    assert_eq!(g.host_id, "b1");
+    assert_eq!(lease_holders(&mut admin).await, ["next"]);
+    server.shutdown().await;
+}
+
+/// A scheduler restart: a waiter that re-connects before any agent has re-registered waits
+/// instead of being declined; the agent reports its running build, and the holder's
+/// keep-alive with the lease's details re-attaches it, so the host is not over-committed;
+/// its release then hands the slot to the waiter.
+#[tokio::test]
+async fn after_a_restart_leases_re_attach_and_waiters_wait() {
+    let first = Server::start(Config::default()).await;
+    let ch = first.channel().await;
+    let agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let held = acquire_granted(&mut leases, "alice", "a").await;
+    drop(agent);
+    first.shutdown().await;
+
+    let second = Server::start(Config::default()).await;
+    let ch = second.channel().await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let mut admin = AdminServiceClient::new(ch.clone());
+    let mut waiter = wait_for(&mut leases, wait_request("x86_64-linux", "bob", "b")).await;
+    match event(&mut waiter).await {
+        Some(Event::Waiting(_)) => {}
+        other => panic!("a waiter must not be declined while agents re-register: {other:?}"),
+    }
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    agent
+        .report(Report {
+            running_builds: Some(1),
+            ..Default::default()
+        })
+        .await;
+    let reattach = proto::KeepAliveRequest {
+        lease_id: held.lease_id.clone(),
+        host_id: "b1".into(),
+        client_id: "alice".into(),
+        system: "x86_64-linux".into(),
+        drv_path: "/nix/store/a.drv".into(),
+    };
+    leases.keep_alive(reattach.clone()).await.unwrap();
+    assert_eq!(lease_holders(&mut admin).await, ["alice"]);
+    // Without the details an unknown lease is still NOT_FOUND.
+    let err = leases
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: "0-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // Full: another client is postponed, nothing over-commits b1.
+    assert!(matches!(
+        leases
+            .acquire(acquire("x86_64-linux", "carol", "c", false))
+            .await
+            .unwrap()
+            .into_inner()
+            .outcome,
+        Some(Outcome::Postpone(_))
+    ));
+    let b1 = host(&mut admin, "b1").await;
+    assert_eq!((b1.leases, b1.slots_used), (1, 1));
+    release_ok(&mut leases, &held.lease_id).await;
+    assert_eq!(grant_of(&mut waiter).await.host_id, "b1");
+    second.shutdown().await;
+}
+
+/// Quotas and usage through the admin API: a member at its quota waits with the reason;
+/// raising the quota hands it the free slot at once; usage shows its running builds.
+#[tokio::test]
+async fn quotas_are_set_at_run_time_and_usage_is_reported() {
+    let mut config = Config::default();
+    config.queue.default_member_max_slots = Some(1);
+    let server = Server::start(config).await;
+    let ch = server.channel().await;
+    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 4)).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let mut admin = AdminServiceClient::new(ch.clone());
+    acquire_granted(&mut leases, "m", "one").await;
+    let mut second = wait_for(&mut leases, wait_request("x86_64-linux", "m", "two")).await;
+    match event(&mut second).await {
+        Some(Event::Waiting(w)) => assert!(w.reason.contains("quota of 1"), "{}", w.reason),
+        other => panic!("{other:?}"),
+    }
+    let q = admin
+        .set_quota(proto::SetQuotaRequest {
+            target: Some(proto::set_quota_request::Target::ClientId("m".into())),
+            max_slots: Some(2),
+            priority: -100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.default_member_max_slots, Some(1));
+    assert_eq!(
+        (
+            q.members[0].client_id.as_str(),
+            q.members[0].max_slots,
+            q.members[0].priority
+        ),
+        ("m", Some(2), -100)
+    );
+    grant_of(&mut second).await;
+    let usage = admin
+        .get_usage(proto::GetUsageRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(
+        (
+            usage[0].client_id.as_str(),
+            usage[0].running,
+            usage[0].max_slots
+        ),
+        ("m", 2, Some(2))
+    );
+    assert_eq!(
+        admin
+            .get_quotas(proto::GetQuotasRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+        q
+    );
+    let err = admin
+        .set_quota(proto::SetQuotaRequest {
+            target: Some(proto::set_quota_request::Target::System(
+                "bad system".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("invalid system"),
+        "{}",
+        err.message()
+    );
+    server.shutdown().await;
+}
+
+/// Bad waiting requests and partial re-attach details are refused naming the field; a
+/// client that can build locally is declined at once when nothing is free.
+#[tokio::test]
+async fn waiting_requests_are_validated() {
+    let server = Server::start(Config::default()).await;
+    let ch = server.channel().await;
+    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let bad = proto::WaitForLeaseRequest {
+        pin_host_id: "no such".into(),
+        ..wait_request("x86_64-linux", "m", "x")
+    };
+    let err = leases.wait_for_lease(bad).await.unwrap_err();
+    assert!(
+        err.message().starts_with("invalid pin_host_id"),
+        "{}",
+        err.message()
+    );
+    let err = leases
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: "l".into(),
+            host_id: "b1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("invalid client_id"),
+        "{}",
+        err.message()
+    );
+    acquire_granted(&mut leases, "x", "busy").await;
+    let mut local = wait_for(
+        &mut leases,
+        proto::WaitForLeaseRequest {
+            can_build_locally: true,
+            ..wait_request("x86_64-linux", "m", "y")
+        },
+    )
+    .await;
+    assert!(matches!(event(&mut local).await, Some(Event::Decline(_))));
+    assert!(event(&mut local).await.is_none());
     server.shutdown().await;
 }

@@ -143,6 +143,7 @@ impl Scheduler {
             let mut c = self.client().await?;
             c.keep_alive(KeepAliveRequest {
                 lease_id: lease_id.to_owned(),
+                ..Default::default()
             })
             .await
             .map(|_| ())

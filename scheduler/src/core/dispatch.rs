@@ -133,8 +133,7 @@ impl Scheduler {
             }
             Err(why) => why,
         };
-        let starting = now.since(Time::ZERO) < self.config.report_interval + self.config.grace;
-        if !starting && !self.could_ever_serve(now, req, pin) {
+        if !self.starting(now) && !self.could_ever_serve(now, req, pin) {
             self.waiters.remove_request(&req.client, &req.drv_path);
             return WaitAnswer::DeclinePermanently {
                 reason: self.never_reason(req, pin),
@@ -154,6 +153,12 @@ impl Scheduler {
             status,
             reason,
         }
+    }
+
+    /// Whether `now` is within the first `report_interval + grace` after the clock's epoch
+    /// (the scheduler's start), while agents may still be re-registering after a restart.
+    pub(super) fn starting(&self, now: Time) -> bool {
+        now.since(Time::ZERO) < self.config.report_interval + self.config.grace
     }
 
     /// Queues `req` (or refreshes its waiter); returns the waiter.
@@ -351,7 +356,11 @@ impl Scheduler {
         let ttl = self.config.claim_ttl;
         let grant = self.grant_lease(now, host, &w.client, &system, &w.drv_path, ttl, waited);
         match w.via {
-            Via::Stream => self.waiters.outbox.push(Handout { waiter: id, grant }),
+            Via::Stream => self.waiters.outbox.push(Handout {
+                waiter: id,
+                grant,
+                waited,
+            }),
             Via::Poll => self.waiters.hold(&w.client, &w.drv_path, grant),
         }
     }

@@ -194,7 +194,11 @@ impl Scheduler {
         let id = spec.id.clone();
         let generation = self.registry.connect(now, spec, draining);
         self.waiters.hosts_changed();
-        self.dispatch_host(now, &id);
+        // Right after a start, a host may still run builds granted before it, which only its
+        // first report shows: its slots go to waiters from that report on.
+        if !self.starting(now) {
+            self.dispatch_host(now, &id);
+        }
         generation
     }
 
@@ -372,6 +376,10 @@ impl Scheduler {
                 host_id: host.to_string(),
             })?;
         h.count_lease(client);
+        // The build ran before this run; a report since the host registered counted it.
+        if h.report.running_builds.is_some() {
+            h.leases_at_report += 1;
+        }
         self.ledger.reattach(
             now,
             ttl,

@@ -1028,12 +1028,16 @@ fn a_pinned_waiter_waits_for_its_host() {
 }
 
 /// Right after a start nothing is declined permanently (agents have not registered yet):
-/// the request waits, and is served when a host registers.
+/// the request waits, and is served when a host has registered and reported (its report
+/// shows what still runs there from before the start).
 #[test]
 fn waiters_survive_the_start_up_window() {
     let mut s = sched();
     let w = queued(s.wait(t(100), &req("x86_64-linux", "m", "one"), None));
-    s.connect(t(2_000), spec("a", &["x86_64-linux"], 1));
+    let g = s.connect(t(2_000), spec("a", &["x86_64-linux"], 1));
+    assert!(s.take_handouts().is_empty());
+    s.report(t(2_001), &HostId::new("a"), g, HostReport::default())
+        .unwrap();
     assert_eq!(s.take_handouts()[0].waiter, w);
     assert!(matches!(
         s.wait(t(40_000), &req("riscv64-linux", "m", "two"), None),

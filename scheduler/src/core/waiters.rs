@@ -78,6 +78,8 @@ pub struct Handout {
     pub waiter: WaiterId,
     /// Its lease. The holder MUST keep it alive within `grant.ttl` (the claim window).
     pub grant: Grant,
+    /// How long it waited.
+    pub waited: Duration,
 }
 
 /// Every waiter, and the grants waiting for their pollers.

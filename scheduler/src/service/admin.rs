@@ -31,8 +31,11 @@ impl AdminService {
         let view = {
             let mut core = self.shared.core();
             core.set_draining(&id, draining).map_err(Error::from)?;
+            // An undrained host's free slots go to waiters at once.
+            core.dispatch(now);
             core.host(now, &id)
         };
+        self.shared.deliver();
         info!(host = %id, draining, "drain state changed by an operator");
         self.push_directive(&id);
         view.map(Into::into)
@@ -125,5 +128,45 @@ impl admin_service_server::AdminService for AdminService {
             core.explain(now, &system, &features)
         };
         Ok(Response::new(explanation.into()))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn get_quotas(
+        &self,
+        _request: Request<proto::GetQuotasRequest>,
+    ) -> Result<Response<proto::Quotas>, Status> {
+        Ok(Response::new(self.shared.core().quotas().into()))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn set_quota(
+        &self,
+        request: Request<proto::SetQuotaRequest>,
+    ) -> Result<Response<proto::Quotas>, Status> {
+        let now = self.shared.now();
+        let quotas = {
+            let mut core = self.shared.core();
+            let mut quotas = core.quotas().clone();
+            convert::set_quota(request.get_ref(), &mut quotas).map_err(|e| {
+                metrics::rejected("admin");
+                Status::from(e)
+            })?;
+            core.set_quotas(now, quotas.clone());
+            quotas
+        };
+        info!(request = ?request.get_ref(), "quota changed by an operator");
+        self.shared.deliver();
+        Ok(Response::new((&quotas).into()))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn get_usage(
+        &self,
+        _request: Request<proto::GetUsageRequest>,
+    ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        let members = self.shared.core().members();
+        Ok(Response::new(proto::GetUsageResponse {
+            members: members.into_iter().map(Into::into).collect(),
+        }))
     }
 }

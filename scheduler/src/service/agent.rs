@@ -105,6 +105,7 @@ async fn run_session(
     tracing::Span::current().record("host", id.as_str());
     let (systems, slots) = (spec.systems.len(), spec.max_jobs);
     let generation = shared.core().connect(shared.now(), spec);
+    shared.deliver();
     let superseded = Arc::new(Notify::new());
     let link = AgentLink {
         generation,
@@ -143,6 +144,7 @@ async fn run_session(
                         if let Err(e) = shared.core().report(shared.now(), &id, generation, report) {
                             break Err(e.into());
                         }
+                        shared.deliver();
                         metrics::agent_report();
                         // Never wait for an agent that does not read: each answer carries the
                         // whole current state, so dropping one when the outbox is full loses

@@ -12,7 +12,7 @@ use crate::Error;
 use crate::core::{
     BuildOutcome, CapacityView, ClientId, Decision, DiskSpace, Explanation, Feature, Grant, HostId,
     HostReport, HostSpec, HostState, HostView, LeaseId, LeaseRequest, LeaseView, LoadAverage,
-    Pressure, System,
+    MemberQuota, MemberView, Pressure, Quotas, System, WaitAnswer, WaitStatus,
 };
 
 /// Most systems one host may serve.
@@ -335,28 +335,8 @@ impl TryFrom<proto::AcquireRequest> for LeaseRequest {
     fn try_from(r: proto::AcquireRequest) -> Result<Self, Error> {
         let system = system("system", &r.system)?;
         let required_features = feature_set("required_features", &r.required_features)?;
-        if !r.drv_path.starts_with('/') || !r.drv_path.ends_with(".drv") {
-            return Err(Error::invalid(
-                "drv_path",
-                format!(
-                    "`{}` is not an absolute path ending in .drv",
-                    r.drv_path.escape_debug()
-                ),
-            ));
-        }
-        if r.drv_path.len() > 4096 || r.drv_path.chars().any(char::is_control) {
-            return Err(Error::invalid(
-                "drv_path",
-                "must be at most 4096 bytes without control characters",
-            ));
-        }
-        token(
-            "client_id",
-            &r.client_id,
-            128,
-            |c| c.is_ascii_graphic(),
-            "printable ASCII characters without spaces",
-        )?;
+        drv_path("drv_path", &r.drv_path)?;
+        let client = client_id("client_id", &r.client_id)?;
         if r.exclude_hosts.len() > MAX_EXCLUDED {
             return Err(Error::invalid(
                 "exclude_hosts",
@@ -376,16 +356,219 @@ impl TryFrom<proto::AcquireRequest> for LeaseRequest {
             system,
             required_features,
             drv_path: r.drv_path,
-            client: ClientId::new(r.client_id),
+            client,
             can_build_locally: r.can_build_locally,
             exclude_hosts,
         })
     }
 }
 
-/// The validated lease id of a `KeepAlive`.
-pub(crate) fn keep_alive(r: &proto::KeepAliveRequest) -> Result<LeaseId, Error> {
-    lease_id("lease_id", &r.lease_id)
+fn drv_path(field: &str, v: &str) -> Result<(), Error> {
+    if !v.starts_with('/') || !v.ends_with(".drv") {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "`{}` is not an absolute path ending in .drv",
+                v.escape_debug()
+            ),
+        ));
+    }
+    if v.len() > 4096 || v.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            "must be at most 4096 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn client_id(field: &str, v: &str) -> Result<ClientId, Error> {
+    token(
+        field,
+        v,
+        128,
+        |c| c.is_ascii_graphic(),
+        "printable ASCII characters without spaces",
+    )?;
+    Ok(ClientId::new(v))
+}
+
+/// The validated request of a `WaitForLease`, and the host it is pinned to.
+pub(crate) fn wait(r: proto::WaitForLeaseRequest) -> Result<(LeaseRequest, Option<HostId>), Error> {
+    let pin = if r.pin_host_id.is_empty() {
+        None
+    } else {
+        Some(host_id("pin_host_id", &r.pin_host_id)?)
+    };
+    let req = LeaseRequest::try_from(proto::AcquireRequest {
+        system: r.system,
+        required_features: r.required_features,
+        drv_path: r.drv_path,
+        client_id: r.client_id,
+        can_build_locally: r.can_build_locally,
+        exclude_hosts: r.exclude_hosts,
+    })?;
+    Ok((req, pin))
+}
+
+/// What a `KeepAlive` carries to re-attach a lease after a restart.
+#[derive(Debug)]
+pub(crate) struct Reattach {
+    pub(crate) host: HostId,
+    pub(crate) client: ClientId,
+    pub(crate) system: System,
+    pub(crate) drv_path: String,
+}
+
+/// The validated lease id of a `KeepAlive`, and its details when it carries them.
+pub(crate) fn keep_alive(
+    r: &proto::KeepAliveRequest,
+) -> Result<(LeaseId, Option<Reattach>), Error> {
+    let id = lease_id("lease_id", &r.lease_id)?;
+    let set = [&r.host_id, &r.client_id, &r.system, &r.drv_path]
+        .iter()
+        .filter(|v| !v.is_empty())
+        .count();
+    if set == 0 {
+        return Ok((id, None));
+    }
+    if set < 4 {
+        let missing = [
+            ("host_id", &r.host_id),
+            ("client_id", &r.client_id),
+            ("system", &r.system),
+            ("drv_path", &r.drv_path),
+        ]
+        .into_iter()
+        .find(|(_, v)| v.is_empty())
+        .map_or("host_id", |(f, _)| f);
+        return Err(Error::invalid(
+            missing,
+            "must be set when any of host_id, client_id, system, drv_path is",
+        ));
+    }
+    drv_path("drv_path", &r.drv_path)?;
+    let details = Reattach {
+        host: host_id("host_id", &r.host_id)?,
+        client: client_id("client_id", &r.client_id)?,
+        system: system("system", &r.system)?,
+        drv_path: r.drv_path.clone(),
+    };
+    Ok((id, Some(details)))
+}
+
+/// Highest priority magnitude an operator may set.
+const MAX_PRIORITY: i32 = 10_000;
+
+/// A validated `SetQuota`, applied to `quotas`.
+pub(crate) fn set_quota(r: &proto::SetQuotaRequest, quotas: &mut Quotas) -> Result<(), Error> {
+    use proto::set_quota_request::Target;
+    match &r.target {
+        Some(Target::ClientId(c)) => {
+            let member = client_id("client_id", c)?;
+            if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&r.priority) {
+                return Err(Error::invalid(
+                    "priority",
+                    format!(
+                        "{} is outside -{MAX_PRIORITY} to {MAX_PRIORITY}",
+                        r.priority
+                    ),
+                ));
+            }
+            let q = MemberQuota {
+                max_slots: r.max_slots,
+                priority: r.priority,
+            };
+            if q == MemberQuota::default() {
+                quotas.members.remove(&member);
+            } else {
+                quotas.members.insert(member, q);
+            }
+        }
+        Some(Target::System(s)) => {
+            let s = system("system", s)?;
+            match r.max_slots {
+                Some(n) => quotas.systems.insert(s, n),
+                None => quotas.systems.remove(&s),
+            };
+        }
+        Some(Target::DefaultMember(true)) => quotas.default_member_max_slots = r.max_slots,
+        Some(Target::DefaultMember(false)) | None => {
+            return Err(Error::invalid(
+                "target",
+                "set one of client_id, system, default_member = true",
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl From<&Quotas> for proto::Quotas {
+    fn from(q: &Quotas) -> Self {
+        proto::Quotas {
+            default_member_max_slots: q.default_member_max_slots,
+            members: q
+                .members
+                .iter()
+                .map(|(m, x)| proto::MemberQuota {
+                    client_id: m.to_string(),
+                    max_slots: x.max_slots,
+                    priority: x.priority,
+                })
+                .collect(),
+            systems: q
+                .systems
+                .iter()
+                .map(|(s, n)| proto::SystemQuota {
+                    system: s.to_string(),
+                    max_slots: *n,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<MemberView> for proto::MemberUsage {
+    fn from(m: MemberView) -> Self {
+        proto::MemberUsage {
+            client_id: m.member.to_string(),
+            running: m.running,
+            max_slots: m.max_slots,
+            priority: m.priority,
+            builds: m.usage.builds,
+            build_seconds: m.usage.build_millis as f64 / 1000.0,
+            wait_seconds: m.usage.wait_millis as f64 / 1000.0,
+        }
+    }
+}
+
+/// A `waiting` event.
+pub(crate) fn waiting(status: WaitStatus, reason: String) -> proto::WaitForLeaseResponse {
+    proto::WaitForLeaseResponse {
+        event: Some(proto::wait_for_lease_response::Event::Waiting(
+            proto::Waiting {
+                queue_position: status.position,
+                estimated_wait_millis: millis(status.estimate),
+                reason,
+            },
+        )),
+    }
+}
+
+/// The final event of a `WaitForLease` that did not queue.
+impl From<WaitAnswer> for proto::WaitForLeaseResponse {
+    fn from(a: WaitAnswer) -> Self {
+        use proto::wait_for_lease_response::Event;
+        let event = match a {
+            WaitAnswer::Granted(g) => Event::Granted(g.into()),
+            WaitAnswer::Queued { status, reason, .. } => return waiting(status, reason),
+            WaitAnswer::Decline { reason } => Event::Decline(proto::Decline { reason }),
+            WaitAnswer::DeclinePermanently { reason } => {
+                Event::DeclinePermanently(proto::DeclinePermanently { reason })
+            }
+        };
+        proto::WaitForLeaseResponse { event: Some(event) }
+    }
 }
 
 /// The validated lease id and outcome of a `Release`.

@@ -4,12 +4,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nixdispatch::proto::{self, lease_service_server};
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use tracing::{debug, instrument};
 
-use super::{Shared, convert, metrics};
+use super::{Shared, WaitStream, convert, metrics};
 use crate::Error;
-use crate::core::{Decision, LeaseRequest};
+use crate::core::{Decision, LeaseRequest, WaitAnswer};
 
 /// Serves leases to build hooks.
 #[derive(Debug, Clone)]
@@ -31,6 +32,55 @@ fn rejected(e: crate::Error) -> Status {
 
 #[tonic::async_trait]
 impl lease_service_server::LeaseService for LeaseService {
+    type WaitForLeaseStream = WaitStream;
+
+    #[instrument(level = "debug", skip_all, fields(system, client, drv, pin))]
+    async fn wait_for_lease(
+        &self,
+        request: Request<proto::WaitForLeaseRequest>,
+    ) -> Result<Response<WaitStream>, Status> {
+        let (req, pin) = convert::wait(request.into_inner()).map_err(rejected)?;
+        let span = tracing::Span::current();
+        span.record("system", req.system.as_str());
+        span.record("client", req.client.as_str());
+        span.record("drv", req.drv_path.as_str());
+        if let Some(p) = &pin {
+            span.record("pin", p.as_str());
+        }
+        let now = self.shared.now();
+        let (grant_tx, grant_rx) = oneshot::channel();
+        let answer = {
+            let mut core = self.shared.core();
+            let answer = core.wait(now, &req, pin.as_ref());
+            // Registered under the core's lock: no grant can be made before this exists.
+            if let WaitAnswer::Queued { waiter, .. } = &answer {
+                self.shared.streams().insert(*waiter, grant_tx);
+            }
+            answer
+        };
+        self.shared.deliver();
+        let stream = match answer {
+            WaitAnswer::Queued {
+                waiter,
+                status,
+                reason,
+            } => {
+                debug!(position = status.position, reason, "queued");
+                metrics::queue_wait("queued");
+                WaitStream::queued(self.shared.clone(), waiter, status, reason, grant_rx)
+            }
+            other => {
+                metrics::queue_wait(match &other {
+                    WaitAnswer::Granted(_) => "granted",
+                    WaitAnswer::Decline { .. } => "decline",
+                    _ => "decline_permanently",
+                });
+                WaitStream::answered(other.into())
+            }
+        };
+        Ok(Response::new(stream))
+    }
+
     #[instrument(level = "debug", skip_all, fields(system, client, drv))]
     async fn acquire(
         &self,
@@ -44,6 +94,7 @@ impl lease_service_server::LeaseService for LeaseService {
         span.record("drv", req.drv_path.as_str());
         let now = self.shared.now();
         let decision = self.shared.core().acquire(now, &req);
+        self.shared.deliver();
         let outcome = match &decision {
             Decision::Granted(g) => {
                 debug!(host = %g.host.id, lease = %g.lease_id, used = g.slots_used, "granted");
@@ -73,13 +124,17 @@ impl lease_service_server::LeaseService for LeaseService {
         &self,
         request: Request<proto::KeepAliveRequest>,
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
-        let id = convert::keep_alive(request.get_ref()).map_err(rejected)?;
+        let (id, details) = convert::keep_alive(request.get_ref()).map_err(rejected)?;
         let now = self.shared.now();
-        let ttl = self
-            .shared
-            .core()
-            .keep_alive(now, &id)
-            .map_err(Error::from)?;
+        let ttl = {
+            let mut core = self.shared.core();
+            match &details {
+                Some(d) => core.reattach(now, &id, &d.host, &d.client, &d.system, &d.drv_path),
+                None => core.keep_alive(now, &id),
+            }
+        };
+        self.shared.deliver();
+        let ttl = ttl.map_err(Error::from)?;
         Ok(Response::new(proto::KeepAliveResponse {
             lease_ttl_millis: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
         }))
@@ -100,6 +155,7 @@ impl lease_service_server::LeaseService for LeaseService {
             .core()
             .release(now, &id, outcome)
             .map_err(Error::from)?;
+        self.shared.deliver();
         if !already_released {
             metrics::release(outcome.as_str());
             debug!(

@@ -32,6 +32,60 @@ pub fn describe() {
         "nixdispatch_rpc_rejected_total",
         "Requests rejected as invalid, by service."
     );
+    describe_counter!(
+        "nixdispatch_queue_wait_total",
+        "WaitForLease calls, by first answer (granted, queued, decline, decline_permanently)."
+    );
+    describe_gauge!(
+        "nixdispatch_queue_waiting",
+        "Requests waiting in the queue (streams and polling hooks)."
+    );
+    describe_counter!(
+        "nixdispatch_queue_granted_total",
+        "Grants pushed to waiting streams."
+    );
+    describe_histogram!(
+        "nixdispatch_queue_wait_seconds",
+        Unit::Seconds,
+        "How long a waiting stream waited for its grant."
+    );
+    describe_counter!(
+        "nixdispatch_queue_returned_total",
+        "Grants that went back because their stream was gone before delivery."
+    );
+    describe_counter!(
+        "nixdispatch_queue_abandoned_total",
+        "Waiting streams dropped by their clients before a grant."
+    );
+    describe_counter!(
+        "nixdispatch_queue_progress_total",
+        "Position checks of waiting streams."
+    );
+}
+
+pub(crate) fn queue_wait(outcome: &'static str) {
+    counter!("nixdispatch_queue_wait_total", "outcome" => outcome).increment(1);
+}
+
+pub(crate) fn queue_waiting(n: usize) {
+    gauge!("nixdispatch_queue_waiting").set(n as f64);
+}
+
+pub(crate) fn queue_granted(waited_seconds: f64) {
+    counter!("nixdispatch_queue_granted_total").increment(1);
+    histogram!("nixdispatch_queue_wait_seconds").record(waited_seconds);
+}
+
+pub(crate) fn queue_returned() {
+    counter!("nixdispatch_queue_returned_total").increment(1);
+}
+
+pub(crate) fn queue_abandoned() {
+    counter!("nixdispatch_queue_abandoned_total").increment(1);
+}
+
+pub(crate) fn queue_progress() {
+    counter!("nixdispatch_queue_progress_total").increment(1);
 }
 
 pub(crate) fn acquire(outcome: &'static str, seconds: f64) {

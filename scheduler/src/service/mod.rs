@@ -9,19 +9,22 @@ mod agent;
 pub(crate) mod convert;
 mod lease;
 pub mod metrics;
+mod wait;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
-use nixdispatch::proto::SchedulerMessage;
-use tokio::sync::{Notify, mpsc, watch};
+use nixdispatch::proto::{self, SchedulerMessage};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 pub use admin::AdminService;
 pub use agent::AgentService;
 pub use lease::LeaseService;
+pub use wait::WaitStream;
 
 use crate::config::Config;
-use crate::core::{Clock, Generation, HostId, Scheduler, Time};
+use crate::core::{Clock, Generation, HostId, LeaseId, Scheduler, Time, WaitAnswer, WaiterId};
 
 /// A clock on tokio's time, so that tests with `tokio::time::pause()` control it.
 #[derive(Debug)]
@@ -66,6 +69,10 @@ pub struct Shared {
     clock: Arc<dyn Clock>,
     config: Config,
     agents: DashMap<HostId, AgentLink>,
+    /// Where each waiting stream's grant goes. Entries are added under the core's lock in
+    /// the call that queues the waiter, so a grant never finds its waiter unregistered.
+    /// Lock order: the core, then this; never the other way round.
+    streams: Mutex<HashMap<WaiterId, oneshot::Sender<proto::WaitForLeaseResponse>>>,
     /// Becomes `true` when the server shuts down: agent streams end.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -96,6 +103,7 @@ impl Shared {
             clock,
             config,
             agents: DashMap::new(),
+            streams: Mutex::new(HashMap::new()),
             shutdown,
         })
     }
@@ -117,17 +125,85 @@ impl Shared {
         self.core().policy_name()
     }
 
-    /// Expires leases that were not kept alive; called periodically by the server.
+    /// Expires leases that were not kept alive and hands any free slot to waiters (for
+    /// what changes with time alone, e.g. a cooldown running out); called periodically by
+    /// the server.
     pub fn tick(&self) {
         let now = self.now();
-        let (expired, active) = {
+        let (expired, active, waiting) = {
             let mut core = self.core();
-            (core.expire(now), core.lease_count())
+            let expired = core.expire(now);
+            core.dispatch(now);
+            (expired, core.lease_count(), core.waiting())
         };
+        self.deliver();
         if expired > 0 {
             metrics::lease_expired(expired);
         }
         metrics::leases_active(active);
+        metrics::queue_waiting(waiting);
+    }
+
+    /// The waiting streams' grant channels, locked.
+    fn streams(
+        &self,
+    ) -> MutexGuard<'_, HashMap<WaiterId, oneshot::Sender<proto::WaitForLeaseResponse>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pushes the grants the core made to waiting streams. A grant whose stream is already
+    /// gone goes back to the core, and its slot on to the next waiter. Called after every
+    /// core operation that can free a slot.
+    pub(crate) fn deliver(&self) {
+        loop {
+            let handouts = self.core().take_handouts();
+            if handouts.is_empty() {
+                return;
+            }
+            let mut returned: Vec<LeaseId> = Vec::new();
+            {
+                let mut streams = self.streams();
+                for h in handouts {
+                    let lease = h.grant.lease_id.clone();
+                    let event = WaitAnswer::Granted(h.grant).into();
+                    let sent = match streams.remove(&h.waiter) {
+                        Some(tx) => tx.send(event).is_ok(),
+                        None => false,
+                    };
+                    if sent {
+                        metrics::queue_granted(h.waited.as_secs_f64());
+                    } else {
+                        returned.push(lease);
+                    }
+                }
+            }
+            if returned.is_empty() {
+                return;
+            }
+            let now = self.now();
+            let mut core = self.core();
+            for lease in &returned {
+                core.return_grant(now, lease);
+                metrics::queue_returned();
+            }
+        }
+    }
+
+    /// A waiting stream was dropped: its waiter leaves the queue, and `unread`, a grant
+    /// that reached it but was never sent, goes back.
+    pub(crate) fn abandon(&self, waiter: WaiterId, unread: Option<LeaseId>) {
+        self.streams().remove(&waiter);
+        let now = self.now();
+        {
+            let mut core = self.core();
+            core.cancel_wait(now, waiter);
+            if let Some(lease) = &unread {
+                core.return_grant(now, lease);
+                metrics::queue_returned();
+            }
+        }
+        metrics::queue_abandoned();
+        self.deliver();
     }
 
     /// The message that tells host `id`'s agent its deadline and drain state.
