@@ -191,18 +191,20 @@ impl Scheduler {
 
     /// Where waiter `id` stands, or `None` when it is no longer waiting (served, cancelled,
     /// or gone).
-    pub fn wait_status(&self, now: Time, id: WaiterId) -> Option<WaitStatus> {
-        let w = self.waiters.get(id)?;
-        let class = &self.waiters.class(w.class)?.class;
+    pub fn wait_status(&mut self, now: Time, id: WaiterId) -> Option<WaitStatus> {
+        let c = self.waiters.get(id)?.class;
+        let class = self.waiters.class(c)?.class.clone();
         let position = self.position(id);
-        // Slots of the hosts that serve the class now. `O(hosts)`; the service asks once per
-        // progress interval per waiter.
-        let slots: u32 = self
-            .registry
-            .iter()
-            .filter(|h| fits(h, class) && eligibility::open(now, &self.config, h).is_ok())
-            .map(|h| h.spec.max_jobs)
-            .sum();
+        // Slots of the hosts that serve the class now: `O(hosts)`, so counted at most once
+        // a second per class however many waiters ask.
+        let (registry, config) = (&self.registry, &self.config);
+        let slots = self.waiters.slots(now, c, || {
+            registry
+                .iter()
+                .filter(|h| fits(h, &class) && eligibility::open(now, config, h).is_ok())
+                .map(|h| h.spec.max_jobs)
+                .sum()
+        });
         let mean = self.durations.overall();
         let estimate = mean.mul_f64(f64::from(position) / f64::from(slots.max(1)));
         Some(WaitStatus { position, estimate })

@@ -100,7 +100,13 @@ pub(super) struct Waiters {
     /// Whether the hosts fitting one class are a strict subset of those fitting another,
     /// by spec; cleared when a host registers or changes its spec.
     narrower: HashMap<(Class, Class), bool>,
+    /// Slots serving each class, and when they were counted (for estimates: counting walks
+    /// every host, so it is done at most once per [`SLOTS_FRESH`] per class).
+    slots: HashMap<u32, (Time, u32)>,
 }
+
+/// How long a class's slot count is reused for estimates.
+const SLOTS_FRESH: Duration = Duration::from_secs(1);
 
 /// A new waiter, as [`Waiters::enqueue`] takes it.
 pub(super) struct NewWaiter<'a> {
@@ -239,6 +245,7 @@ impl Waiters {
             if q.len == 0 {
                 let q = self.classes.remove(&w.class).expect("present");
                 self.class_ids.remove(&q.class);
+                self.slots.remove(&w.class);
             }
         }
         Some(w)
@@ -304,6 +311,19 @@ impl Waiters {
             pos += (mq.len() as u64).min(r + ahead);
         }
         u32::try_from(pos).unwrap_or(u32::MAX)
+    }
+
+    /// The slots serving class `c` as counted at most [`SLOTS_FRESH`] ago, else counted
+    /// anew by `count`.
+    pub(super) fn slots(&mut self, now: Time, c: u32, count: impl FnOnce() -> u32) -> u32 {
+        match self.slots.get(&c) {
+            Some(&(at, n)) if now.since(at) < SLOTS_FRESH => n,
+            _ => {
+                let n = count();
+                self.slots.insert(c, (now, n));
+                n
+            }
+        }
     }
 
     /// Waiters per system.

@@ -1040,6 +1040,88 @@ mod tests {
         assert_eq!(g.lease_ttl_millis, 60_000);
     }
 
+    /// A waiting request validates like an acquire and names its pin; a keep-alive either
+    /// carries all four re-attach details or none, naming the first one missing.
+    #[test]
+    fn wait_and_keep_alive_fields_are_named() {
+        let good = proto::WaitForLeaseRequest {
+            system: "x86_64-linux".into(),
+            drv_path: "/nix/store/abc-hello.drv".into(),
+            client_id: "m".into(),
+            pin_host_id: "b1".into(),
+            ..Default::default()
+        };
+        let (req, pin) = wait(good.clone()).unwrap();
+        assert_eq!((req.client.as_str(), pin), ("m", Some(HostId::new("b1"))));
+        let cases: Cases<proto::WaitForLeaseRequest> = vec![
+            ("pin_host_id", Box::new(|r| r.pin_host_id = "a/b".into())),
+            ("drv_path", Box::new(|r| r.drv_path = "x".into())),
+            ("client_id", Box::new(|r| r.client_id.clear())),
+        ];
+        for (field, mutate) in cases {
+            let mut r = good.clone();
+            mutate(&mut r);
+            assert_eq!(field_of(wait(r).unwrap_err()), field);
+        }
+        let full = proto::KeepAliveRequest {
+            lease_id: "l".into(),
+            host_id: "b1".into(),
+            client_id: "m".into(),
+            system: "x86_64-linux".into(),
+            drv_path: "/nix/store/abc-hello.drv".into(),
+        };
+        assert!(keep_alive(&full).unwrap().1.is_some());
+        let bare = proto::KeepAliveRequest {
+            lease_id: "l".into(),
+            ..Default::default()
+        };
+        assert!(keep_alive(&bare).unwrap().1.is_none());
+        let cases: Cases<proto::KeepAliveRequest> = vec![
+            ("system", Box::new(|r| r.system.clear())),
+            ("host_id", Box::new(|r| r.host_id = "a b".into())),
+            ("drv_path", Box::new(|r| r.drv_path = "rel.drv".into())),
+            ("lease_id", Box::new(|r| r.lease_id.clear())),
+        ];
+        for (field, mutate) in cases {
+            let mut r = full.clone();
+            mutate(&mut r);
+            assert_eq!(field_of(keep_alive(&r).unwrap_err()), field);
+        }
+    }
+
+    /// `SetQuota` sets and clears member, system and default quotas, and names bad fields.
+    #[test]
+    fn set_quota_applies_and_names_fields() {
+        use proto::set_quota_request::Target;
+        let mut q = Quotas::default();
+        let set = |target, max_slots, priority| proto::SetQuotaRequest {
+            target: Some(target),
+            max_slots,
+            priority,
+        };
+        set_quota(&set(Target::ClientId("m".into()), Some(3), -50), &mut q).unwrap();
+        set_quota(
+            &set(Target::System("x86_64-linux".into()), Some(9), 0),
+            &mut q,
+        )
+        .unwrap();
+        set_quota(&set(Target::DefaultMember(true), Some(2), 0), &mut q).unwrap();
+        assert_eq!(q.member_max(&ClientId::new("m")), Some(3));
+        assert_eq!(q.member_max(&ClientId::new("n")), Some(2));
+        assert_eq!(q.systems[&System::new("x86_64-linux")], 9);
+        set_quota(&set(Target::ClientId("m".into()), None, 0), &mut q).unwrap();
+        set_quota(&set(Target::System("x86_64-linux".into()), None, 0), &mut q).unwrap();
+        assert!(q.members.is_empty() && q.systems.is_empty());
+        let bad = |r| field_of(set_quota(&r, &mut Quotas::default()).unwrap_err());
+        assert_eq!(
+            bad(set(Target::ClientId("m".into()), None, 20_000)),
+            "priority"
+        );
+        assert_eq!(bad(set(Target::ClientId("".into()), None, 0)), "client_id");
+        assert_eq!(bad(set(Target::DefaultMember(false), None, 0)), "target");
+        assert_eq!(bad(proto::SetQuotaRequest::default()), "target");
+    }
+
     mod arbitrary {
         use proptest::prelude::*;
 
