@@ -280,6 +280,99 @@ pub fn explain_json(e: &proto::ExplainPlacementResponse) -> Value {
     })
 }
 
+/// `nixdispatch quota`: one row per quota.
+pub fn quotas_table(q: &proto::Quotas) -> String {
+    let mut rows = vec![vec![
+        "default".to_owned(),
+        "(every member)".to_owned(),
+        opt(q.default_member_max_slots),
+        "0".to_owned(),
+    ]];
+    rows.extend(q.members.iter().map(|m| {
+        vec![
+            "member".to_owned(),
+            m.client_id.clone(),
+            opt(m.max_slots),
+            m.priority.to_string(),
+        ]
+    }));
+    rows.extend(q.systems.iter().map(|s| {
+        vec![
+            "system".to_owned(),
+            s.system.clone(),
+            s.max_slots.to_string(),
+            "-".to_owned(),
+        ]
+    }));
+    table(&["SCOPE", "NAME", "MAX_SLOTS", "PRIORITY"], &rows)
+}
+
+/// `nixdispatch --json quota`.
+pub fn quotas_json(q: &proto::Quotas) -> Value {
+    json!({
+        "default_member_max_slots": q.default_member_max_slots,
+        "members": q.members.iter().map(|m| json!({
+            "client_id": m.client_id,
+            "max_slots": m.max_slots,
+            "priority": m.priority,
+        })).collect::<Vec<_>>(),
+        "systems": q.systems.iter().map(|s| json!({
+            "system": s.system,
+            "max_slots": s.max_slots,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `nixdispatch usage`.
+pub fn usage_table(members: &[proto::MemberUsage]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                m.client_id.clone(),
+                m.running.to_string(),
+                opt(m.max_slots),
+                m.priority.to_string(),
+                m.builds.to_string(),
+                format!("{:.0}", m.build_seconds),
+                format!("{:.0}", m.wait_seconds),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "MEMBER",
+            "RUNNING",
+            "MAX_SLOTS",
+            "PRIORITY",
+            "BUILDS",
+            "BUILD_S",
+            "WAIT_S",
+        ],
+        &rows,
+    )
+}
+
+/// `nixdispatch --json usage`.
+pub fn usage_json(members: &[proto::MemberUsage]) -> Value {
+    Value::Array(
+        members
+            .iter()
+            .map(|m| {
+                json!({
+                    "client_id": m.client_id,
+                    "running": m.running,
+                    "max_slots": m.max_slots,
+                    "priority": m.priority,
+                    "builds": m.builds,
+                    "build_seconds": m.build_seconds,
+                    "wait_seconds": m.wait_seconds,
+                })
+            })
+            .collect(),
+    )
+}
+
 /// An answer the CLI prints: as a table for people, or as JSON for scripts.
 pub trait Render {
     /// The plain-text form.
@@ -333,9 +426,74 @@ impl Render for proto::ExplainPlacementResponse {
     }
 }
 
+impl Render for proto::Quotas {
+    fn table(&self) -> String {
+        quotas_table(self)
+    }
+    fn json(&self) -> Value {
+        quotas_json(self)
+    }
+}
+
+impl Render for Vec<proto::MemberUsage> {
+    fn table(&self) -> String {
+        usage_table(self)
+    }
+    fn json(&self) -> Value {
+        usage_json(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Quotas list the default first, then members and systems; an absent limit is `-`.
+    #[test]
+    fn quotas_table_lists_every_scope() {
+        let q = proto::Quotas {
+            default_member_max_slots: None,
+            members: vec![proto::MemberQuota {
+                client_id: "alice".into(),
+                max_slots: Some(2),
+                priority: -100,
+            }],
+            systems: vec![proto::SystemQuota {
+                system: "x86_64-linux".into(),
+                max_slots: 20,
+            }],
+        };
+        let t = quotas_table(&q);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[1].starts_with("default  (every member)  -"), "{t}");
+        assert!(
+            lines[2].contains("alice") && lines[2].ends_with("-100"),
+            "{t}"
+        );
+        assert_eq!(quotas_json(&q)["systems"][0]["max_slots"], 20);
+        assert_eq!(quotas_json(&q)["default_member_max_slots"], Value::Null);
+    }
+
+    /// Usage rounds seconds and keeps an absent limit null in JSON.
+    #[test]
+    fn usage_rounds_seconds() {
+        let m = proto::MemberUsage {
+            client_id: "bob".into(),
+            running: 1,
+            max_slots: None,
+            priority: 0,
+            builds: 3,
+            build_seconds: 61.6,
+            wait_seconds: 0.2,
+        };
+        let t = usage_table(std::slice::from_ref(&m));
+        assert!(
+            t.lines().nth(1).unwrap().ends_with("3       62       0"),
+            "{t}"
+        );
+        assert_eq!(usage_json(&[m])[0]["max_slots"], Value::Null);
+    }
 
     fn host() -> proto::HostStatus {
         proto::HostStatus {

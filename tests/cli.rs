@@ -31,8 +31,8 @@ async fn cli(addr: std::net::SocketAddr, args: &[&str]) -> (bool, String, String
     )
 }
 
-/// hosts, capacity, explain, drain, undrain and leases work end to end, as tables and JSON,
-/// and errors from the scheduler reach the operator with their code.
+/// hosts, capacity, explain, drain, undrain, leases, quota and usage work end to end, as
+/// tables and JSON, and errors from the scheduler reach the operator with their code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_against_a_real_scheduler() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -108,6 +108,38 @@ async fn operator_commands_against_a_real_scheduler() {
     let (ok, out, _) = cli(addr, &["leases"]).await;
     assert!(ok);
     assert_eq!(out.lines().count(), 1, "only the header: {out}");
+
+    let (ok, out, _) = cli(
+        addr,
+        &[
+            "quota",
+            "member",
+            "alice",
+            "--max-slots",
+            "2",
+            "--priority",
+            "-100",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("member   alice")),
+        "{out}"
+    );
+    cli(
+        addr,
+        &["quota", "system", "x86_64-linux", "--max-slots", "4"],
+    )
+    .await;
+    let (_, out, _) = cli(addr, &["--json", "quota"]).await;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["members"][0]["priority"], -100);
+    assert_eq!(v["systems"][0]["max_slots"], 4);
+    let (ok, out, _) = cli(addr, &["usage"]).await;
+    assert!(ok && out.starts_with("MEMBER"), "{out}");
+    let (ok, _, err) = cli(addr, &["quota", "system", "bad system"]).await;
+    assert!(!ok && err.contains("invalid system"), "{err}");
 
     let (ok, _, err) = cli(addr, &["drain", "nope"]).await;
     assert!(!ok);

@@ -57,6 +57,42 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         features: Vec<String>,
     },
+    /// The quotas in force, or change one (then the quotas after the change).
+    Quota {
+        #[command(subcommand)]
+        change: Option<QuotaChange>,
+    },
+    /// Per member: running builds, quota, priority, builds, build and wait seconds.
+    Usage,
+}
+
+#[derive(Debug, Subcommand)]
+enum QuotaChange {
+    /// A member's limit and priority (no limit: the default applies).
+    Member {
+        /// The member's client id.
+        client_id: String,
+        /// Most live leases at once.
+        #[arg(long)]
+        max_slots: Option<u32>,
+        /// Fair-order weight: -100 doubles the member's share, 100 halves it.
+        #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+        priority: i32,
+    },
+    /// A system's limit, all members together (no limit: removed).
+    System {
+        /// The system, e.g. x86_64-linux.
+        system: String,
+        /// Most live leases at once.
+        #[arg(long)]
+        max_slots: Option<u32>,
+    },
+    /// The limit of members without their own (no limit: unlimited).
+    Default {
+        /// Most live leases at once.
+        #[arg(long)]
+        max_slots: Option<u32>,
+    },
 }
 
 async fn run(args: Args) -> anyhow::Result<String> {
@@ -107,6 +143,46 @@ async fn run(args: Args) -> anyhow::Result<String> {
                 })
                 .await?
                 .into_inner(),
+        ),
+        Command::Quota { change: None } => Box::new(
+            admin
+                .get_quotas(proto::GetQuotasRequest {})
+                .await?
+                .into_inner(),
+        ),
+        Command::Quota {
+            change: Some(change),
+        } => {
+            use proto::set_quota_request::Target;
+            let request = match change {
+                QuotaChange::Member {
+                    client_id,
+                    max_slots,
+                    priority,
+                } => proto::SetQuotaRequest {
+                    target: Some(Target::ClientId(client_id)),
+                    max_slots,
+                    priority,
+                },
+                QuotaChange::System { system, max_slots } => proto::SetQuotaRequest {
+                    target: Some(Target::System(system)),
+                    max_slots,
+                    priority: 0,
+                },
+                QuotaChange::Default { max_slots } => proto::SetQuotaRequest {
+                    target: Some(Target::DefaultMember(true)),
+                    max_slots,
+                    priority: 0,
+                },
+            };
+            Box::new(admin.set_quota(request).await?.into_inner())
+        }
+        Command::Usage => Box::new(
+            admin
+                .get_usage(proto::GetUsageRequest {})
+                .await?
+                .into_inner()
+                .members,
         ),
     };
     Ok(if args.json {
