@@ -62,6 +62,13 @@ pub struct AgentsConfig {
     pub grace_millis: u64,
     /// How long a new stream may take to send its registration, milliseconds. Default 10000.
     pub register_timeout_millis: u64,
+    /// How long a host whose agent is gone stays listed before the scheduler forgets it,
+    /// milliseconds (a host with live leases is kept until they end; drains are operator
+    /// state and outlive this). Default 3600000 (one hour): long enough for an operator to
+    /// see a dead builder in `nixdispatch hosts` (alerts fire on host state within minutes,
+    /// and history lives in Prometheus), short enough that hosts renamed or retired do not
+    /// pile up.
+    pub forget_gone_after_millis: u64,
 }
 
 impl Default for AgentsConfig {
@@ -70,6 +77,7 @@ impl Default for AgentsConfig {
             report_interval_millis: 10_000,
             grace_millis: 20_000,
             register_timeout_millis: 10_000,
+            forget_gone_after_millis: 3_600_000,
         }
     }
 }
@@ -235,6 +243,7 @@ impl Config {
             waiter_ttl: Duration::from_millis(self.leases.waiter_ttl_millis),
             unreachable_cooldown: Duration::from_millis(self.leases.unreachable_cooldown_millis),
             admission: self.admission.clone(),
+            forget_gone_after: Duration::from_millis(self.agents.forget_gone_after_millis),
             ..CoreConfig::default()
         }
     }
@@ -263,6 +272,7 @@ mod tests {
             report_interval_millis = 500
             grace_millis = 1000
             register_timeout_millis = 2000
+            forget_gone_after_millis = 60000
             [leases]
             ttl_millis = 3000
             postpone_retry_millis = 1000

@@ -27,6 +27,7 @@
 
 mod eligibility;
 mod error;
+mod index;
 mod ledger;
 mod operator;
 mod placement;
@@ -51,6 +52,7 @@ pub use rng::SplitMix64;
 pub use types::*;
 pub use views::{CapacityView, Explanation, HostView, LeaseView, Verdict};
 
+use index::HostIndex;
 use ledger::Ledger;
 use registry::Registry;
 use waiters::Waiters;
@@ -85,6 +87,8 @@ pub struct CoreConfig {
     /// long; when [`UNREACHABLE_QUORUM`] distinct clients report it within this time, nobody
     /// does until the reports age out.
     pub unreachable_cooldown: Duration,
+    /// A host whose agent has been gone this long, and that holds no lease, is forgotten.
+    pub forget_gone_after: Duration,
 }
 
 /// How many distinct clients must report a host unreachable before it is held back for
@@ -102,6 +106,7 @@ impl Default for CoreConfig {
             admission: Admission::default(),
             remembered_leases: 65_536,
             unreachable_cooldown: Duration::from_secs(60),
+            forget_gone_after: Duration::from_secs(3600),
         }
     }
 }
@@ -111,6 +116,8 @@ impl Default for CoreConfig {
 pub struct Scheduler {
     config: CoreConfig,
     registry: Registry,
+    /// Hosts by capability class and load, for the least-loaded policy's fast path.
+    index: HostIndex,
     ledger: Ledger,
     operator: OperatorState,
     waiters: Waiters,
@@ -127,6 +134,7 @@ impl Scheduler {
             ledger: Ledger::new(boot_nonce, config.remembered_leases),
             config,
             registry: Registry::default(),
+            index: HostIndex::default(),
             operator: OperatorState::default(),
             waiters: Waiters::default(),
             policy,
@@ -149,7 +157,17 @@ impl Scheduler {
     /// host is superseded (its later calls fail with `Error::Superseded`).
     pub fn connect(&mut self, now: Time, spec: HostSpec) -> Generation {
         let draining = self.operator.is_draining(&spec.id);
-        self.registry.connect(now, spec, draining)
+        let id = spec.id.clone();
+        let generation = self.registry.connect(now, spec, draining);
+        self.reindex(&id);
+        generation
+    }
+
+    /// Brings host `id`'s index entry up to date; called after anything about it changed.
+    fn reindex(&mut self, id: &HostId) {
+        if let Some(host) = self.registry.get(id) {
+            self.index.update(host, &mut self.rng);
+        }
     }
 
     /// Records a report from the stream `generation` of host `id`.
@@ -165,6 +183,7 @@ impl Scheduler {
         host.gate_closed = host.gate(&self.config.admission).is_some();
         host.leases_at_report = host.leases;
         host.last_seen = now;
+        self.reindex(id);
         Ok(())
     }
 
@@ -173,13 +192,18 @@ impl Scheduler {
     pub fn disconnect(&mut self, now: Time, id: &HostId, generation: Generation) {
         if let Ok(host) = self.registry.connected_mut(id, generation) {
             host.link = registry::Link::Disconnected { since: now };
+            self.reindex(id);
         }
     }
 
     /// The agent of host `id` is leaving: no new leases from now on.
     pub fn goodbye(&mut self, id: &HostId, generation: Generation) -> Result<(), Error> {
         let host = self.registry.connected_mut(id, generation)?;
-        host.link = registry::Link::Left;
+        // Its last message is the goodbye's moment, near enough for forgetting it later.
+        host.link = registry::Link::Left {
+            since: host.last_seen,
+        };
+        self.reindex(id);
         Ok(())
     }
 
@@ -193,6 +217,7 @@ impl Scheduler {
             })?;
         host.draining = draining;
         self.operator.set_draining(id, draining);
+        self.reindex(id);
         Ok(draining)
     }
 
@@ -252,15 +277,23 @@ impl Scheduler {
     fn uncount(&mut self, lease: &ledger::Lease) {
         if let Some(host) = self.registry.get_mut(&lease.host) {
             host.uncount_lease(&lease.client);
+            self.reindex(&lease.host);
         }
     }
 
-    /// Expires every lease not kept alive until `now`; returns how many expired.
+    /// Expires every lease not kept alive until `now`, and forgets hosts gone for longer
+    /// than the retention; returns how many leases expired.
     pub fn expire(&mut self, now: Time) -> usize {
         let mut n = 0;
         while let Some(lease) = self.ledger.pop_expired(now) {
             self.uncount(&lease);
             n += 1;
+        }
+        for id in self
+            .registry
+            .forget_gone(now, self.config.forget_gone_after)
+        {
+            self.index.remove(&id);
         }
         n
     }
@@ -273,6 +306,11 @@ impl Scheduler {
     /// Live leases.
     pub fn lease_count(&self) -> usize {
         self.ledger.len()
+    }
+
+    /// Entries in the lease expiry queue: never more than the live leases.
+    pub fn expiry_entries(&self) -> usize {
+        self.ledger.expiry_entries()
     }
 }
 

@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 
 use super::eligibility::{self, Ask, Unfit};
+use super::index::FreeKey;
 use super::policy::Candidate;
 use super::registry::{Host, Registry};
 use super::{
@@ -65,6 +66,15 @@ impl Scheduler {
     /// Decides a request. See [`Decision`].
     pub fn acquire(&mut self, now: Time, req: &LeaseRequest) -> Decision {
         self.expire(now);
+        if self.policy.least_loaded() {
+            return match self.choose_indexed(now, req) {
+                Some(id) => self.granted(now, &id, req),
+                None => {
+                    let reason = self.example_unfit(now, req);
+                    self.no_host(now, req, reason)
+                }
+            };
+        }
         let global = self.policy.sees_global_load();
         let found = admit(
             req,
@@ -90,8 +100,116 @@ impl Scheduler {
         // Stage three: the policy chooses.
         let i = self.policy.choose(&found.candidates, &mut self.rng);
         let id = found.ids[i].clone();
+        self.granted(now, &id, req)
+    }
+
+    /// Stages one to three for the least-loaded policy, from the index: the best free host
+    /// of each class that serves the request, checked by `eligibility::assess` for what the
+    /// index cannot know (lateness, exclusions, the client's own unreachable reports), and
+    /// the best of those. Hosts found late leave the free set until they report again.
+    pub(super) fn choose_indexed(&mut self, now: Time, req: &LeaseRequest) -> Option<HostId> {
+        let classes = self.index.classes_for(&req.system, &req.required_features);
+        let ask = Ask {
+            system: &req.system,
+            mask: self.registry.system_bits().request_mask(&req.system),
+            features: &req.required_features,
+            client: Some(&req.client),
+            exclude: &req.exclude_hosts,
+        };
+        let mut best: Option<&FreeKey> = None;
+        let mut late = Vec::new();
+        for &c in classes.iter() {
+            for key in self.index.free(c) {
+                if best.is_some_and(|b| key >= b) {
+                    break;
+                }
+                let Some(host) = self.registry.get(&key.2) else {
+                    continue;
+                };
+                match eligibility::assess(now, &self.config, true, host, &ask) {
+                    Ok(_) => {
+                        best = Some(key);
+                        break;
+                    }
+                    Err(Unfit::Late) => late.push(key.2.clone()),
+                    Err(_) => {}
+                }
+            }
+        }
+        let chosen = best.map(|k| k.2.clone());
+        for id in late {
+            self.index.close(&id);
+        }
+        chosen
+    }
+
+    /// The lowest least-loaded score among the hosts a full scan finds eligible for `req`:
+    /// what [`Self::choose_indexed`] must agree with.
+    #[cfg(test)]
+    pub(super) fn scan_best_score(&self, now: Time, req: &LeaseRequest) -> Option<f64> {
+        find_candidates(now, &self.config, true, &self.registry, req)
+            .candidates
+            .iter()
+            .map(Candidate::score)
+            .min_by(f64::total_cmp)
+    }
+
+    /// The least-loaded score of host `id` now.
+    #[cfg(test)]
+    pub(super) fn score_of(&self, id: &HostId) -> Option<f64> {
+        let h = self.registry.get(id)?;
+        Some((f64::from(h.used()) + 1.0) / (f64::from(h.spec.max_jobs) * h.spec.speed_factor))
+    }
+
+    /// Why a host that serves `req` cannot take it now, as `"<host>: <reason>"`, for the
+    /// user's message when nothing is free; looks at the serving classes' hosts only.
+    fn example_unfit(&self, now: Time, req: &LeaseRequest) -> Option<String> {
+        let ask = Ask {
+            system: &req.system,
+            mask: self.registry.system_bits().request_mask(&req.system),
+            features: &req.required_features,
+            client: Some(&req.client),
+            exclude: &req.exclude_hosts,
+        };
+        let global = self.policy.sees_global_load();
+        let mut example = None;
+        for c in self
+            .index
+            .classes_serving(&req.system, &req.required_features)
+        {
+            for id in self.index.members(c) {
+                let Some(host) = self.registry.get(id) else {
+                    continue;
+                };
+                if let Err(unfit) = eligibility::assess(now, &self.config, global, host, &ask) {
+                    example = Some((host, unfit));
+                    // A live host's reason says more than a gone one's.
+                    if host.state(now, &self.config) != HostState::Gone {
+                        break;
+                    }
+                }
+            }
+        }
+        example.map(|(host, unfit)| {
+            format!(
+                "{}: {}",
+                host.spec.id,
+                eligibility::describe(
+                    now,
+                    &self.config,
+                    host,
+                    unfit,
+                    &req.system,
+                    &req.required_features
+                )
+            )
+        })
+    }
+
+    /// Records the grant of `id` to `req`.
+    fn granted(&mut self, now: Time, id: &HostId, req: &LeaseRequest) -> Decision {
         self.waiters.remove(&req.client, &req.drv_path);
-        Decision::Granted(self.grant(now, &id, req))
+        Decision::Granted(self.grant(now, id, req))
     }
 
     /// The answer when no host can take `req` now.
@@ -125,16 +243,19 @@ impl Scheduler {
     }
 
     /// Whether some host that is not gone (drained ones included) could ever build this.
+    /// Looks only at the classes that serve the request, usually at one host of each.
     pub(super) fn could_ever_build(
         &self,
         now: Time,
         system: &super::System,
         features: &std::collections::BTreeSet<Feature>,
     ) -> bool {
-        self.registry.iter().any(|h| {
-            h.state(now, &self.config) != HostState::Gone
-                && h.builds(system)
-                && h.features_fit(features)
+        self.index.classes_serving(system, features).any(|c| {
+            self.index.members(c).any(|id| {
+                self.registry
+                    .get(id)
+                    .is_some_and(|h| h.state(now, &self.config) != HostState::Gone)
+            })
         })
     }
 
@@ -154,12 +275,14 @@ impl Scheduler {
             .get_mut(host_id)
             .expect("candidate hosts exist");
         host.count_lease(&req.client);
-        Grant {
+        let grant = Grant {
             lease_id,
             host: host.spec.clone(),
             ttl,
             slots_used: host.used(),
             slots_total: host.spec.max_jobs,
-        }
+        };
+        self.reindex(host_id);
+        grant
     }
 }
