@@ -215,6 +215,13 @@ impl Registry {
         self.hosts.values()
     }
 
+    /// The hosts after `after` (all of them for `None`), by id.
+    pub(super) fn after<'a>(&'a self, after: Option<&HostId>) -> impl Iterator<Item = &'a Host> {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, |id| Bound::Excluded(id.clone()));
+        self.hosts.range((start, Bound::Unbounded)).map(|(_, h)| h)
+    }
+
     /// Forgets hosts whose agent has been gone for longer than `retention` and that hold no
     /// lease; returns their ids. Runs at most once per [`FORGET_SWEEP_EVERY`].
     pub(super) fn forget_gone(&mut self, now: Time, retention: Duration) -> Vec<HostId> {

@@ -833,3 +833,24 @@ fn gone_hosts_are_forgotten_after_the_retention() {
     s.connect(t(retention + 140_000), spec("a", &["x86_64-linux"], 1));
     assert_eq!(s.is_draining(&HostId::new("a")), Some(true));
 }
+
+/// Reading the hosts in pages gives exactly the whole list, in order.
+#[test]
+fn host_pages_add_up_to_the_whole_list() {
+    let mut s = sched();
+    for k in 0..10 {
+        s.connect(t(0), spec(&format!("h{k:02}"), &["x86_64-linux"], 1));
+    }
+    let mut paged = Vec::new();
+    let mut after: Option<HostId> = None;
+    loop {
+        let page = s.hosts_page(t(1), after.as_ref(), 3);
+        after = page.last().map(|h| h.spec.id.clone());
+        let done = page.len() < 3;
+        paged.extend(page);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(paged, s.hosts(t(1)));
+}
