@@ -141,13 +141,53 @@ pub struct LimitsConfig {
     /// Largest gRPC message accepted, bytes. Default 65536: the largest legitimate message
     /// (a registration with every field at its limit) is about 10 KiB.
     pub max_message_bytes: usize,
+    /// Connections open at once; past it new connections are closed at once. Default
+    /// 4096: a hundred members' hooks and CLIs and a few hundred agents fit many times over,
+    /// and it stays well below the 65536 descriptors the shipped unit allows, so that a
+    /// flood of idle connections cannot take the process's last descriptor.
+    pub max_connections: usize,
+    /// How long a new connection may stay silent before its first bytes (the HTTP/2
+    /// preface), milliseconds. Default 10000: a real client speaks within milliseconds; a
+    /// peer that only opens sockets is dropped.
+    pub handshake_timeout_millis: u64,
+    /// How often the server pings each HTTP/2 connection, milliseconds. Default 10000.
+    pub http2_keepalive_interval_millis: u64,
+    /// How long a ping may go unanswered before the connection is dropped, milliseconds.
+    /// Default 5000: with the interval, a frozen or vanished agent loses its stream (and its
+    /// host stops getting leases) within 15 s, before its report deadline and grace (30 s)
+    /// would notice.
+    pub http2_keepalive_timeout_millis: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 64 * 1024,
+            max_connections: 4096,
+            handshake_timeout_millis: 10_000,
+            http2_keepalive_interval_millis: 10_000,
+            http2_keepalive_timeout_millis: 5_000,
         }
+    }
+}
+
+impl LimitsConfig {
+    /// The bounds on accepted connections.
+    pub(crate) fn bounds(&self) -> crate::incoming::Bounds {
+        crate::incoming::Bounds {
+            max_connections: self.max_connections,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_millis),
+        }
+    }
+
+    /// HTTP/2 ping interval.
+    pub(crate) fn keepalive_interval(&self) -> Duration {
+        Duration::from_millis(self.http2_keepalive_interval_millis)
+    }
+
+    /// HTTP/2 ping timeout.
+    pub(crate) fn keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.http2_keepalive_timeout_millis)
     }
 }
 
@@ -203,6 +243,19 @@ impl Config {
             self.leases.postpone_retry_millis,
         )?;
         positive("leases.waiter_ttl_millis", self.leases.waiter_ttl_millis)?;
+        positive(
+            "limits.handshake_timeout_millis",
+            self.limits.handshake_timeout_millis,
+        )?;
+        positive(
+            "limits.http2_keepalive_interval_millis",
+            self.limits.http2_keepalive_interval_millis,
+        )?;
+        positive(
+            "limits.http2_keepalive_timeout_millis",
+            self.limits.http2_keepalive_timeout_millis,
+        )?;
+        positive("limits.max_connections", self.limits.max_connections as u64)?;
         if self.limits.max_message_bytes < 4096 {
             return Err(Error::Config {
                 key: "limits.max_message_bytes".into(),
@@ -284,6 +337,10 @@ mod tests {
             seed = 7
             [limits]
             max_message_bytes = 8192
+            max_connections = 100
+            handshake_timeout_millis = 500
+            http2_keepalive_interval_millis = 1000
+            http2_keepalive_timeout_millis = 1000
             "#,
         )
         .unwrap();

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod core;
 mod error;
+mod incoming;
 pub mod server;
 pub mod service;
 

@@ -11,7 +11,6 @@ use nixdispatch::proto::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::Error;
@@ -38,6 +37,7 @@ pub async fn run(
     config.validate()?;
     metrics::describe();
     let max_message = config.limits.max_message_bytes;
+    let limits = config.limits.clone();
     let (down_tx, down_rx) = watch::channel(false);
     let shared = Shared::new(config, Arc::new(TokioClock::new()), down_rx);
 
@@ -104,12 +104,12 @@ pub async fn run(
         let _ = drained_tx.send(());
     };
 
-    // `serve_with_incoming` ignores the builder's TCP settings, so set them on the incoming
-    // stream: without TCP_NODELAY small answers wait for delayed ACKs (tens of ms).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    // `serve_with_incoming` ignores the builder's TCP settings; the bounded incoming stream
+    // sets TCP_NODELAY itself, caps connections and drops peers that never speak.
+    let incoming = crate::incoming::bounded(listener, limits.bounds());
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(limits.keepalive_interval()))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -32,6 +32,10 @@ pub fn describe() {
         "nixdispatch_rpc_rejected_total",
         "Requests rejected as invalid, by service."
     );
+    describe_counter!(
+        "nixdispatch_connection_dropped_total",
+        "Connections closed by the scheduler's bounds, by reason (over_cap, handshake_timeout)."
+    );
 }
 
 pub(crate) fn acquire(outcome: &'static str, seconds: f64) {
@@ -61,4 +65,8 @@ pub(crate) fn agent_report() {
 
 pub(crate) fn rejected(service: &'static str) {
     counter!("nixdispatch_rpc_rejected_total", "service" => service).increment(1);
+}
+
+pub(crate) fn connection_dropped(reason: &'static str) {
+    counter!("nixdispatch_connection_dropped_total", "reason" => reason).increment(1);
 }
