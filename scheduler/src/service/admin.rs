@@ -42,7 +42,12 @@ impl AdminService {
             // Never cancelled (blocking tasks run to the end), so this is its panic.
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
-        info!(host = %id, draining, registered = view.is_some(), "drain state changed by an operator");
+        info!(
+            host = %id,
+            draining,
+            registered = view.is_some(),
+            "drain state changed by an operator"
+        );
         self.push_directive(&id);
         Ok(view.map_or_else(|| convert::unregistered_host(&id, draining), Into::into))
     }
