@@ -4,7 +4,7 @@
 //! below. Each default says why it is what it is.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -33,6 +33,8 @@ pub struct Config {
     pub placement: PlacementConfig,
     /// Input limits.
     pub limits: LimitsConfig,
+    /// Where operator state (drains) is kept across restarts.
+    pub state: StateConfig,
 }
 
 impl Default for Config {
@@ -45,6 +47,7 @@ impl Default for Config {
             admission: Admission::default(),
             placement: PlacementConfig::default(),
             limits: LimitsConfig::default(),
+            state: StateConfig::default(),
         }
     }
 }
@@ -191,6 +194,33 @@ impl LimitsConfig {
     }
 }
 
+/// `[state]`: the operator state database (see `crate::store`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The SQLite file holding what operators decided (drains), created on first start.
+    /// Default: none, which means `$STATE_DIRECTORY/scheduler.sqlite3` when systemd sets
+    /// `STATE_DIRECTORY` (the unit's `StateDirectory=`, `/var/lib/nixdispatch-scheduler`),
+    /// and otherwise memory only, lost when the scheduler stops (the log says so). Why: a
+    /// fixed default path would be shared by every scheduler started without a
+    /// configuration on one machine (trials, tests), so a drain set on one would silently
+    /// hold on another; under systemd the state directory is the service's own.
+    pub database: Option<PathBuf>,
+    /// How long an access waits for a lock another process holds on the file, milliseconds.
+    /// Default 5000: an online backup of this small database holds it for milliseconds, so
+    /// a longer wait means another scheduler is using the same file, which is an error.
+    pub busy_timeout_millis: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            database: None,
+            busy_timeout_millis: 5_000,
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, Error> {
@@ -256,6 +286,17 @@ impl Config {
             self.limits.http2_keepalive_timeout_millis,
         )?;
         positive("limits.max_connections", self.limits.max_connections as u64)?;
+        if self
+            .state
+            .database
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(Error::Config {
+                key: "state.database".into(),
+                reason: "must not be empty (leave it out for the default)".into(),
+            });
+        }
         if self.limits.max_message_bytes < 4096 {
             return Err(Error::Config {
                 key: "limits.max_message_bytes".into(),
@@ -341,12 +382,21 @@ mod tests {
             handshake_timeout_millis = 500
             http2_keepalive_interval_millis = 1000
             http2_keepalive_timeout_millis = 1000
+            [state]
+            database = "/var/lib/nixdispatch-scheduler/scheduler.sqlite3"
+            busy_timeout_millis = 100
             "#,
         )
         .unwrap();
         assert_eq!(c.listen.port(), 6000);
         assert_eq!(c.placement.policy, PolicyKind::PowerOfTwo);
         assert_eq!(c.core().lease_ttl, Duration::from_secs(3));
+        assert_eq!(
+            c.state.database.as_deref(),
+            Some(Path::new(
+                "/var/lib/nixdispatch-scheduler/scheduler.sqlite3"
+            ))
+        );
     }
 
     /// An unknown key is rejected with its name, also in a section.
@@ -385,5 +435,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("admission.max_io_full_pressure"), "{e}");
+        let e = Config::parse("[state]\ndatabase = \"\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("state.database"), "{e}");
     }
 }

@@ -39,7 +39,8 @@ enum Command {
     Capacity,
     /// Every live lease, oldest first.
     Leases,
-    /// Stop new leases on a host; running builds finish.
+    /// Stop new leases on a host; running builds finish. The host may not have connected
+    /// yet: the drain applies when it does, and survives scheduler restarts.
     Drain {
         /// The host's id.
         host_id: String,

@@ -207,23 +207,20 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Sets or clears the operator drain of host `id`. Returns whether it is draining.
-    pub fn set_draining(&mut self, id: &HostId, draining: bool) -> Result<bool, Error> {
-        let host = self
-            .registry
-            .get_mut(id)
-            .ok_or_else(|| Error::UnknownHost {
-                host_id: id.to_string(),
-            })?;
-        host.draining = draining;
+    /// Sets or clears the operator drain of host `id`, whether or not its agent ever
+    /// connected: a drain of a host not registered yet applies when it connects. The
+    /// service restores persisted drains at start through this too.
+    pub fn set_draining(&mut self, id: &HostId, draining: bool) {
+        if let Some(host) = self.registry.get_mut(id) {
+            host.draining = draining;
+        }
         self.operator.set_draining(id, draining);
         self.reindex(id);
-        Ok(draining)
     }
 
-    /// Whether host `id` is drained, if known.
-    pub fn is_draining(&self, id: &HostId) -> Option<bool> {
-        self.registry.get(id).map(|_| self.operator.is_draining(id))
+    /// Whether host `id` is drained (known or not).
+    pub fn is_draining(&self, id: &HostId) -> bool {
+        self.operator.is_draining(id)
     }
 
     /// Operators' decisions, as the service layer persists them.

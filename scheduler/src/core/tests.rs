@@ -328,16 +328,41 @@ fn drain_and_undrain() {
     let mut s = sched();
     s.connect(t(0), spec("a", &["x86_64-linux"], 4));
     let g = granted(s.acquire(t(1), &req("x86_64-linux", "c", "running")));
-    s.set_draining(&HostId::new("a"), true).unwrap();
+    s.set_draining(&HostId::new("a"), true);
     assert!(matches!(
         s.acquire(t(2), &req("x86_64-linux", "c", "new")),
         Decision::Postpone { .. }
     ));
     assert_eq!(s.lease_count(), 1);
     s.keep_alive(t(3), &g.lease_id).unwrap();
-    s.set_draining(&HostId::new("a"), false).unwrap();
+    s.set_draining(&HostId::new("a"), false);
     granted(s.acquire(t(4), &req("x86_64-linux", "c", "new")));
-    assert!(s.set_draining(&HostId::new("zz"), true).is_err());
+}
+
+/// A drain of a host that never connected is kept and applies when it connects; undrain
+/// before it connects leaves it open.
+#[test]
+fn drain_before_connect_applies_at_connect() {
+    let mut s = sched();
+    let id = HostId::new("later");
+    s.set_draining(&id, true);
+    assert!(s.is_draining(&id));
+    assert!(
+        s.host(t(0), &id).is_none(),
+        "a drain alone registers no host"
+    );
+    s.connect(t(1), spec("later", &["x86_64-linux"], 4));
+    assert!(s.host(t(1), &id).unwrap().draining);
+    assert!(matches!(
+        s.acquire(t(2), &req("x86_64-linux", "c", "x")),
+        Decision::Postpone { .. }
+    ));
+    let other = HostId::new("other");
+    s.set_draining(&other, true);
+    s.set_draining(&other, false);
+    s.connect(t(3), spec("other", &["x86_64-linux"], 4));
+    assert!(!s.host(t(3), &other).unwrap().draining);
+    granted(s.acquire(t(4), &req("x86_64-linux", "c", "x")));
 }
 
 /// A host late beyond deadline + grace gets no leases; reporting again reopens it.
@@ -364,7 +389,7 @@ fn reconnect_within_grace_keeps_state() {
     let id = HostId::new("a");
     let g1 = s.connect(t(0), spec("a", &["x86_64-linux"], 2));
     let lease = granted(s.acquire(t(1), &req("x86_64-linux", "c", "x")));
-    s.set_draining(&id, true).unwrap();
+    s.set_draining(&id, true);
     s.disconnect(t(2), &id, g1);
     assert_eq!(s.host(t(3), &id).unwrap().state, HostState::Disconnected);
     let g2 = s.connect(t(10_000), spec("a", &["x86_64-linux"], 2));
@@ -610,7 +635,7 @@ proptest! {
                 Op::Report { host, running } => {
                     let _ = s.report(t(now), &specs[host].id, gens[host], HostReport { running_builds: running, ..Default::default() });
                 }
-                Op::Drain(h, d) => { s.set_draining(&specs[h].id, d).unwrap(); }
+                Op::Drain(h, d) => s.set_draining(&specs[h].id, d),
                 Op::Disconnect(h) => s.disconnect(t(now), &specs[h].id, gens[h]),
                 Op::Reconnect(h) => {
                     let before = s.host(t(now), &specs[h].id).unwrap();
@@ -775,7 +800,7 @@ proptest! {
                     let store = full_disk.then_some(DiskSpace { free_bytes: 1, total_bytes: 1 << 40 });
                     let _ = s.report(t(now), &specs[host].id, gens[host], HostReport { running_builds: running, store, ..Default::default() });
                 }
-                IndexOp::Drain(h, d) => { s.set_draining(&specs[h].id, d).unwrap(); }
+                IndexOp::Drain(h, d) => s.set_draining(&specs[h].id, d),
                 IndexOp::Disconnect(h) => s.disconnect(t(now), &specs[h].id, gens[h]),
                 IndexOp::Reconnect(h) => gens[h] = s.connect(t(now), specs[h].clone()),
                 IndexOp::Goodbye(h) => { let _ = s.goodbye(&specs[h].id, gens[h]); }
@@ -796,7 +821,7 @@ fn gone_hosts_are_forgotten_after_the_retention() {
     let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
     let ga = s.connect(t(0), spec("a", &["x86_64-linux"], 1));
     let gb = s.connect(t(0), spec("b", &["x86_64-linux"], 1));
-    s.set_draining(&HostId::new("a"), true).unwrap();
+    s.set_draining(&HostId::new("a"), true);
     let held = granted(s.acquire(t(0), &req("x86_64-linux", "c", "d")));
     assert_eq!(held.host.id, HostId::new("b"));
     s.disconnect(t(1), &HostId::new("a"), ga);
@@ -831,7 +856,7 @@ fn gone_hosts_are_forgotten_after_the_retention() {
         }
     );
     s.connect(t(retention + 140_000), spec("a", &["x86_64-linux"], 1));
-    assert_eq!(s.is_draining(&HostId::new("a")), Some(true));
+    assert!(s.is_draining(&HostId::new("a")));
 }
 
 /// Reading the hosts in pages gives exactly the whole list, in order.
