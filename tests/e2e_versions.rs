@@ -22,7 +22,7 @@
 
 mod common;
 
-use common::member::HookPlace;
+use common::member::{HookPlace, Member};
 use common::nixver::NixVersion;
 use common::{BuilderSpec, Env, NixRun, this_system, wait_for};
 use nixdispatch::proto::ListHostsRequest;
@@ -53,7 +53,7 @@ fn member_build(
     member_nix: NixVersion,
     place: HookPlace,
     builder_nix: NixVersion,
-) -> (Env, common::member::Member, NixRun, String) {
+) -> (Env, Member, NixRun, String) {
     let mut spec = BuilderSpec::new("b1", 2);
     spec.nix = builder_nix;
     let specs = [spec];
@@ -66,8 +66,23 @@ fn member_build(
     (env, member, run, tag)
 }
 
-/// Checks that every derivation of `run` was built on `b1` through nixdispatch-hook.
-fn assert_built_through_hook(env: &Env, member: &common::member::Member, run: &NixRun, tag: &str) {
+/// `nixdispatch doctor` on the member's machine: whether it is content, and its report.
+fn doctor(env: &Env, member: &Member) -> (bool, String) {
+    let out = member
+        .command(&env.bin("nixdispatch"))
+        .arg("doctor")
+        .arg("--hook")
+        .arg(&member.hook)
+        .output()
+        .expect("nixdispatch doctor");
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), report)
+}
+
+/// Checks that every derivation of `run` was built on `b1` through nixdispatch-hook, and
+/// that `nixdispatch doctor` says the daemon uses it.
+fn assert_built_through_hook(env: &Env, member: &Member, run: &NixRun, tag: &str) {
     assert!(run.success, "{}", diagnostics(env, run));
     let out = run.out_path();
     assert!(
@@ -89,6 +104,11 @@ fn assert_built_through_hook(env: &Env, member: &common::member::Member, run: &N
     );
     assert!(!env.builder("b1").store_paths_with(tag).is_empty());
     assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
+    let (healthy, report) = doctor(env, member);
+    assert!(
+        healthy && report.contains("ok    build-hook  nixdispatch-hook"),
+        "{report}"
+    );
 }
 
 /// Nix 2.8 member, hook in nix.conf (as documented), builds through its daemon on a Nix 2.34
@@ -132,10 +152,11 @@ fn member_2_26_with_hook_on_daemon_command_line_builds_on_a_2_26_builder() {
 }
 
 /// On Nix 2.26, `build-hook` in nix.conf alone never starts nixdispatch-hook: the build
-/// fails (`max-jobs = 0`) without a word from it, which is the trap the docs warn about.
+/// fails (`max-jobs = 0`) without a word from it, which is the trap the docs warn about;
+/// `nixdispatch doctor` sees it and gives the command-line fix.
 #[test]
 fn member_2_26_with_hook_only_in_nix_conf_never_runs_it() {
-    let (env, _member, run, _tag) =
+    let (env, member, run, _tag) =
         member_build(NixVersion::V2_26, HookPlace::NixConf, NixVersion::V2_26);
     assert!(!run.success, "{}", diagnostics(&env, &run));
     assert!(!run.stderr.contains("nixdispatch: "), "{}", run.stderr);
@@ -148,6 +169,17 @@ fn member_2_26_with_hook_only_in_nix_conf_never_runs_it() {
         env.hook_log().is_empty(),
         "the hook ran:\n{}",
         env.hook_log()
+    );
+    let (healthy, report) = doctor(&env, &member);
+    assert!(!healthy, "{report}");
+    assert!(
+        report.contains("FAIL  build-hook  the daemon runs `/usr/bin/nix __build-remote`")
+            && report.contains(&format!(
+                "fix: nix (Nix) 2.26.3 ignores `build-hook = {}`",
+                member.hook.display()
+            ))
+            && report.contains(&format!("`--option build-hook {}`", member.hook.display())),
+        "{report}"
     );
 }
 
