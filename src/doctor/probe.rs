@@ -69,7 +69,7 @@ pub async fn facts() -> Facts {
     let features = ["--extra-experimental-features", "nix-command"];
     let new = [features[0], features[1], "config", "show", "--json"];
     let old = [features[0], features[1], "show-config", "--json"];
-    // Nix before 2.19 has no `nix config show`: only the older spelling's failure is news.
+    // Older Nix (2.8) has no `nix config show`: only the older spelling's failure is news.
     facts.config_json = match run(&nix, &new, &env, &mut Vec::new()).await {
         Some(json) => Some(json),
         None => run(&nix, &old, &env, &mut facts.notes).await,
