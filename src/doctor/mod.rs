@@ -240,8 +240,9 @@ pub fn diagnose(facts: &Facts, hook: &Path) -> Report {
         checks.push(check(
             "nix-daemon",
             Status::Warn,
-            "no nix-daemon is running: a single-user Nix reads nix.conf itself; checked with \
-             what `nix config show` says"
+            "no nix-daemon is running (a socket-activated one starts with the first build: \
+             retry after one); a single-user Nix reads nix.conf itself: checked with what \
+             `nix config show` says"
                 .to_owned(),
             None,
         ));
