@@ -1,5 +1,7 @@
-//! The hook's I/O: the conversation with the daemon on fds 0 and 2, the child build-remote,
-//! and the lease's keep-alive and release. All decisions come from the pure modules.
+//! The text-protocol front end and the hook's I/O: the conversation with the daemon on fds 0
+//! and 2, and the child build-remote. The lease's lifecycle after an accept is `lease`'s,
+//! reached through [`TextBuild`]'s `Frontend` implementation; all decisions come from the
+//! pure modules.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};

@@ -13,7 +13,10 @@
 //!   with builds submitted through it by an unprivileged user, as on NixOS.
 //!
 //! A builder or a member runs the host's Nix (2.8) or a newer one from a cached Debian chroot
-//! ([`nixver::NixVersion`]).
+//! ([`nixver::NixVersion`]). Builders let the client log in as root, so `nix-daemon --stdio`
+//! serves the builder's store itself; a non-root login would behave differently from Nix 2.20
+//! on (it then forwards each operation to the socket daemon, which the builder would have to
+//! run), so a harness for non-root logins must start a `nix-daemon` in the builder too.
 //!
 //! Every child is killed by a guard's `Drop`. Missing prerequisites are a failure with a
 //! clear message, never a silent skip.
