@@ -42,6 +42,7 @@ fn state_name(s: HostState) -> &'static str {
         HostState::Stale => "stale",
         HostState::Disconnected => "disconnected",
         HostState::Gone => "gone",
+        HostState::NotRegistered => "not registered",
         HostState::Unspecified => "unknown",
     }
 }
@@ -186,6 +187,24 @@ pub fn explain_text(e: &proto::ExplainPlacementResponse) -> String {
 
 /// One host as a line, after `drain`/`undrain`.
 pub fn host_line(h: &proto::HostStatus) -> String {
+    if h.state() == HostState::NotRegistered {
+        // No slots or reports to show, and an operator must see that the id is not (yet)
+        // a host the scheduler knows: a typo would otherwise look like a drained host.
+        return format!(
+            "{}: {}; no agent with this id has registered since the scheduler started{}\n",
+            h.host_id,
+            if h.draining {
+                "draining"
+            } else {
+                "not draining"
+            },
+            if h.draining {
+                " (the drain applies when one does)"
+            } else {
+                ""
+            },
+        );
+    }
     format!(
         "{}: {}{}, {}/{} slots used\n",
         h.host_id,
@@ -532,6 +551,27 @@ mod tests {
         assert!(lines[1].contains("  -  "), "memory pressure absent: {t}");
         assert!(lines[1].contains("3.0"), "store GiB: {t}");
         assert!(lines[1].ends_with("draining"), "{t}");
+    }
+
+    /// After `drain`, a host whose agent has not registered reads as such, not as a host
+    /// with no slots; a registered one shows its state and slots.
+    #[test]
+    fn host_line_says_when_the_host_is_not_registered() {
+        let t = host_line(&proto::HostStatus {
+            host_id: "build99".into(),
+            state: HostState::NotRegistered as i32,
+            draining: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            t,
+            "build99: draining; no agent with this id has registered since the scheduler \
+             started (the drain applies when one does)\n"
+        );
+        assert_eq!(
+            host_line(&host()),
+            "build01: ready, draining, 2/6 slots used\n"
+        );
     }
 
     /// JSON keeps absent values null, not zero.

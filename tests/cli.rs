@@ -31,8 +31,9 @@ async fn cli(addr: std::net::SocketAddr, args: &[&str]) -> (bool, String, String
     )
 }
 
-/// hosts, capacity, explain, drain, undrain, leases, quota and usage work end to end, as
-/// tables and JSON, and errors from the scheduler reach the operator with their code.
+/// hosts, capacity, explain, drain (also of a host not registered yet), undrain, leases,
+/// quota and usage work end to end, as tables and JSON, and errors from the scheduler
+/// reach the operator with their code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_against_a_real_scheduler() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -141,9 +142,19 @@ async fn operator_commands_against_a_real_scheduler() {
     let (ok, _, err) = cli(addr, &["quota", "system", "bad system"]).await;
     assert!(!ok && err.contains("invalid system"), "{err}");
 
-    let (ok, _, err) = cli(addr, &["drain", "nope"]).await;
+    let (ok, out, _) = cli(addr, &["drain", "build02"]).await;
+    assert!(ok);
+    assert_eq!(
+        out,
+        "build02: draining; no agent with this id has registered since the scheduler \
+         started (the drain applies when one does)\n"
+    );
+    let (ok, _, err) = cli(addr, &["drain", "no/such host"]).await;
     assert!(!ok);
-    assert!(err.contains("NotFound") && err.contains("nope"), "{err}");
+    assert!(
+        err.contains("InvalidArgument") && err.contains("host_id"),
+        "{err}"
+    );
 
     let _ = stop.send(());
     drop(tx);

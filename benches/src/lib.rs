@@ -7,12 +7,14 @@
 //! - Scheduler speed: a gRPC load generator ([`loadgen`]) with many simulated agents and
 //!   concurrent clients against a scheduler process. Binary: `loadgen`.
 //! - Placement core speed: [`corebench`], shared by the criterion bench `core` and the smoke
-//!   test.
+//!   test; [`growth`], how the core's costs grow with the fleet and the queue. Binary:
+//!   `growth`.
 //!
 //! **Architecture invariant:** the simulator is pure and deterministic under its seed: it
 //! reads no clock and does no I/O (the binaries read and write files).
 
 pub mod corebench;
+pub mod growth;
 pub mod loadgen;
 pub mod metrics;
 pub mod report;

@@ -30,6 +30,8 @@ use nixdispatch::proto::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::metrics::percentile;
 
@@ -51,6 +53,30 @@ pub struct LoadConfig {
     /// The scheduler's grace period: a report answered later than this after its deadline
     /// counts as behind.
     pub grace: Duration,
+    /// What the clients do.
+    pub mode: ClientMode,
+    /// When above zero, the measured phase runs a second time with this many extra clients
+    /// calling `ListHosts` in a loop, to show what an operator's listing costs members.
+    pub list_hosts_flood: usize,
+    /// Also measure an empty RPC (`grpc.health.v1.Health/Check`) with the same clients, as
+    /// the same run's reference for the acquire latencies.
+    pub reference: bool,
+}
+
+/// What the clients do in the measured phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientMode {
+    /// Acquire, keep alive, release, in a closed loop: the grant path's cost.
+    Closed,
+    /// What a real hook sends: acquire; on a grant hold the lease for `hold`, then release
+    /// it (no keep-alive straight after the grant); on a postponement ask again at once.
+    Hook {
+        /// How long each granted build holds its slot.
+        hold: Duration,
+    },
+    /// Every slot is taken first (by the load generator itself); then each client is one
+    /// postponed request that keeps asking again: the postponed path's cost.
+    Saturated,
 }
 
 impl LoadConfig {
@@ -64,6 +90,9 @@ impl LoadConfig {
             client_connections: 4,
             ramp_timeout: Duration::from_secs(120),
             grace: Duration::from_secs(20),
+            mode: ClientMode::Closed,
+            list_hosts_flood: 0,
+            reference: false,
         }
     }
 }
@@ -101,6 +130,16 @@ pub struct LoadResult {
     pub leases_left: usize,
     /// Leases the clients still held (granted but not released; must be 0).
     pub client_leases_open: u64,
+    /// Acquire answers that were postponements.
+    pub postponed: u64,
+    /// Slots the load generator took before a saturated run.
+    pub slots_held: usize,
+    /// With a `ListHosts` flood: acquire latency p50, p99, p99.9, max (µs), decisions, and
+    /// `ListHosts` calls answered.
+    pub flood: Option<([f64; 4], u64, u64)>,
+    /// The empty-RPC reference: `Health/Check` latency p50, p99, p99.9, max (µs), and calls
+    /// per second.
+    pub reference_us: Option<([f64; 4], f64)>,
 }
 
 impl LoadResult {
@@ -255,23 +294,41 @@ struct ClientStats {
     acquire_us: Vec<f64>,
     decisions: u64,
     grants: u64,
+    postponed: u64,
     lease_calls: u64,
     errors: u64,
     open: u64,
 }
 
-/// One client: acquire -> keep alive -> release, as fast as answers come, until `stop`.
+impl ClientStats {
+    fn add(&mut self, o: ClientStats) {
+        self.acquire_us.extend(o.acquire_us);
+        self.decisions += o.decisions;
+        self.grants += o.grants;
+        self.postponed += o.postponed;
+        self.lease_calls += o.lease_calls;
+        self.errors += o.errors;
+        self.open += o.open;
+    }
+}
+
+/// One client, until `stop`: see [`ClientMode`].
 async fn client(
     c: usize,
     channel: Channel,
+    mode: ClientMode,
     measuring: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) -> ClientStats {
     let mut lease = LeaseServiceClient::new(channel);
     let mut s = ClientStats::default();
     let mut n = 0u64;
+    // A postponed derivation is asked for again, as Nix does.
+    let mut waiting = false;
     while !stop.load(Ordering::Relaxed) {
-        n += 1;
+        if !waiting || mode == ClientMode::Closed {
+            n += 1;
+        }
         let req = AcquireRequest {
             system: SYSTEMS[(c + n as usize) % 2].to_string(),
             required_features: vec![],
@@ -295,42 +352,216 @@ async fn client(
             s.decisions += 1;
             s.acquire_us.push(dt.as_secs_f64() * 1e6);
         }
-        match r.outcome {
-            Some(acquire_response::Outcome::Granted(g)) => {
-                if m {
-                    s.grants += 1;
-                }
-                s.open += 1;
-                let ka = lease
+        let Some(acquire_response::Outcome::Granted(g)) = r.outcome else {
+            if m {
+                s.postponed += 1;
+            }
+            waiting = true;
+            tokio::task::yield_now().await;
+            continue;
+        };
+        waiting = false;
+        if m {
+            s.grants += 1;
+        }
+        s.open += 1;
+        let mut calls = Vec::with_capacity(2);
+        match mode {
+            ClientMode::Hook { hold } => tokio::time::sleep(hold).await,
+            _ => calls.push(
+                lease
                     .keep_alive(KeepAliveRequest {
                         lease_id: g.lease_id.clone(),
                         ..Default::default()
                     })
-                    .await;
-                let rel = lease
-                    .release(ReleaseRequest {
-                        lease_id: g.lease_id,
-                        outcome: proto::BuildOutcome::Succeeded as i32,
-                        duration_millis: 1,
-                    })
-                    .await;
-                if rel.is_ok() {
-                    s.open -= 1;
+                    .await
+                    .is_ok(),
+            ),
+        }
+        let rel = lease
+            .release(ReleaseRequest {
+                lease_id: g.lease_id,
+                outcome: proto::BuildOutcome::Succeeded as i32,
+                duration_millis: 1,
+            })
+            .await;
+        if rel.is_ok() {
+            s.open -= 1;
+        }
+        calls.push(rel.is_ok());
+        for ok in calls {
+            if ok {
+                if m {
+                    s.lease_calls += 1;
                 }
-                for ok in [ka.is_ok(), rel.is_ok()] {
-                    if ok {
-                        if m {
-                            s.lease_calls += 1;
-                        }
-                    } else {
-                        s.errors += 1;
-                    }
-                }
+            } else {
+                s.errors += 1;
             }
-            _ => tokio::task::yield_now().await,
         }
     }
     s
+}
+
+/// Takes every free slot for the load generator itself and keeps the leases alive until
+/// `stop`, then releases them. Returns how many it took (once they are all taken) and the
+/// task holding them.
+async fn hold_every_slot(
+    channel: Channel,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(usize, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let mut lease = LeaseServiceClient::new(channel);
+    let mut held = Vec::new();
+    let mut ttl = Duration::from_secs(60);
+    for system in SYSTEMS {
+        loop {
+            let r = lease
+                .acquire(AcquireRequest {
+                    system: system.to_string(),
+                    required_features: vec![],
+                    drv_path: format!("/nix/store/{:032}-lg-holder.drv", held.len()),
+                    client_id: "holder".into(),
+                    can_build_locally: false,
+                    exclude_hosts: vec![],
+                })
+                .await
+                .context("taking every slot")?
+                .into_inner();
+            match r.outcome {
+                Some(acquire_response::Outcome::Granted(g)) => {
+                    ttl = Duration::from_millis(g.lease_ttl_millis);
+                    held.push(g.lease_id);
+                }
+                _ => break,
+            }
+        }
+    }
+    let n = held.len();
+    let task = tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep((ttl / 3).min(Duration::from_millis(500))).await;
+            for id in &held {
+                lease
+                    .keep_alive(KeepAliveRequest {
+                        lease_id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .context("keeping a held slot")?;
+            }
+        }
+        for id in held {
+            lease
+                .release(ReleaseRequest {
+                    lease_id: id,
+                    outcome: proto::BuildOutcome::Cancelled as i32,
+                    duration_millis: 0,
+                })
+                .await
+                .context("releasing a held slot")?;
+        }
+        Ok(())
+    });
+    Ok((n, task))
+}
+
+/// Runs the clients (and `flood` `ListHosts` callers) for `cfg.duration`; returns the
+/// clients' stats and the listings answered.
+async fn measured_phase(
+    channels: &[Channel],
+    cfg: &LoadConfig,
+    measuring: &Arc<AtomicBool>,
+    flood: usize,
+) -> (ClientStats, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|c| {
+            tokio::spawn(client(
+                c,
+                channels[c % channels.len()].clone(),
+                cfg.mode,
+                measuring.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let listers: Vec<_> = (0..flood)
+        .map(|k| {
+            let mut admin = AdminServiceClient::new(channels[k % channels.len()].clone())
+                .max_decoding_message_size(256 << 20);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if admin.list_hosts(ListHostsRequest {}).await.is_ok() {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(cfg.duration).await;
+    measuring.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let mut total = ClientStats::default();
+    for c in clients {
+        if let Ok(s) = c.await {
+            total.add(s);
+        }
+    }
+    let mut listings = 0;
+    for l in listers {
+        listings += l.await.unwrap_or(0);
+    }
+    (total, listings)
+}
+
+/// p50, p99, p99.9 and max of `v` (sorted here).
+fn spread(mut v: Vec<f64>) -> [f64; 4] {
+    v.sort_by(f64::total_cmp);
+    [
+        percentile(&v, 50.0),
+        percentile(&v, 99.0),
+        percentile(&v, 99.9),
+        v.last().copied().unwrap_or(0.0),
+    ]
+}
+
+/// The empty-RPC reference: `clients` callers of `Health/Check` for `duration`.
+async fn reference(channels: &[Channel], clients: usize, duration: Duration) -> ([f64; 4], f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let mut health = HealthClient::new(channels[c % channels.len()].clone());
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut us = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    if health
+                        .check(HealthCheckRequest {
+                            service: String::new(),
+                        })
+                        .await
+                        .is_ok()
+                    {
+                        us.push(t.elapsed().as_secs_f64() * 1e6);
+                    }
+                }
+                us
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    (spread(all), rate)
 }
 
 /// Runs the load against the scheduler at `addr` (`host:port`).
@@ -396,40 +627,38 @@ pub async fn run(addr: &str, cfg: &LoadConfig) -> anyhow::Result<LoadResult> {
     for _ in 0..cfg.client_connections.max(1) {
         client_channels.push(endpoint(addr).await?);
     }
-    let client_stop = Arc::new(AtomicBool::new(false));
+    let holder_stop = Arc::new(AtomicBool::new(false));
+    let holder = if cfg.mode == ClientMode::Saturated {
+        let (n, task) = hold_every_slot(client_channels[0].clone(), holder_stop.clone()).await?;
+        result.slots_held = n;
+        Some(task)
+    } else {
+        None
+    };
     let started = Instant::now();
-    measuring.store(true, Ordering::Relaxed);
-    let clients: Vec<_> = (0..cfg.clients)
-        .map(|c| {
-            tokio::spawn(client(
-                c,
-                client_channels[c % client_channels.len()].clone(),
-                measuring.clone(),
-                client_stop.clone(),
-            ))
-        })
-        .collect();
-    tokio::time::sleep(cfg.duration).await;
-    measuring.store(false, Ordering::Relaxed);
+    let (clients, _) = measured_phase(&client_channels, cfg, &measuring, 0).await;
     result.measured = started.elapsed();
-    client_stop.store(true, Ordering::Relaxed);
-    let mut acquire_us = Vec::new();
-    for c in clients {
-        let s = c.await?;
-        result.decisions += s.decisions;
-        result.grants += s.grants;
-        result.lease_calls += s.lease_calls;
-        result.errors += s.errors;
-        result.client_leases_open += s.open;
-        acquire_us.extend(s.acquire_us);
+    result.decisions = clients.decisions;
+    result.grants = clients.grants;
+    result.postponed = clients.postponed;
+    result.lease_calls = clients.lease_calls;
+    result.errors = clients.errors;
+    result.client_leases_open = clients.open;
+    result.acquire_us = spread(clients.acquire_us);
+    if cfg.list_hosts_flood > 0 {
+        let (f, listings) =
+            measured_phase(&client_channels, cfg, &measuring, cfg.list_hosts_flood).await;
+        result.errors += f.errors;
+        result.client_leases_open += f.open;
+        result.flood = Some((spread(f.acquire_us), f.decisions, listings));
     }
-    acquire_us.sort_by(f64::total_cmp);
-    result.acquire_us = [
-        percentile(&acquire_us, 50.0),
-        percentile(&acquire_us, 99.0),
-        percentile(&acquire_us, 99.9),
-        acquire_us.last().copied().unwrap_or(0.0),
-    ];
+    if cfg.reference {
+        result.reference_us = Some(reference(&client_channels, cfg.clients, cfg.duration).await);
+    }
+    holder_stop.store(true, Ordering::Relaxed);
+    if let Some(task) = holder {
+        task.await??;
+    }
 
     // Host states and leases, with every agent still connected.
     let mut admin =

@@ -108,3 +108,56 @@ async fn load_generator_runs_against_a_scheduler() {
         .unwrap()
         .unwrap();
 }
+
+/// The saturated mode takes every slot first, then every client's request is postponed;
+/// the listing flood and the empty-RPC reference run too, and every slot is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_generator_saturated_with_flood_and_reference() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(nixdispatch_scheduler::server::run(
+        listener,
+        nixdispatch_scheduler::config::Config::default(),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let mut cfg = LoadConfig::new(10, 2, Duration::from_millis(800));
+    cfg.streams_per_connection = 8;
+    cfg.ramp_timeout = Duration::from_secs(30);
+    cfg.mode = loadgen::ClientMode::Saturated;
+    cfg.list_hosts_flood = 1;
+    cfg.reference = true;
+    let r = loadgen::run(&addr, &cfg).await.unwrap();
+    assert_eq!(r.slots_held, 10 * 8, "every slot taken first");
+    assert!(r.decisions > 0);
+    assert_eq!((r.grants, r.postponed), (0, r.decisions));
+    let (_, flood_decisions, listings) = r.flood.expect("the flood phase ran");
+    assert!(flood_decisions > 0 && listings > 0);
+    assert!(r.reference_us.expect("the reference ran").1 > 0.0);
+    assert_eq!(r.errors, 0);
+    assert_eq!((r.leases_left, r.client_leases_open), (0, 0));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("the scheduler shuts down")
+        .unwrap()
+        .unwrap();
+}
+
+/// The growth harness's measurements run at small sizes and leave no lease behind.
+#[test]
+fn growth_harness_runs() {
+    use nixdispatch_benches::growth;
+    growth::granted_decision(10);
+    growth::reask_at_depth(100);
+    growth::poll_round(100, 10);
+    let reads = std::cell::Cell::new(0);
+    let h = growth::heap_without_live_leases(2_000, 1, &|| {
+        reads.set(reads.get() + 1);
+        0
+    });
+    assert_eq!(h.decisions, 2_000);
+    assert_eq!(reads.get(), 2, "the heap is read before and after");
+}

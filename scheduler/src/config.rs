@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -36,6 +36,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The wait queue and its quotas.
     pub queue: QueueConfig,
+    /// Where operator state (drains) is kept across restarts.
+    pub state: StateConfig,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             admission: Admission::default(),
             placement: PlacementConfig::default(),
             limits: LimitsConfig::default(),
+            state: StateConfig::default(),
             queue: QueueConfig::default(),
         }
     }
@@ -138,6 +141,13 @@ pub struct AgentsConfig {
     pub grace_millis: u64,
     /// How long a new stream may take to send its registration, milliseconds. Default 10000.
     pub register_timeout_millis: u64,
+    /// How long a host whose agent is gone stays listed before the scheduler forgets it,
+    /// milliseconds (a host with live leases is kept until they end; drains are operator
+    /// state and outlive this). Default 3600000 (one hour): long enough for an operator to
+    /// see a dead builder in `nixdispatch hosts` (alerts fire on host state within minutes,
+    /// and history lives in Prometheus), short enough that hosts renamed or retired do not
+    /// pile up.
+    pub forget_gone_after_millis: u64,
 }
 
 impl Default for AgentsConfig {
@@ -146,6 +156,7 @@ impl Default for AgentsConfig {
             report_interval_millis: 10_000,
             grace_millis: 20_000,
             register_timeout_millis: 10_000,
+            forget_gone_after_millis: 3_600_000,
         }
     }
 }
@@ -209,12 +220,79 @@ pub struct LimitsConfig {
     /// Largest gRPC message accepted, bytes. Default 65536: the largest legitimate message
     /// (a registration with every field at its limit) is about 10 KiB.
     pub max_message_bytes: usize,
+    /// Connections open at once; past it new connections are closed at once. Default
+    /// 4096: a hundred members' hooks and CLIs and a few hundred agents fit many times over,
+    /// and it stays well below the 65536 descriptors the shipped unit allows, so that a
+    /// flood of idle connections cannot take the process's last descriptor.
+    pub max_connections: usize,
+    /// How long a new connection may stay silent before its first bytes (the HTTP/2
+    /// preface), milliseconds. Default 10000: a real client speaks within milliseconds; a
+    /// peer that only opens sockets is dropped.
+    pub handshake_timeout_millis: u64,
+    /// How often the server pings each HTTP/2 connection, milliseconds. Default 10000.
+    pub http2_keepalive_interval_millis: u64,
+    /// How long a ping may go unanswered before the connection is dropped, milliseconds.
+    /// Default 5000: with the interval, a frozen or vanished agent loses its stream (and its
+    /// host stops getting leases) within 15 s, before its report deadline and grace (30 s)
+    /// would notice.
+    pub http2_keepalive_timeout_millis: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 64 * 1024,
+            max_connections: 4096,
+            handshake_timeout_millis: 10_000,
+            http2_keepalive_interval_millis: 10_000,
+            http2_keepalive_timeout_millis: 5_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The bounds on accepted connections.
+    pub(crate) fn bounds(&self) -> crate::incoming::Bounds {
+        crate::incoming::Bounds {
+            max_connections: self.max_connections,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_millis),
+        }
+    }
+
+    /// HTTP/2 ping interval.
+    pub(crate) fn keepalive_interval(&self) -> Duration {
+        Duration::from_millis(self.http2_keepalive_interval_millis)
+    }
+
+    /// HTTP/2 ping timeout.
+    pub(crate) fn keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.http2_keepalive_timeout_millis)
+    }
+}
+
+/// `[state]`: the operator state database (see `crate::store`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// The SQLite file holding what operators decided (drains), created on first start.
+    /// Default: none, which means `$STATE_DIRECTORY/scheduler.sqlite3` when systemd sets
+    /// `STATE_DIRECTORY` (the unit's `StateDirectory=`, `/var/lib/nixdispatch-scheduler`),
+    /// and otherwise memory only, lost when the scheduler stops (the log says so). Why: a
+    /// fixed default path would be shared by every scheduler started without a
+    /// configuration on one machine (trials, tests), so a drain set on one would silently
+    /// hold on another; under systemd the state directory is the service's own.
+    pub database: Option<PathBuf>,
+    /// How long an access waits for a lock another process holds on the file, milliseconds.
+    /// Default 5000: an online backup of this small database holds it for milliseconds, so
+    /// a longer wait means another scheduler is using the same file, which is an error.
+    pub busy_timeout_millis: u64,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            database: None,
+            busy_timeout_millis: 5_000,
         }
     }
 }
@@ -271,6 +349,30 @@ impl Config {
             self.leases.postpone_retry_millis,
         )?;
         positive("leases.waiter_ttl_millis", self.leases.waiter_ttl_millis)?;
+        positive(
+            "limits.handshake_timeout_millis",
+            self.limits.handshake_timeout_millis,
+        )?;
+        positive(
+            "limits.http2_keepalive_interval_millis",
+            self.limits.http2_keepalive_interval_millis,
+        )?;
+        positive(
+            "limits.http2_keepalive_timeout_millis",
+            self.limits.http2_keepalive_timeout_millis,
+        )?;
+        positive("limits.max_connections", self.limits.max_connections as u64)?;
+        if self
+            .state
+            .database
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(Error::Config {
+                key: "state.database".into(),
+                reason: "must not be empty (leave it out for the default)".into(),
+            });
+        }
         positive("queue.claim_millis", self.queue.claim_millis)?;
         positive(
             "queue.progress_interval_millis",
@@ -332,6 +434,7 @@ impl Config {
             claim_ttl: Duration::from_millis(self.queue.claim_millis),
             quotas: self.queue.quotas(),
             admission: self.admission.clone(),
+            forget_gone_after: Duration::from_millis(self.agents.forget_gone_after_millis),
             ..CoreConfig::default()
         }
     }
@@ -360,6 +463,7 @@ mod tests {
             report_interval_millis = 500
             grace_millis = 1000
             register_timeout_millis = 2000
+            forget_gone_after_millis = 60000
             [leases]
             ttl_millis = 3000
             postpone_retry_millis = 1000
@@ -371,6 +475,13 @@ mod tests {
             seed = 7
             [limits]
             max_message_bytes = 8192
+            max_connections = 100
+            handshake_timeout_millis = 500
+            http2_keepalive_interval_millis = 1000
+            http2_keepalive_timeout_millis = 1000
+            [state]
+            database = "/var/lib/nixdispatch-scheduler/scheduler.sqlite3"
+            busy_timeout_millis = 100
             [queue]
             claim_millis = 4000
             progress_interval_millis = 1000
@@ -392,6 +503,12 @@ mod tests {
         assert_eq!(c.listen.port(), 6000);
         assert_eq!(c.placement.policy, PolicyKind::PowerOfTwo);
         assert_eq!(c.core().lease_ttl, Duration::from_secs(3));
+        assert_eq!(
+            c.state.database.as_deref(),
+            Some(Path::new(
+                "/var/lib/nixdispatch-scheduler/scheduler.sqlite3"
+            ))
+        );
     }
 
     /// An unknown key is rejected with its name, also in a section.
@@ -434,5 +551,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("queue.members.\"m\".priority"), "{e}");
+        let e = Config::parse("[state]\ndatabase = \"\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("state.database"), "{e}");
     }
 }

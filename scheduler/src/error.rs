@@ -45,12 +45,93 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The operator state database could not be opened, read or written. At start this stops
+    /// the scheduler before anything in the file was changed.
+    #[error("state database {path}: {problem}")]
+    Store {
+        /// The file, or `:memory:`.
+        path: String,
+        /// What is wrong with it.
+        problem: StoreProblem,
+        /// SQLite's own error, when it gave one.
+        #[source]
+        source: Option<Box<rusqlite::Error>>,
+    },
     /// The reflection service could not be built from the descriptor sets.
     #[error("building gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// What is wrong with the operator state database (see [`Error::Store`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreProblem {
+    /// It cannot be opened or created: a missing directory, or no permission.
+    CannotOpen,
+    /// It is not an SQLite database, or a damaged one.
+    Corrupt,
+    /// Another process held a lock on it for longer than `state.busy_timeout_millis`.
+    Locked,
+    /// It can be read but not written.
+    ReadOnly,
+    /// It is an SQLite database of another application.
+    Foreign {
+        /// Its `PRAGMA application_id` (0 when unset).
+        application_id: i32,
+    },
+    /// Its schema is newer than this scheduler knows: a newer version wrote it.
+    NewerSchema {
+        /// The version in the file.
+        found: u32,
+        /// The newest version this scheduler knows.
+        known: u32,
+    },
+    /// A row this scheduler cannot use.
+    BadRow {
+        /// The table.
+        table: &'static str,
+        /// What is wrong with the row.
+        reason: String,
+    },
+    /// Any other failure of SQLite or of the disk.
+    Failed {
+        /// What was being done, e.g. `writing a drain`.
+        doing: &'static str,
+    },
+}
+
+impl std::fmt::Display for StoreProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::CannotOpen => f.write_str(
+                "cannot be opened or created (does its directory exist, and may the scheduler \
+                 write there?)",
+            ),
+            Self::Corrupt => f.write_str(
+                "is not an SQLite database or is damaged; it was left as it is (restore a \
+                 backup, or move it away to start with no operator state)",
+            ),
+            Self::Locked => f.write_str(
+                "is locked by another process (another scheduler on the same file, or a long \
+                 backup)",
+            ),
+            Self::ReadOnly => f.write_str("is read-only; the scheduler must be able to write it"),
+            Self::Foreign { application_id } => write!(
+                f,
+                "is an SQLite database of another application (application_id {application_id:#x}); \
+                 it was left as it is"
+            ),
+            Self::NewerSchema { found, known } => write!(
+                f,
+                "has schema version {found}, newer than the {known} this scheduler knows: a newer \
+                 nixdispatch wrote it; run that version or restore a backup"
+            ),
+            Self::BadRow { table, reason } => write!(f, "table `{table}`: {reason}"),
+            Self::Failed { doing } => write!(f, "{doing} failed"),
+        }
+    }
 }
 
 impl Error {
@@ -79,7 +160,12 @@ impl From<Error> for tonic::Status {
             Error::Config { .. } | Error::ConfigParse { .. } => {
                 tonic::Status::failed_precondition(msg)
             }
-            Error::Io { .. } | Error::Transport(_) | Error::Reflection(_) => {
+            // A lock is held only as long as a backup or another scheduler holds it: retry.
+            Error::Store {
+                problem: StoreProblem::Locked,
+                ..
+            } => tonic::Status::unavailable(msg),
+            Error::Io { .. } | Error::Store { .. } | Error::Transport(_) | Error::Reflection(_) => {
                 tonic::Status::internal(msg)
             }
         }

@@ -4,12 +4,15 @@
 //! - [`core`]: the pure scheduling state machine (no I/O, time passed in).
 //! - [`service`]: the gRPC adapter (agent, lease and admin services).
 //! - [`server`]: wires the services, health and reflection into one tonic server.
+//! - [`store`]: the operator state database (drains), written through by the service.
 //! - [`config`]: the TOML configuration and its embedded defaults.
 
 pub mod config;
 pub mod core;
 mod error;
+mod incoming;
 pub mod server;
 pub mod service;
+pub mod store;
 
-pub use error::Error;
+pub use error::{Error, StoreProblem};

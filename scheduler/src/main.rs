@@ -81,6 +81,18 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
         info!(%addr, "serving Prometheus metrics");
     }
+    // systemd's `StateDirectory=` sets it (a colon-separated list when a unit names several;
+    // ours names one). Read here, in the binary, and never in the library, so that servers
+    // that tests and benches start in-process are never steered by the environment. Opened
+    // before the listener is bound and the address file written: a scheduler that cannot
+    // use its state never looks ready.
+    let state_directory = std::env::var_os("STATE_DIRECTORY").and_then(|v| {
+        std::env::split_paths(&v)
+            .next()
+            .filter(|p| !p.as_os_str().is_empty())
+    });
+    config.validate()?;
+    let store = nixdispatch_scheduler::server::open_store(&config, state_directory).await?;
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -90,6 +102,6 @@ async fn main() -> anyhow::Result<()> {
         write_atomically(path, &addr.to_string())
             .with_context(|| format!("writing the address file {}", path.display()))?;
     }
-    nixdispatch_scheduler::server::run(listener, config, shutdown).await?;
+    nixdispatch_scheduler::server::serve(listener, config, store, shutdown).await?;
     Ok(())
 }

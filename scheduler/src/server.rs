@@ -1,7 +1,8 @@
 //! The scheduler's gRPC server: the three services, `grpc.health.v1`, and server
-//! reflection (v1 and v1alpha), with graceful shutdown.
+//! reflection (v1 and v1alpha), with graceful shutdown, over the operator state store.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +12,12 @@ use nixdispatch::proto::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::Error;
 use crate::config::Config;
 use crate::service::{AdminService, AgentService, LeaseService, Shared, TokioClock, metrics};
+use crate::store::Store;
 
 /// How often leases are checked for expiry. Expiry is also checked on every lease call, so
 /// this only bounds how long a dead lease shows in `ListLeases` and metrics.
@@ -25,7 +26,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long in-flight calls may take to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves the scheduler on `listener` until `shutdown` completes.
+/// Serves the scheduler on `listener` until `shutdown` completes, with the operator state
+/// database `config.state` names, or in memory when it names none (the binary also looks
+/// at systemd's `STATE_DIRECTORY`: see [`open_store`]).
 ///
 /// On shutdown the health service turns NOT_SERVING first, agent streams are closed with
 /// `UNAVAILABLE` (agents reconnect to the next scheduler), no new connections are accepted,
@@ -36,10 +39,35 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Error> {
     config.validate()?;
+    let store = open_store(&config, None).await?;
+    serve(listener, config, store, shutdown).await
+}
+
+/// Opens the operator state store for `config` (see [`Store::open`]; `state_directory` is
+/// systemd's `STATE_DIRECTORY`, the default place of the file), off the runtime's workers:
+/// opening may wait up to `state.busy_timeout_millis` for a lock.
+pub async fn open_store(config: &Config, state_directory: Option<PathBuf>) -> Result<Store, Error> {
+    let state = config.state.clone();
+    match tokio::task::spawn_blocking(move || Store::open(&state, state_directory.as_deref())).await
+    {
+        Ok(store) => store,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// [`run`] with an open store: restores its operator state, then serves.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    store: Store,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    config.validate()?;
     metrics::describe();
     let max_message = config.limits.max_message_bytes;
+    let limits = config.limits.clone();
     let (down_tx, down_rx) = watch::channel(false);
-    let shared = Shared::new(config, Arc::new(TokioClock::new()), down_rx);
+    let shared = Shared::new(config, store, Arc::new(TokioClock::new()), down_rx)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -104,12 +132,12 @@ pub async fn run(
         let _ = drained_tx.send(());
     };
 
-    // `serve_with_incoming` ignores the builder's TCP settings, so set them on the incoming
-    // stream: without TCP_NODELAY small answers wait for delayed ACKs (tens of ms).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    // `serve_with_incoming` ignores the builder's TCP settings; the bounded incoming stream
+    // sets TCP_NODELAY itself, caps connections and drops peers that never speak.
+    let incoming = crate::incoming::bounded(listener, limits.bounds());
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(limits.keepalive_interval()))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

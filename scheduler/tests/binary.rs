@@ -19,8 +19,22 @@ impl Drop for Guard {
 
 /// Starts the binary on 127.0.0.1:0 and waits (bounded) for its address file.
 fn start(dir: &Path, extra: &[&str]) -> (Guard, String) {
+    start_in(dir, extra, None)
+}
+
+/// [`start`], with systemd's `STATE_DIRECTORY` set to `state_directory` or, when `None`,
+/// removed: a test runner inside a systemd unit must not lend its state directory to the
+/// schedulers under test.
+fn start_in(dir: &Path, extra: &[&str], state_directory: Option<&Path>) -> (Guard, String) {
     let addr_file = dir.join("addr");
-    let child = Command::new(BIN)
+    // A previous scheduler's file would announce this one before it is ready.
+    let _ = std::fs::remove_file(&addr_file);
+    let mut cmd = Command::new(BIN);
+    match state_directory {
+        Some(d) => cmd.env("STATE_DIRECTORY", d),
+        None => cmd.env_remove("STATE_DIRECTORY"),
+    };
+    let child = cmd
         .args(["--listen", "127.0.0.1:0", "--address-file"])
         .arg(&addr_file)
         .args(extra)
@@ -115,11 +129,8 @@ fn grpcurl_lists_and_calls_every_service() {
     );
 }
 
-/// SIGTERM stops the scheduler cleanly (exit status 0, shutdown logged).
-#[test]
-fn sigterm_shuts_down_gracefully() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut guard, _addr) = start(dir.path(), &[]);
+/// Sends SIGTERM, waits (bounded) for a clean exit, and returns the scheduler's logs.
+fn stop(mut guard: Guard) -> String {
     run(Command::new("kill").args(["-TERM", &guard.0.id().to_string()]));
     let mut status = None;
     for _ in 0..750 {
@@ -133,7 +144,66 @@ fn sigterm_shuts_down_gracefully() {
     assert!(status.success(), "{status}");
     let mut logs = String::new();
     std::io::Read::read_to_string(guard.0.stderr.as_mut().unwrap(), &mut logs).unwrap();
+    logs
+}
+
+/// SIGTERM stops the scheduler cleanly (exit status 0, shutdown logged).
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let (guard, _addr) = start(dir.path(), &[]);
+    let logs = stop(guard);
     assert!(logs.contains("shutting down"), "{logs}");
+}
+
+/// With no configuration the operator state goes to `$STATE_DIRECTORY/scheduler.sqlite3`
+/// when systemd sets it, and to memory, said in the log, when nothing does.
+#[test]
+fn default_state_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (guard, _addr) = start_in(dir.path(), &[], Some(state.path()));
+    let db = state.path().join("scheduler.sqlite3");
+    assert!(db.is_file(), "created before readiness");
+    let logs = stop(guard);
+    assert!(logs.contains(&db.display().to_string()), "{logs}");
+
+    let (guard, _addr) = start_in(dir.path(), &[], None);
+    let logs = stop(guard);
+    assert!(logs.contains("in memory only"), "{logs}");
+}
+
+/// A state database the scheduler cannot use stops it before it is ready: a non-zero exit,
+/// an error naming the file and the problem, no address file, and the file untouched.
+#[test]
+fn unusable_state_database_stops_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.sqlite3");
+    let garbage = b"SQLite format 2, or so it says".repeat(50);
+    std::fs::write(&db, &garbage).unwrap();
+    let config = dir.path().join("scheduler.toml");
+    std::fs::write(
+        &config,
+        format!("[state]\ndatabase = {:?}\n", db.display().to_string()),
+    )
+    .unwrap();
+    let addr_file = dir.path().join("addr");
+    let out = Command::new(BIN)
+        .env_remove("STATE_DIRECTORY")
+        .args(["--listen", "127.0.0.1:0", "--address-file"])
+        .arg(&addr_file)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&db.display().to_string()) && err.contains("not an SQLite database"),
+        "{err}"
+    );
+    assert!(!addr_file.exists(), "it never looked ready");
+    assert_eq!(std::fs::read(&db).unwrap(), garbage);
 }
 
 /// A configuration file with an unknown key is refused with the key named; a good one works.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use nixdispatch_benches::loadgen::{LoadConfig, LoadResult, run};
+use nixdispatch_benches::loadgen::{ClientMode, LoadConfig, LoadResult, run};
 
 #[derive(Parser, Debug)]
 #[command(about = "gRPC load generator against a scheduler process on 127.0.0.1")]
@@ -47,6 +47,20 @@ struct Args {
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// What the clients do: `closed` (acquire, keep alive, release in a loop), `hook` (what
+    /// a real hook sends: hold each grant for `--hold-millis`, re-ask when postponed) or
+    /// `saturated` (every slot taken first; each client a postponed request re-asking).
+    #[arg(long, default_value = "closed")]
+    mode: String,
+    /// With `--mode hook`: how long each granted build holds its slot, milliseconds.
+    #[arg(long, default_value_t = 50)]
+    hold_millis: u64,
+    /// Run the measured phase again with this many extra clients listing hosts in a loop.
+    #[arg(long, default_value_t = 0)]
+    list_hosts_flood: usize,
+    /// Also measure an empty RPC (`Health/Check`) with the same clients, as a reference.
+    #[arg(long)]
+    reference: bool,
 }
 
 /// Kills the scheduler when dropped, so a failed run leaves no process behind.
@@ -108,14 +122,14 @@ fn markdown(args: &Args, r: &LoadResult, rss: Option<(u64, u64)>, cmd: &str) -> 
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let [p50, p99, p999, max] = r.acquire_us;
     let mut s = format!(
-        "## {} agents, {} clients, {} s\n\n\
+        "## {} agents, {} clients ({}), {} s\n\n\
          Command: `{cmd}`  \n\
          Machine: {cpus} CPUs (shared by the scheduler, the load generator and other work), \
          loopback gRPC, scheduler as a separate process.\n\n\
          | figure | value |\n|---|--:|\n\
          | agents registered (ramp-up) | {} ({:.1} s) |\n\
          | decisions (acquire answers) per second | {:.0} |\n\
-         | of which grants | {} of {} |\n\
+         | of which grants / postponed | {} / {} of {} |\n\
          | keep-alive + release calls | {} |\n\
          | acquire latency p50 / p99 / p99.9 / max | {:.0} / {:.0} / {:.0} / {:.0} us |\n\
          | reports in the measured phase | {} |\n\
@@ -127,11 +141,13 @@ fn markdown(args: &Args, r: &LoadResult, rss: Option<(u64, u64)>, cmd: &str) -> 
          | leases left (scheduler / clients) | {} / {} |\n",
         args.agents,
         args.clients,
+        args.mode,
         args.seconds,
         r.agents_registered,
         r.ramp.as_secs_f64(),
         r.decisions_per_second(),
         r.grants,
+        r.postponed,
         r.decisions,
         r.lease_calls,
         p50,
@@ -152,6 +168,32 @@ fn markdown(args: &Args, r: &LoadResult, rss: Option<(u64, u64)>, cmd: &str) -> 
         r.leases_left,
         r.client_leases_open,
     );
+    if r.slots_held > 0 {
+        s.push_str(&format!(
+            "| slots taken by the load generator first | {} |\n",
+            r.slots_held
+        ));
+    }
+    if let Some(([p50, p99, p999, max], decisions, listings)) = r.flood {
+        s.push_str(&format!(
+            "| with {} clients listing hosts in a loop: acquire p50 / p99 / p99.9 / max | \
+             {p50:.0} / {p99:.0} / {p999:.0} / {max:.0} us |\n\
+             | with the listing flood: decisions per second / listings answered | {:.0} / {listings} |\n\
+             | acquire p99 with the flood / without | {:.2}x |\n",
+            args.list_hosts_flood,
+            decisions as f64 / args.seconds.max(1) as f64,
+            p99 / r.acquire_us[1].max(1e-9),
+        ));
+    }
+    if let Some(([p50, p99, p999, max], rate)) = r.reference_us {
+        s.push_str(&format!(
+            "| reference, same clients: empty RPC (`Health/Check`) p50 / p99 / p99.9 / max | \
+             {p50:.0} / {p99:.0} / {p999:.0} / {max:.0} us |\n\
+             | reference: empty RPCs per second | {rate:.0} |\n\
+             | acquire p50 / empty RPC p50 | {:.2}x |\n",
+            r.acquire_us[0] / p50.max(1e-9),
+        ));
+    }
     if let Some((rss, hwm)) = rss {
         s.push_str(&format!(
             "| scheduler RSS at the end of the measured phase / peak | {:.1} / {:.1} MiB |\n",
@@ -177,9 +219,20 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let pid = guard.as_ref().map(|g| g.0.id());
+    let mode = match args.mode.as_str() {
+        "closed" => ClientMode::Closed,
+        "hook" => ClientMode::Hook {
+            hold: Duration::from_millis(args.hold_millis),
+        },
+        "saturated" => ClientMode::Saturated,
+        other => bail!("--mode {other}: expected closed, hook or saturated"),
+    };
     let cfg = LoadConfig {
         streams_per_connection: args.streams_per_connection,
         client_connections: args.client_connections,
+        mode,
+        list_hosts_flood: args.list_hosts_flood,
+        reference: args.reference,
         ..LoadConfig::new(args.agents, args.clients, Duration::from_secs(args.seconds))
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -133,25 +133,35 @@ pub(super) struct Ask<'a> {
     pub(super) exclude: &'a BTreeSet<HostId>,
 }
 
+/// Whether a request with `required` features may run on a host with these: required ⊆
+/// supported ∪ mandatory, and mandatory ⊆ required. Allocation-free, for the hot path.
+pub(super) fn features_fit(
+    supported: &BTreeSet<Feature>,
+    mandatory: &BTreeSet<Feature>,
+    required: &BTreeSet<Feature>,
+) -> bool {
+    if required.is_empty() {
+        return mandatory.is_empty();
+    }
+    required
+        .iter()
+        .all(|f| supported.contains(f) || mandatory.contains(f))
+        && mandatory.iter().all(|f| required.contains(f))
+}
+
 impl Host {
     /// Whether the host builds `system` (`builtin` is built everywhere).
     pub(super) fn builds(&self, system: &System) -> bool {
         system.is_builtin() || self.spec.systems.contains(system)
     }
 
-    /// Whether a request with these features may run here: required ⊆ supported ∪
-    /// mandatory, and mandatory ⊆ required. Allocation-free, for the hot path.
+    /// Whether a request with these features may run here (see [`features_fit`]).
     pub(super) fn features_fit(&self, required: &BTreeSet<Feature>) -> bool {
-        if required.is_empty() {
-            return self.spec.mandatory_features.is_empty();
-        }
-        required.iter().all(|f| {
-            self.spec.supported_features.contains(f) || self.spec.mandatory_features.contains(f)
-        }) && self
-            .spec
-            .mandatory_features
-            .iter()
-            .all(|f| required.contains(f))
+        features_fit(
+            &self.spec.supported_features,
+            &self.spec.mandatory_features,
+            required,
+        )
     }
 
     /// Why this host can never take a request with these features, if so.

@@ -4,8 +4,7 @@
 //! The ledger knows nothing of hosts' slot counts: the scheduler counts a lease on its host
 //! when the ledger grants it and uncounts it when the ledger ends it.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use super::{BuildOutcome, ClientId, Error, HostId, LeaseId, System, Time};
@@ -34,12 +33,20 @@ pub enum LeaseEnd {
 #[derive(Debug)]
 pub(super) struct Ledger {
     leases: HashMap<LeaseId, Lease>,
-    /// Lease expiry times, soonest first; entries made stale by keep-alives or releases are
-    /// skipped when popped (lazy deletion keeps every operation `O(log n)`).
-    expiries: BinaryHeap<Reverse<(Time, LeaseId)>>,
-    /// Recently ended leases, for idempotent release, bounded by `remembered`.
-    ended: HashMap<LeaseId, LeaseEnd>,
-    ended_order: VecDeque<LeaseId>,
+    /// Every live lease's expiry, soonest first: exactly one entry per live lease (a
+    /// keep-alive moves it, an end removes it), so its size is bounded by the live leases
+    /// and not by the rate of grants and keep-alives.
+    expiries: BTreeSet<(Time, LeaseId)>,
+    /// Recently ended leases, for idempotent release, bounded by `remembered`. Keyed by the
+    /// lease's sequence number rather than its id string, so that remembering the default
+    /// 65,536 ended leases costs about 1 MiB rather than ten.
+    ended: HashMap<u64, LeaseEnd>,
+    ended_order: VecDeque<u64>,
+    /// Ended leases that were re-attached from before a restart (ids of another boot, so
+    /// without a sequence number here), bounded the same way: a late keep-alive must not
+    /// revive one.
+    ended_foreign: HashMap<LeaseId, LeaseEnd>,
+    ended_foreign_order: VecDeque<LeaseId>,
     remembered: usize,
     /// Makes lease ids unique across restarts, so a hook holding a lease from before a
     /// restart gets `NotFound`, never somebody else's lease.
@@ -52,9 +59,11 @@ impl Ledger {
     pub(super) fn new(boot_nonce: u64, remembered: usize) -> Self {
         Self {
             leases: HashMap::new(),
-            expiries: BinaryHeap::new(),
+            expiries: BTreeSet::new(),
             ended: HashMap::new(),
             ended_order: VecDeque::new(),
+            ended_foreign: HashMap::new(),
+            ended_foreign_order: VecDeque::new(),
             remembered,
             boot_nonce,
             next_lease: 0,
@@ -85,7 +94,7 @@ impl Ledger {
                 expires_at,
             },
         );
-        self.expiries.push(Reverse((expires_at, id.clone())));
+        self.expiries.insert((expires_at, id.clone()));
         id
     }
 
@@ -103,7 +112,7 @@ impl Ledger {
         drv_path: String,
     ) {
         let expires_at = now.after(ttl);
-        self.expiries.push(Reverse((expires_at, id.clone())));
+        self.expiries.insert((expires_at, id.clone()));
         self.leases.insert(
             id,
             Lease {
@@ -132,16 +141,28 @@ impl Ledger {
         let lease = self.leases.get_mut(id).ok_or_else(|| Error::UnknownLease {
             lease_id: id.to_string(),
         })?;
+        self.expiries.remove(&(lease.expires_at, id.clone()));
         lease.expires_at = now.after(ttl);
-        self.expiries.push(Reverse((lease.expires_at, id.clone())));
+        self.expiries.insert((lease.expires_at, id.clone()));
         Ok(())
     }
 
     /// Ends lease `id` and remembers how; returns it if it was live.
     pub(super) fn end(&mut self, id: &LeaseId, end: LeaseEnd) -> Option<Lease> {
         let lease = self.leases.remove(id)?;
-        self.ended.insert(id.clone(), end);
-        self.ended_order.push_back(id.clone());
+        self.expiries.remove(&(lease.expires_at, id.clone()));
+        if let Some(seq) = self.seq_of(id) {
+            self.ended.insert(seq, end);
+            self.ended_order.push_back(seq);
+        } else {
+            self.ended_foreign.insert(id.clone(), end);
+            self.ended_foreign_order.push_back(id.clone());
+            if self.ended_foreign_order.len() > self.remembered
+                && let Some(old) = self.ended_foreign_order.pop_front()
+            {
+                self.ended_foreign.remove(&old);
+            }
+        }
         while self.ended_order.len() > self.remembered {
             if let Some(old) = self.ended_order.pop_front() {
                 self.ended.remove(&old);
@@ -152,22 +173,35 @@ impl Ledger {
 
     /// Ends the next lease whose expiry is at or before `now`, if any, and returns it.
     pub(super) fn pop_expired(&mut self, now: Time) -> Option<Lease> {
-        while let Some(Reverse((at, _))) = self.expiries.peek() {
-            if *at > now {
-                return None;
-            }
-            let Reverse((at, id)) = self.expiries.pop()?;
-            // Skip entries superseded by a keep-alive or a release.
-            if self.leases.get(&id).is_some_and(|l| l.expires_at == at) {
-                return self.end(&id, LeaseEnd::Expired);
-            }
+        let (at, _) = self.expiries.first()?;
+        if *at > now {
+            return None;
         }
-        None
+        let (_, id) = self.expiries.pop_first()?;
+        self.end(&id, LeaseEnd::Expired)
+    }
+
+    /// Entries in the expiry queue; equal to [`Self::len`] (checked by the core's tests).
+    pub(super) fn expiry_entries(&self) -> usize {
+        self.expiries.len()
     }
 
     /// How a remembered lease ended.
     pub(super) fn ended(&self, id: &LeaseId) -> Option<LeaseEnd> {
-        self.ended.get(id).copied()
+        match self.seq_of(id) {
+            Some(seq) => self.ended.get(&seq).copied(),
+            None if self.ended_foreign.is_empty() => None,
+            None => self.ended_foreign.get(id).copied(),
+        }
+    }
+
+    /// The sequence number of a lease id this ledger issued (`<boot nonce>-<seq>`); `None`
+    /// for any other string, including ids from before a restart.
+    fn seq_of(&self, id: &LeaseId) -> Option<u64> {
+        let (nonce, seq) = id.as_str().split_once('-')?;
+        (u64::from_str_radix(nonce, 16).ok()? == self.boot_nonce && nonce.len() == 16)
+            .then(|| seq.parse().ok())
+            .flatten()
     }
 
     /// Live leases.

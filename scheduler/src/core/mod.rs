@@ -34,6 +34,7 @@ mod dispatch;
 mod durations;
 mod eligibility;
 mod error;
+mod index;
 mod ledger;
 mod operator;
 mod placement;
@@ -65,6 +66,7 @@ pub use waiters::{Handout, WaiterId};
 
 use accounts::Accounts;
 use durations::Durations;
+use index::HostIndex;
 use ledger::Ledger;
 use registry::Registry;
 use waiters::Waiters;
@@ -104,6 +106,8 @@ pub struct CoreConfig {
     /// long; when [`UNREACHABLE_QUORUM`] distinct clients report it within this time, nobody
     /// does until the reports age out.
     pub unreachable_cooldown: Duration,
+    /// A host whose agent has been gone this long, and that holds no lease, is forgotten.
+    pub forget_gone_after: Duration,
 }
 
 /// How many distinct clients must report a host unreachable before it is held back for
@@ -123,6 +127,7 @@ impl Default for CoreConfig {
             admission: Admission::default(),
             remembered_leases: 65_536,
             unreachable_cooldown: Duration::from_secs(60),
+            forget_gone_after: Duration::from_secs(3600),
         }
     }
 }
@@ -132,6 +137,8 @@ impl Default for CoreConfig {
 pub struct Scheduler {
     config: CoreConfig,
     registry: Registry,
+    /// Hosts by capability class and load, for the least-loaded policy's fast path.
+    index: HostIndex,
     ledger: Ledger,
     operator: OperatorState,
     waiters: Waiters,
@@ -166,6 +173,7 @@ impl Scheduler {
             accounts: Accounts::new(config.quotas.clone()),
             config,
             registry: Registry::default(),
+            index: HostIndex::default(),
             operator: OperatorState::default(),
             waiters: Waiters::default(),
             durations: Durations::default(),
@@ -193,6 +201,7 @@ impl Scheduler {
         let draining = self.operator.is_draining(&spec.id);
         let id = spec.id.clone();
         let generation = self.registry.connect(now, spec, draining);
+        self.reindex(&id);
         self.waiters.hosts_changed();
         // Right after a start, a host may still run builds granted before it, which only its
         // first report shows: its slots go to waiters from that report on.
@@ -200,6 +209,13 @@ impl Scheduler {
             self.dispatch_host(now, &id);
         }
         generation
+    }
+
+    /// Brings host `id`'s index entry up to date; called after anything about it changed.
+    fn reindex(&mut self, id: &HostId) {
+        if let Some(host) = self.registry.get(id) {
+            self.index.update(host, &mut self.rng);
+        }
     }
 
     /// Records a report from the stream `generation` of host `id`.
@@ -215,6 +231,7 @@ impl Scheduler {
         host.gate_closed = host.gate(&self.config.admission).is_some();
         host.leases_at_report = host.leases;
         host.last_seen = now;
+        self.reindex(id);
         self.dispatch_host(now, id);
         Ok(())
     }
@@ -224,32 +241,35 @@ impl Scheduler {
     pub fn disconnect(&mut self, now: Time, id: &HostId, generation: Generation) {
         if let Ok(host) = self.registry.connected_mut(id, generation) {
             host.link = registry::Link::Disconnected { since: now };
+            self.reindex(id);
         }
     }
 
     /// The agent of host `id` is leaving: no new leases from now on.
     pub fn goodbye(&mut self, id: &HostId, generation: Generation) -> Result<(), Error> {
         let host = self.registry.connected_mut(id, generation)?;
-        host.link = registry::Link::Left;
+        // Its last message is the goodbye's moment, near enough for forgetting it later.
+        host.link = registry::Link::Left {
+            since: host.last_seen,
+        };
+        self.reindex(id);
         Ok(())
     }
 
-    /// Sets or clears the operator drain of host `id`. Returns whether it is draining.
-    pub fn set_draining(&mut self, id: &HostId, draining: bool) -> Result<bool, Error> {
-        let host = self
-            .registry
-            .get_mut(id)
-            .ok_or_else(|| Error::UnknownHost {
-                host_id: id.to_string(),
-            })?;
-        host.draining = draining;
+    /// Sets or clears the operator drain of host `id`, whether or not its agent ever
+    /// connected: a drain of a host not registered yet applies when it connects. The
+    /// service restores persisted drains at start through this too.
+    pub fn set_draining(&mut self, id: &HostId, draining: bool) {
+        if let Some(host) = self.registry.get_mut(id) {
+            host.draining = draining;
+        }
         self.operator.set_draining(id, draining);
-        Ok(draining)
+        self.reindex(id);
     }
 
-    /// Whether host `id` is drained, if known.
-    pub fn is_draining(&self, id: &HostId) -> Option<bool> {
-        self.registry.get(id).map(|_| self.operator.is_draining(id))
+    /// Whether host `id` is drained (known or not).
+    pub fn is_draining(&self, id: &HostId) -> bool {
+        self.operator.is_draining(id)
     }
 
     /// Operators' decisions, as the service layer persists them.
@@ -306,6 +326,7 @@ impl Scheduler {
     fn lease_over(&mut self, now: Time, lease: &ledger::Lease, end: LeaseEnd) {
         if let Some(host) = self.registry.get_mut(&lease.host) {
             host.uncount_lease(&lease.client);
+            self.reindex(&lease.host);
         }
         let held = now.since(lease.granted_at);
         let built = matches!(
@@ -330,8 +351,9 @@ impl Scheduler {
         }
     }
 
-    /// Expires every lease not kept alive until `now` (handing their slots to waiters) and
-    /// every poller that stopped asking; returns how many leases expired.
+    /// Expires every lease not kept alive until `now` (handing their slots to waiters),
+    /// every poller that stopped asking, and forgets hosts gone for longer than the
+    /// retention; returns how many leases expired.
     pub fn expire(&mut self, now: Time) -> usize {
         let mut n = 0;
         while let Some(lease) = self.ledger.pop_expired(now) {
@@ -339,6 +361,17 @@ impl Scheduler {
             n += 1;
         }
         self.waiters.expire(now, self.config.waiter_ttl);
+        let mut forgotten = false;
+        for id in self
+            .registry
+            .forget_gone(now, self.config.forget_gone_after)
+        {
+            self.index.remove(&id);
+            forgotten = true;
+        }
+        if forgotten {
+            self.waiters.hosts_changed();
+        }
         n
     }
 
@@ -391,6 +424,7 @@ impl Scheduler {
         );
         self.accounts
             .count_grant(now, client, system, Duration::ZERO);
+        self.reindex(host);
         Ok(ttl)
     }
 
@@ -436,6 +470,11 @@ impl Scheduler {
     /// Live leases.
     pub fn lease_count(&self) -> usize {
         self.ledger.len()
+    }
+
+    /// Entries in the lease expiry queue: never more than the live leases.
+    pub fn expiry_entries(&self) -> usize {
+        self.ledger.expiry_entries()
     }
 }
 

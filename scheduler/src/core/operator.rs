@@ -1,7 +1,8 @@
 //! Operator state: what operators decided about hosts (drains today; quotas and provisioned
 //! hosts later), keyed by host id and independent of whether that host's agent is
-//! connected. This is the state the service layer persists; the registry keeps a copy of
-//! each host's drain flag for the hot path.
+//! connected: a drain set before a host's agent ever connected applies when it does. This is
+//! the state the service layer persists (`crate::store`) and restores at start; the
+//! registry keeps a copy of each registered host's drain flag for the hot path.
 
 use std::collections::BTreeSet;
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use super::accounts::Accounts;
 use super::dispatch::{self, class_of};
 use super::eligibility::{self, Ask, Unfit};
+use super::index::FreeKey;
 use super::policy::Candidate;
 use super::registry::{Host, Registry};
 use super::waiters::Via;
@@ -62,21 +63,12 @@ fn find_candidates<'r>(
     found
 }
 
-/// Stage two: the request's own limits. Its member and its system must be under their
-/// quotas (else the refusal, for the user), and a pinned request keeps only its host.
-fn admit<'r>(
-    accounts: &Accounts,
-    req: &LeaseRequest,
-    pin: Option<&HostId>,
-    mut found: Found<'r>,
-) -> Result<Found<'r>, String> {
+/// Stage two, the request's own limits: its member and its system must be under their
+/// quotas (else the refusal, for the user). A pinned request then keeps only its host.
+fn admit(accounts: &Accounts, req: &LeaseRequest) -> Result<(), String> {
     accounts
         .admits(&req.client, &req.system)
-        .map_err(|r| r.describe(&req.client, &req.system))?;
-    if let Some(pin) = pin {
-        keep(&mut found, |id, _| id == pin);
-    }
-    Ok(found)
+        .map_err(|r| r.describe(&req.client, &req.system))
 }
 
 /// Keeps the candidates for which `f` holds.
@@ -119,9 +111,19 @@ impl Scheduler {
         req: &LeaseRequest,
         pin: Option<&HostId>,
     ) -> Result<Grant, Option<String>> {
+        admit(&self.accounts, req).map_err(Some)?;
+        // The index serves the common case; a pin or the last slot rule takes the scan.
+        if pin.is_none() && self.policy.least_loaded() && !self.last_slot_rule_applies(req) {
+            return match self.choose_indexed(now, req) {
+                Some(id) => Ok(self.grant(now, &id, req)),
+                None => Err(self.example_unfit(now, req)),
+            };
+        }
         let global = self.policy.sees_global_load();
-        let found = find_candidates(now, &self.config, global, &self.registry, req);
-        let mut found = admit(&self.accounts, req, pin, found).map_err(Some)?;
+        let mut found = find_candidates(now, &self.config, global, &self.registry, req);
+        if let Some(pin) = pin {
+            keep(&mut found, |id, _| id == pin);
+        }
         // Stage three: the last slot rule, then the policy chooses.
         if global && self.waiters.len() > 0 {
             let class = class_of(req, pin);
@@ -160,6 +162,20 @@ impl Scheduler {
         Ok(self.grant(now, &id, req))
     }
 
+    /// Whether the last slot rule can keep a host from `req`: a class narrower than its own
+    /// waits, with a member under quota.
+    fn last_slot_rule_applies(&mut self, req: &LeaseRequest) -> bool {
+        if self.waiters.len() == 0 || !self.policy.sees_global_load() {
+            return false;
+        }
+        let class = class_of(req, None);
+        let waiting = self.waiting_classes();
+        let (registry, waiters) = (&self.registry, &mut self.waiters);
+        waiting
+            .iter()
+            .any(|k| *k != class && dispatch::narrower(registry, waiters, k, &class))
+    }
+
     /// The classes with a waiter whose member is under quota: the ones the last slot rule
     /// protects.
     fn waiting_classes(&self) -> Vec<super::waiters::Class> {
@@ -172,6 +188,109 @@ impl Scheduler {
             })
             .map(|(_, q)| q.class.clone())
             .collect()
+    }
+
+    /// Stages one to three for the least-loaded policy, from the index: the best free host
+    /// of each class that serves the request, checked by `eligibility::assess` for what the
+    /// index cannot know (lateness, exclusions, the client's own unreachable reports), and
+    /// the best of those. Hosts found late leave the free set until they report again.
+    pub(super) fn choose_indexed(&mut self, now: Time, req: &LeaseRequest) -> Option<HostId> {
+        let classes = self.index.classes_for(&req.system, &req.required_features);
+        let ask = Ask {
+            system: &req.system,
+            mask: self.registry.system_bits().request_mask(&req.system),
+            features: &req.required_features,
+            client: Some(&req.client),
+            exclude: &req.exclude_hosts,
+        };
+        let mut best: Option<&FreeKey> = None;
+        let mut late = Vec::new();
+        for &c in classes.iter() {
+            for key in self.index.free(c) {
+                if best.is_some_and(|b| key >= b) {
+                    break;
+                }
+                let Some(host) = self.registry.get(&key.2) else {
+                    continue;
+                };
+                match eligibility::assess(now, &self.config, true, host, &ask) {
+                    Ok(_) => {
+                        best = Some(key);
+                        break;
+                    }
+                    Err(Unfit::Late) => late.push(key.2.clone()),
+                    Err(_) => {}
+                }
+            }
+        }
+        let chosen = best.map(|k| k.2.clone());
+        for id in late {
+            self.index.close(&id);
+        }
+        chosen
+    }
+
+    /// The lowest least-loaded score among the hosts a full scan finds eligible for `req`:
+    /// what [`Self::choose_indexed`] must agree with.
+    #[cfg(test)]
+    pub(super) fn scan_best_score(&self, now: Time, req: &LeaseRequest) -> Option<f64> {
+        find_candidates(now, &self.config, true, &self.registry, req)
+            .candidates
+            .iter()
+            .map(Candidate::score)
+            .min_by(f64::total_cmp)
+    }
+
+    /// The least-loaded score of host `id` now.
+    #[cfg(test)]
+    pub(super) fn score_of(&self, id: &HostId) -> Option<f64> {
+        let h = self.registry.get(id)?;
+        Some((f64::from(h.used()) + 1.0) / (f64::from(h.spec.max_jobs) * h.spec.speed_factor))
+    }
+
+    /// Why a host that serves `req` cannot take it now, as `"<host>: <reason>"`, for the
+    /// user's message when nothing is free; looks at the serving classes' hosts only.
+    fn example_unfit(&self, now: Time, req: &LeaseRequest) -> Option<String> {
+        let ask = Ask {
+            system: &req.system,
+            mask: self.registry.system_bits().request_mask(&req.system),
+            features: &req.required_features,
+            client: Some(&req.client),
+            exclude: &req.exclude_hosts,
+        };
+        let global = self.policy.sees_global_load();
+        let mut example = None;
+        for c in self
+            .index
+            .classes_serving(&req.system, &req.required_features)
+        {
+            for id in self.index.members(c) {
+                let Some(host) = self.registry.get(id) else {
+                    continue;
+                };
+                if let Err(unfit) = eligibility::assess(now, &self.config, global, host, &ask) {
+                    example = Some((host, unfit));
+                    // A live host's reason says more than a gone one's.
+                    if host.state(now, &self.config) != HostState::Gone {
+                        break;
+                    }
+                }
+            }
+        }
+        example.map(|(host, unfit)| {
+            format!(
+                "{}: {}",
+                host.spec.id,
+                eligibility::describe(
+                    now,
+                    &self.config,
+                    host,
+                    unfit,
+                    &req.system,
+                    &req.required_features
+                )
+            )
+        })
     }
 
     /// The answer when no host can take `req` now.
@@ -203,16 +322,19 @@ impl Scheduler {
     }
 
     /// Whether some host that is not gone (drained ones included) could ever build this.
+    /// Looks only at the classes that serve the request, usually at one host of each.
     pub(super) fn could_ever_build(
         &self,
         now: Time,
         system: &super::System,
         features: &BTreeSet<Feature>,
     ) -> bool {
-        self.registry.iter().any(|h| {
-            h.state(now, &self.config) != HostState::Gone
-                && h.builds(system)
-                && h.features_fit(features)
+        self.index.classes_serving(system, features).any(|c| {
+            self.index.members(c).any(|id| {
+                self.registry
+                    .get(id)
+                    .is_some_and(|h| h.state(now, &self.config) != HostState::Gone)
+            })
         })
     }
 
@@ -257,12 +379,14 @@ impl Scheduler {
             .get_mut(host_id)
             .expect("candidate hosts exist");
         host.count_lease(client);
-        Grant {
+        let grant = Grant {
             lease_id,
             host: host.spec.clone(),
             ttl,
             slots_used: host.used(),
             slots_total: host.spec.max_jobs,
-        }
+        };
+        self.reindex(host_id);
+        grant
     }
 }

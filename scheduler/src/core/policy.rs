@@ -51,6 +51,13 @@ pub trait Policy: Send + fmt::Debug {
     fn sees_global_load(&self) -> bool {
         true
     }
+
+    /// Whether the policy picks the lowest [`Candidate::score`] and nothing else, so that the
+    /// core may answer from its score index without offering every candidate (ties are then
+    /// broken by a random key the index draws whenever a host's load changes).
+    fn least_loaded(&self) -> bool {
+        false
+    }
 }
 
 /// The names of the policies, for configuration.
@@ -166,6 +173,10 @@ impl Policy for LeastLoaded {
 
     fn choose(&mut self, candidates: &[Candidate], rng: &mut SplitMix64) -> usize {
         argmin_random_tie(candidates, rng, Candidate::score)
+    }
+
+    fn least_loaded(&self) -> bool {
+        true
     }
 }
 

@@ -6,6 +6,7 @@
 //! it is late beyond the grace, `Disconnected` for a grace after its stream ends, then `Gone`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use super::eligibility::SystemBits;
 use super::{
@@ -18,7 +19,7 @@ use super::{
 pub(super) enum Link {
     Connected(Generation),
     Disconnected { since: Time },
-    Left,
+    Left { since: Time },
 }
 
 /// One known host.
@@ -62,7 +63,7 @@ impl Host {
                     HostState::Disconnected
                 }
             }
-            Link::Left => HostState::Gone,
+            Link::Left { .. } => HostState::Gone,
         }
     }
 
@@ -130,12 +131,17 @@ impl Host {
     }
 }
 
-/// Every host that has registered since the scheduler started.
+/// How often the registry looks for hosts to forget: the sweep visits every host, so it
+/// runs rarely; a gone host may stay listed this much longer than the retention.
+const FORGET_SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Every host that has registered and not been forgotten.
 #[derive(Debug, Default)]
 pub(super) struct Registry {
     hosts: BTreeMap<HostId, Host>,
     system_bits: SystemBits,
     next_generation: u64,
+    last_sweep: Option<Time>,
 }
 
 impl Registry {
@@ -207,6 +213,38 @@ impl Registry {
     /// Every host, by id.
     pub(super) fn iter(&self) -> impl ExactSizeIterator<Item = &Host> {
         self.hosts.values()
+    }
+
+    /// The hosts after `after` (all of them for `None`), by id.
+    pub(super) fn after<'a>(&'a self, after: Option<&HostId>) -> impl Iterator<Item = &'a Host> {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, |id| Bound::Excluded(id.clone()));
+        self.hosts.range((start, Bound::Unbounded)).map(|(_, h)| h)
+    }
+
+    /// Forgets hosts whose agent has been gone for longer than `retention` and that hold no
+    /// lease; returns their ids. Runs at most once per [`FORGET_SWEEP_EVERY`].
+    pub(super) fn forget_gone(&mut self, now: Time, retention: Duration) -> Vec<HostId> {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.since(t) < FORGET_SWEEP_EVERY)
+        {
+            return Vec::new();
+        }
+        self.last_sweep = Some(now);
+        let mut gone = Vec::new();
+        self.hosts.retain(|id, h| {
+            let since = match h.link {
+                Link::Connected(_) => return true,
+                Link::Disconnected { since } | Link::Left { since } => since,
+            };
+            let keep = h.leases > 0 || now.since(since) <= retention;
+            if !keep {
+                gone.push(id.clone());
+            }
+            keep
+        });
+        gone
     }
 
     /// The systems' bits, for requests.

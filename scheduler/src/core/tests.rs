@@ -331,16 +331,41 @@ fn drain_and_undrain() {
     let mut s = sched();
     s.connect(t(0), spec("a", &["x86_64-linux"], 4));
     let g = granted(s.acquire(t(1), &req("x86_64-linux", "c", "running")));
-    s.set_draining(&HostId::new("a"), true).unwrap();
+    s.set_draining(&HostId::new("a"), true);
     assert!(matches!(
         s.acquire(t(2), &req("x86_64-linux", "c", "new")),
         Decision::Postpone { .. }
     ));
     assert_eq!(s.lease_count(), 1);
     s.keep_alive(t(3), &g.lease_id).unwrap();
-    s.set_draining(&HostId::new("a"), false).unwrap();
+    s.set_draining(&HostId::new("a"), false);
     granted(s.acquire(t(4), &req("x86_64-linux", "c", "new")));
-    assert!(s.set_draining(&HostId::new("zz"), true).is_err());
+}
+
+/// A drain of a host that never connected is kept and applies when it connects; undrain
+/// before it connects leaves it open.
+#[test]
+fn drain_before_connect_applies_at_connect() {
+    let mut s = sched();
+    let id = HostId::new("later");
+    s.set_draining(&id, true);
+    assert!(s.is_draining(&id));
+    assert!(
+        s.host(t(0), &id).is_none(),
+        "a drain alone registers no host"
+    );
+    s.connect(t(1), spec("later", &["x86_64-linux"], 4));
+    assert!(s.host(t(1), &id).unwrap().draining);
+    assert!(matches!(
+        s.acquire(t(2), &req("x86_64-linux", "c", "x")),
+        Decision::Postpone { .. }
+    ));
+    let other = HostId::new("other");
+    s.set_draining(&other, true);
+    s.set_draining(&other, false);
+    s.connect(t(3), spec("other", &["x86_64-linux"], 4));
+    assert!(!s.host(t(3), &other).unwrap().draining);
+    granted(s.acquire(t(4), &req("x86_64-linux", "c", "x")));
 }
 
 /// A host late beyond deadline + grace gets no leases; reporting again reopens it.
@@ -367,7 +392,7 @@ fn reconnect_within_grace_keeps_state() {
     let id = HostId::new("a");
     let g1 = s.connect(t(0), spec("a", &["x86_64-linux"], 2));
     let lease = granted(s.acquire(t(1), &req("x86_64-linux", "c", "x")));
-    s.set_draining(&id, true).unwrap();
+    s.set_draining(&id, true);
     s.disconnect(t(2), &id, g1);
     assert_eq!(s.host(t(3), &id).unwrap().state, HostState::Disconnected);
     let g2 = s.connect(t(10_000), spec("a", &["x86_64-linux"], 2));
@@ -622,7 +647,7 @@ proptest! {
                 Op::Report { host, running } => {
                     let _ = s.report(t(now), &specs[host].id, gens[host], HostReport { running_builds: running, ..Default::default() });
                 }
-                Op::Drain(h, d) => { s.set_draining(&specs[h].id, d).unwrap(); }
+                Op::Drain(h, d) => s.set_draining(&specs[h].id, d),
                 Op::Disconnect(h) => s.disconnect(t(now), &specs[h].id, gens[h]),
                 Op::Reconnect(h) => {
                     let before = s.host(t(now), &specs[h].id).unwrap();
@@ -1280,7 +1305,7 @@ proptest! {
                 QOp::Report { host, running } => {
                     s.report(t(now), &specs[host].id, gens[host], HostReport { running_builds: running, ..Default::default() }).unwrap();
                 }
-                QOp::Drain(h, d) => { s.set_draining(&specs[h].id, d).unwrap(); s.dispatch(t(now)); }
+                QOp::Drain(h, d) => { s.set_draining(&specs[h].id, d); s.dispatch(t(now)); }
                 QOp::Advance(ms) => {
                     now += ms;
                     for l in &held { let _ = s.keep_alive(t(now), l); }
@@ -1305,7 +1330,7 @@ proptest! {
         // Calm: every host open and honest, builds finish one by one; every stream waiter
         // must be served (each class has a host, every quota is at least 1).
         for (i, h) in specs.iter().enumerate() {
-            s.set_draining(&h.id, false).unwrap();
+            s.set_draining(&h.id, false);
             s.report(t(now), &h.id, gens[i], HostReport::default()).unwrap();
         }
         s.dispatch(t(now));
@@ -1330,4 +1355,204 @@ proptest! {
             prop_assert!(s.audit.is_empty(), "{:?}", s.audit);
         }
     }
+}
+/// One step of [`index_agrees_with_a_full_scan`].
+#[derive(Clone, Debug)]
+enum IndexOp {
+    Acquire {
+        shape: usize,
+        client: u8,
+        exclude: Option<usize>,
+    },
+    Release {
+        k: usize,
+        unreachable: bool,
+    },
+    KeepAlive(usize),
+    Report {
+        host: usize,
+        running: Option<u32>,
+        full_disk: bool,
+    },
+    Drain(usize, bool),
+    Disconnect(usize),
+    Reconnect(usize),
+    Goodbye(usize),
+    Advance(u64),
+}
+
+/// Request shapes: plain and featured, on systems some hosts share.
+const SHAPES: [(&str, &[&str]); 6] = [
+    ("x86_64-linux", &[]),
+    ("x86_64-linux", &["kvm"]),
+    ("aarch64-linux", &[]),
+    ("x86_64-linux", &["big-parallel"]),
+    ("builtin", &[]),
+    ("riscv64-linux", &[]),
+];
+
+fn index_op() -> impl Strategy<Value = IndexOp> {
+    prop_oneof![
+        6 => (0..SHAPES.len(), 0u8..3, proptest::option::of(0usize..8))
+            .prop_map(|(shape, client, exclude)| IndexOp::Acquire { shape, client, exclude }),
+        3 => (0usize..64, any::<bool>()).prop_map(|(k, unreachable)| IndexOp::Release { k, unreachable }),
+        1 => (0usize..64).prop_map(IndexOp::KeepAlive),
+        2 => (0usize..8, proptest::option::of(0u32..6), proptest::bool::weighted(0.1))
+            .prop_map(|(host, running, full_disk)| IndexOp::Report { host, running, full_disk }),
+        1 => (0usize..8, any::<bool>()).prop_map(|(h, d)| IndexOp::Drain(h, d)),
+        1 => (0usize..8).prop_map(IndexOp::Disconnect),
+        1 => (0usize..8).prop_map(IndexOp::Reconnect),
+        1 => (0usize..8).prop_map(IndexOp::Goodbye),
+        1 => (0u64..40_000).prop_map(IndexOp::Advance),
+    ]
+}
+
+/// Eight hosts in a few capability classes, with different slots and speeds.
+fn index_fleet() -> Vec<HostSpec> {
+    let mut v = Vec::new();
+    for k in 0..8u32 {
+        let mut h = match k % 4 {
+            0 => spec(&format!("h{k}"), &["x86_64-linux"], 2 + k),
+            1 => spec(&format!("h{k}"), &["x86_64-linux", "i686-linux"], 1 + k % 3),
+            2 => spec(&format!("h{k}"), &["aarch64-linux"], 3),
+            _ => spec(&format!("h{k}"), &["x86_64-linux"], 1),
+        };
+        if k % 4 == 1 {
+            h.supported_features = features(&["kvm", "big-parallel"]);
+        }
+        if k % 4 == 3 {
+            h.mandatory_features = features(&["kvm"]);
+            h.supported_features = features(&["kvm"]);
+        }
+        h.speed_factor = 1.0 + f64::from(k % 3);
+        v.push(h);
+    }
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The host index and a full scan of every host agree, whatever happens: the index
+    /// offers a host exactly when the scan finds one eligible, and its choice has the scan's
+    /// lowest least-loaded score. And the expiry queue never holds more than the live
+    /// leases.
+    #[test]
+    fn index_agrees_with_a_full_scan(ops in proptest::collection::vec(index_op(), 1..200), seed in any::<u64>()) {
+        let mut s = Scheduler::new(CoreConfig::default(), PolicyKind::LeastLoaded.build(), seed);
+        let specs = index_fleet();
+        let mut gens: Vec<Generation> = specs.iter().map(|h| s.connect(Time::ZERO, h.clone())).collect();
+        let mut now = 0u64;
+        let mut held: Vec<LeaseId> = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                IndexOp::Acquire { shape, client, exclude } => {
+                    let (system, fs) = SHAPES[shape];
+                    let mut r = req(system, &format!("c{client}"), &format!("d{i}"));
+                    r.required_features = features(fs);
+                    if let Some(x) = exclude {
+                        r.exclude_hosts.insert(specs[x].id.clone());
+                    }
+                    s.expire(t(now));
+                    let scan = s.scan_best_score(t(now), &r);
+                    let indexed = s.choose_indexed(t(now), &r);
+                    let indexed_score = indexed.as_ref().and_then(|id| s.score_of(id));
+                    prop_assert_eq!(scan.is_some(), indexed_score.is_some(), "scan {:?}, index {:?}", scan, indexed);
+                    if let (Some(a), Some(b)) = (scan, indexed_score) {
+                        prop_assert!((a - b).abs() < 1e-9, "scan best {} but index chose {:?} at {}", a, indexed, b);
+                    }
+                    if let Decision::Granted(g) = s.acquire(t(now), &r) {
+                        held.push(g.lease_id);
+                    }
+                }
+                IndexOp::Release { k, unreachable } if !held.is_empty() => {
+                    let id = held.remove(k % held.len());
+                    let outcome = if unreachable { BuildOutcome::HostUnreachable } else { BuildOutcome::Succeeded };
+                    let _ = s.release(t(now), &id, outcome);
+                }
+                IndexOp::KeepAlive(k) if !held.is_empty() => {
+                    let _ = s.keep_alive(t(now), &held[k % held.len()]);
+                }
+                IndexOp::Report { host, running, full_disk } => {
+                    let store = full_disk.then_some(DiskSpace { free_bytes: 1, total_bytes: 1 << 40 });
+                    let _ = s.report(t(now), &specs[host].id, gens[host], HostReport { running_builds: running, store, ..Default::default() });
+                }
+                IndexOp::Drain(h, d) => s.set_draining(&specs[h].id, d),
+                IndexOp::Disconnect(h) => s.disconnect(t(now), &specs[h].id, gens[h]),
+                IndexOp::Reconnect(h) => gens[h] = s.connect(t(now), specs[h].clone()),
+                IndexOp::Goodbye(h) => { let _ = s.goodbye(&specs[h].id, gens[h]); }
+                IndexOp::Advance(ms) => now += ms,
+                _ => {}
+            }
+            prop_assert!(s.expiry_entries() <= s.lease_count());
+        }
+    }
+}
+
+/// A host whose agent is gone is forgotten after the retention, unless it still holds a
+/// lease; its drain outlives it and holds again when it comes back.
+#[test]
+fn gone_hosts_are_forgotten_after_the_retention() {
+    let cfg = CoreConfig::default();
+    let retention = cfg.forget_gone_after.as_millis() as u64;
+    let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
+    let ga = s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    let gb = s.connect(t(0), spec("b", &["x86_64-linux"], 1));
+    s.set_draining(&HostId::new("a"), true);
+    let held = granted(s.acquire(t(0), &req("x86_64-linux", "c", "d")));
+    assert_eq!(held.host.id, HostId::new("b"));
+    s.disconnect(t(1), &HostId::new("a"), ga);
+    s.goodbye(&HostId::new("b"), gb).unwrap();
+    // Keep b's lease alive past the retention and the sweep interval: b stays while it
+    // holds it.
+    for ms in (30_000..=retention + 70_000).step_by(30_000) {
+        s.keep_alive(t(ms), &held.lease_id).unwrap();
+        if ms == retention / 2 {
+            assert_eq!(s.hosts(t(ms)).len(), 2, "kept within the retention");
+        }
+    }
+    s.expire(t(retention + 70_000));
+    let ids: Vec<_> = s
+        .hosts(t(retention + 70_000))
+        .into_iter()
+        .map(|h| h.spec.id.to_string())
+        .collect();
+    assert_eq!(ids, vec!["b"]);
+    s.release(
+        t(retention + 70_000),
+        &held.lease_id,
+        BuildOutcome::Succeeded,
+    )
+    .unwrap();
+    s.expire(t(retention + 140_000));
+    assert!(s.hosts(t(retention + 140_000)).is_empty());
+    assert_eq!(
+        s.acquire(t(retention + 140_000), &req("x86_64-linux", "c", "e")),
+        Decision::DeclinePermanently {
+            reason: "no live builder builds x86_64-linux".into()
+        }
+    );
+    s.connect(t(retention + 140_000), spec("a", &["x86_64-linux"], 1));
+    assert!(s.is_draining(&HostId::new("a")));
+}
+
+/// Reading the hosts in pages gives exactly the whole list, in order.
+#[test]
+fn host_pages_add_up_to_the_whole_list() {
+    let mut s = sched();
+    for k in 0..10 {
+        s.connect(t(0), spec(&format!("h{k:02}"), &["x86_64-linux"], 1));
+    }
+    let mut paged = Vec::new();
+    let mut after: Option<HostId> = None;
+    loop {
+        let page = s.hosts_page(t(1), after.as_ref(), 3);
+        after = page.last().map(|h| h.spec.id.clone());
+        let done = page.len() < 3;
+        paged.extend(page);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(paged, s.hosts(t(1)));
 }

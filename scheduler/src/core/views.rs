@@ -99,6 +99,17 @@ impl Scheduler {
         self.registry.iter().map(|h| self.view(now, h)).collect()
     }
 
+    /// Up to `limit` hosts after `after` (from the first for `None`), by id: a page of
+    /// [`Self::hosts`], so that a reader of a large fleet can let go of the core between
+    /// pages instead of holding it for the whole list.
+    pub fn hosts_page(&self, now: Time, after: Option<&HostId>, limit: usize) -> Vec<HostView> {
+        self.registry
+            .after(after)
+            .take(limit)
+            .map(|h| self.view(now, h))
+            .collect()
+    }
+
     /// One host.
     pub fn host(&self, now: Time, id: &HostId) -> Option<HostView> {
         self.registry.get(id).map(|h| self.view(now, h))

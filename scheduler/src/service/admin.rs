@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use super::{Shared, convert, metrics};
-use crate::Error;
 use crate::core::HostId;
 
 /// Lets operators inspect and steer the scheduler.
@@ -22,24 +21,35 @@ impl AdminService {
         Self { shared }
     }
 
-    fn set_draining(&self, host_id: &str, draining: bool) -> Result<proto::HostStatus, Status> {
+    /// Drains or undrains a host by id, whether or not its agent has registered, and tells
+    /// its agent when connected.
+    async fn set_draining(
+        &self,
+        host_id: &str,
+        draining: bool,
+    ) -> Result<proto::HostStatus, Status> {
         let id = convert::admin_host_id(host_id).map_err(|e| {
             metrics::rejected("admin");
             Status::from(e)
         })?;
-        let now = self.shared.now();
-        let view = {
-            let mut core = self.shared.core();
-            core.set_draining(&id, draining).map_err(Error::from)?;
-            // An undrained host's free slots go to waiters at once.
-            core.dispatch(now);
-            core.host(now, &id)
+        // The store commits to disk: off the runtime's workers, which the acquire path needs.
+        let write = {
+            let (shared, id) = (self.shared.clone(), id.clone());
+            tokio::task::spawn_blocking(move || shared.set_draining(&id, draining))
         };
-        self.shared.deliver();
-        info!(host = %id, draining, "drain state changed by an operator");
+        let view = match write.await {
+            Ok(view) => view.map_err(Status::from)?,
+            // Never cancelled (blocking tasks run to the end), so this is its panic.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        info!(
+            host = %id,
+            draining,
+            registered = view.is_some(),
+            "drain state changed by an operator"
+        );
         self.push_directive(&id);
-        view.map(Into::into)
-            .ok_or_else(|| Status::not_found(format!("unknown host `{id}`")))
+        Ok(view.map_or_else(|| convert::unregistered_host(&id, draining), Into::into))
     }
 
     /// Tells the host's agent, if connected, about its new drain state.
@@ -52,6 +62,10 @@ impl AdminService {
     }
 }
 
+/// Hosts read per hold of the core's lock by `ListHosts`: about a quarter of a millisecond
+/// of work, the most a member's request waits behind an operator's listing.
+const HOSTS_PAGE: usize = 256;
+
 #[tonic::async_trait]
 impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
@@ -59,11 +73,26 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         _request: Request<proto::ListHostsRequest>,
     ) -> Result<Response<proto::ListHostsResponse>, Status> {
-        let now = self.shared.now();
-        let hosts = self.shared.core().hosts(now);
-        Ok(Response::new(proto::ListHostsResponse {
-            hosts: hosts.into_iter().map(Into::into).collect(),
-        }))
+        // In pages, letting go of the core between them: an operator's listing of a large
+        // fleet must not hold up members' requests for the whole of it. Each host's view is
+        // consistent; the list as a whole is as of the moments its pages were read.
+        let mut hosts: Vec<proto::HostStatus> = Vec::new();
+        let mut after: Option<HostId> = None;
+        loop {
+            let now = self.shared.now();
+            let page = self
+                .shared
+                .core()
+                .hosts_page(now, after.as_ref(), HOSTS_PAGE);
+            let full = page.len() == HOSTS_PAGE;
+            after = page.last().map(|h| h.spec.id.clone());
+            hosts.extend(page.into_iter().map(proto::HostStatus::from));
+            if !full {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(Response::new(proto::ListHostsResponse { hosts }))
     }
 
     #[instrument(level = "debug", skip_all)]
@@ -100,6 +129,7 @@ impl admin_service_server::AdminService for AdminService {
         request: Request<proto::DrainHostRequest>,
     ) -> Result<Response<proto::HostStatus>, Status> {
         self.set_draining(&request.get_ref().host_id, true)
+            .await
             .map(Response::new)
     }
 
@@ -109,6 +139,7 @@ impl admin_service_server::AdminService for AdminService {
         request: Request<proto::UndrainHostRequest>,
     ) -> Result<Response<proto::HostStatus>, Status> {
         self.set_draining(&request.get_ref().host_id, false)
+            .await
             .map(Response::new)
     }
 

@@ -663,6 +663,18 @@ impl From<Decision> for proto::AcquireResponse {
     }
 }
 
+/// What `DrainHost` and `UndrainHost` answer for a host whose agent has not registered
+/// since the scheduler started: its id and the operator's decision.
+pub(crate) fn unregistered_host(id: &HostId, draining: bool) -> proto::HostStatus {
+    proto::HostStatus {
+        host_id: id.to_string(),
+        state: proto::HostState::NotRegistered as i32,
+        draining,
+        unavailable_reason: "its agent has not registered since the scheduler started".into(),
+        ..proto::HostStatus::default()
+    }
+}
+
 fn state(s: HostState) -> proto::HostState {
     match s {
         HostState::Ready => proto::HostState::Ready,

@@ -33,6 +33,10 @@ pub fn describe() {
         "Requests rejected as invalid, by service."
     );
     describe_counter!(
+        "nixdispatch_connection_dropped_total",
+        "Connections closed by the scheduler's bounds, by reason (over_cap, handshake_timeout)."
+    );
+    describe_counter!(
         "nixdispatch_queue_wait_total",
         "WaitForLease calls, by first answer (granted, queued, decline, decline_permanently)."
     );
@@ -115,4 +119,8 @@ pub(crate) fn agent_report() {
 
 pub(crate) fn rejected(service: &'static str) {
     counter!("nixdispatch_rpc_rejected_total", "service" => service).increment(1);
+}
+
+pub(crate) fn connection_dropped(reason: &'static str) {
+    counter!("nixdispatch_connection_dropped_total", "reason" => reason).increment(1);
 }

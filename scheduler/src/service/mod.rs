@@ -2,7 +2,8 @@
 //! `convert`, and the state they share in [`Shared`].
 //!
 //! Handlers validate their input, take the core's lock for a few microseconds, and convert
-//! the answer; they never hold the lock across an `.await`.
+//! the answer; they never hold the lock across an `.await`, nor across a write to the
+//! operator state store (see [`Shared`]).
 
 mod admin;
 mod agent;
@@ -23,8 +24,12 @@ pub use agent::AgentService;
 pub use lease::LeaseService;
 pub use wait::WaitStream;
 
+use crate::Error;
 use crate::config::Config;
-use crate::core::{Clock, Generation, HostId, LeaseId, Scheduler, Time, WaitAnswer, WaiterId};
+use crate::core::{
+    Clock, Generation, HostId, HostView, LeaseId, Scheduler, Time, WaitAnswer, WaiterId,
+};
+use crate::store::Store;
 
 /// A clock on tokio's time, so that tests with `tokio::time::pause()` control it.
 #[derive(Debug)]
@@ -63,9 +68,15 @@ struct AgentLink {
 }
 
 /// State shared by the services.
+///
+/// Two locks, always taken in this order when both are needed: `store`, then `core`. An
+/// operator change holds `store` across its disk write and then takes `core` for the
+/// in-memory step only, so the acquire path never waits for the disk, and concurrent
+/// changes reach the store and the core in the same order.
 #[derive(Debug)]
 pub struct Shared {
     core: Mutex<Scheduler>,
+    store: Mutex<Store>,
     clock: Arc<dyn Clock>,
     config: Config,
     agents: DashMap<HostId, AgentLink>,
@@ -85,27 +96,40 @@ pub(crate) async fn shutting_down(mut rx: watch::Receiver<bool>) {
 }
 
 impl Shared {
-    /// Shared state for a server with this configuration.
+    /// Shared state for a server with this configuration, with the operator state `store`
+    /// holds restored into the core.
     pub fn new(
         config: Config,
+        store: Store,
         clock: Arc<dyn Clock>,
         shutdown: watch::Receiver<bool>,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, Error> {
         let seed = config.placement.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0)
         });
-        let core = Scheduler::new(config.core(), config.placement.policy.build(), seed);
-        Arc::new(Self {
+        let mut core = Scheduler::new(config.core(), config.placement.policy.build(), seed);
+        let drains = store.drains()?;
+        if !drains.is_empty() {
+            tracing::info!(
+                drains = drains.len(),
+                "drains restored from the operator state"
+            );
+        }
+        for id in &drains {
+            core.set_draining(id, true);
+        }
+        Ok(Arc::new(Self {
             core: Mutex::new(core),
+            store: Mutex::new(store),
             clock,
             config,
             agents: DashMap::new(),
             streams: Mutex::new(HashMap::new()),
             shutdown,
-        })
+        }))
     }
 
     /// Now, on the injected clock.
@@ -118,6 +142,32 @@ impl Shared {
     /// is taken over rather than turned into an outage.
     fn core(&self) -> MutexGuard<'_, Scheduler> {
         self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drains or undrains host `id`, registered or not: committed to the store first, then
+    /// applied to the core, so that the core never shows a drain a restart would lose, and a
+    /// failed write changes nothing. Returns the host's view when its agent has registered.
+    ///
+    /// Blocking (a committed disk write): call it from `spawn_blocking`.
+    pub(crate) fn set_draining(
+        &self,
+        id: &HostId,
+        draining: bool,
+    ) -> Result<Option<HostView>, Error> {
+        // A panic inside a write leaves its transaction rolled back, so a poisoned lock is
+        // taken over like the core's.
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.set_drain(id, draining, std::time::SystemTime::now())?;
+        let now = self.now();
+        let view = {
+            let mut core = self.core();
+            core.set_draining(id, draining);
+            // An undrained host's free slots go to waiters at once.
+            core.dispatch(now);
+            core.host(now, id)
+        };
+        self.deliver();
+        Ok(view)
     }
 
     /// The placement policy's name.
@@ -211,7 +261,7 @@ impl Shared {
         let interval = self.config.agents.report_interval_millis;
         SchedulerMessage {
             next_report_within_millis: interval,
-            draining: self.core().is_draining(id).unwrap_or(false),
+            draining: self.core().is_draining(id),
         }
     }
 }
