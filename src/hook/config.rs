@@ -68,6 +68,15 @@ pub struct Timeouts {
     /// After an accepted build's host proved unreachable, how long to keep asking the
     /// scheduler for another host (it may answer "wait") before failing. Default 120000.
     pub reacquire_millis: u64,
+    /// A build this client cannot build itself is accepted at once and waits for a lease in
+    /// the scheduler's queue, re-connecting when the scheduler goes away; past this long it
+    /// goes to the fallback builders, or fails saying why. Default 14400000 (4 h): a mass
+    /// rebuild on a busy community fleet can legitimately wait hours, a build stuck longer
+    /// than that wants a person to look.
+    pub max_wait_millis: u64,
+    /// A waiting stream that brings no word for this long is taken as broken and opened
+    /// again. Default 30000: the scheduler sends one at least every 5 s.
+    pub wait_idle_millis: u64,
 }
 
 impl Default for Timeouts {
@@ -78,6 +87,8 @@ impl Default for Timeouts {
             rpc_millis: 3000,
             unreachable_backoff_millis: 10_000,
             reacquire_millis: 120_000,
+            max_wait_millis: 4 * 3600 * 1000,
+            wait_idle_millis: 30_000,
         }
     }
 }
@@ -201,6 +212,8 @@ impl HookConfig {
             ("timeouts.connect_millis", t.connect_millis),
             ("timeouts.try_millis", t.try_millis),
             ("timeouts.rpc_millis", t.rpc_millis),
+            ("timeouts.max_wait_millis", t.max_wait_millis),
+            ("timeouts.wait_idle_millis", t.wait_idle_millis),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));

@@ -66,6 +66,80 @@ pub enum Action {
         /// Why, for the user.
         message: String,
     },
+    /// Answer `# accept` now, with no host yet, and wait for a lease inside the accepted
+    /// build (the daemon is not blocked after an accept).
+    AcceptAndWait {
+        /// Why, for the user.
+        message: String,
+    },
+}
+
+/// The machine name the hook gives Nix when it accepts before it has a host (Nix shows it
+/// in "building '…' on '…'"; the real host follows in a message).
+pub const WAITING_MACHINE: &str = "nixdispatch-queue";
+
+/// Decides the answer to one `try` for a client that may wait inside an accepted build.
+///
+/// When this client cannot build the derivation itself (`local` false: Nix's `amWilling`
+/// is 0, or the system or features are not this machine's), a decline is a certain failure
+/// and a postpone blocks nothing but costs Nix's poll interval per turn: the hook accepts
+/// at once and waits in the scheduler's queue instead, also when the scheduler cannot be
+/// reached and no fallback builders are configured (it keeps re-connecting). Everything
+/// else is [`decide`]'s.
+pub fn decide_waiting(t: &TryRequest, answer: Answer, has_fallback: bool, local: bool) -> Action {
+    if local {
+        return decide(t, answer, has_fallback);
+    }
+    let name = drv_name(&t.drv_path);
+    match answer {
+        Answer::Postpone {
+            queue_position,
+            reason,
+            ..
+        } => Action::AcceptAndWait {
+            message: format!(
+                "nixdispatch: {name} waits for {} (queue position {queue_position}): {reason}",
+                builder_of(&t.needed_system)
+            ),
+        },
+        Answer::Unreachable { error } if !has_fallback => Action::AcceptAndWait {
+            message: format!(
+                "nixdispatch: scheduler unreachable ({error}); {name} waits for it to come back"
+            ),
+        },
+        other => decide(t, other, has_fallback),
+    }
+}
+
+/// "an x86_64-linux builder", "a riscv64-linux builder".
+pub fn builder_of(system: &str) -> String {
+    let article = match system.chars().next() {
+        Some('a' | 'e' | 'i' | 'o' | 'u' | 'x') => "an",
+        _ => "a",
+    };
+    format!("{article} {system} builder")
+}
+
+/// A wait estimate for people: "less than a minute", "about 2 min", "about 3 h".
+pub fn about(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs < 60 {
+        "less than a minute".to_owned()
+    } else if secs < 90 * 60 {
+        format!("about {} min", secs.div_ceil(60))
+    } else {
+        format!("about {} h", (secs + 1800) / 3600)
+    }
+}
+
+/// The line a waiting build shows: "waiting for an x86_64-linux builder: position 3, about
+/// 2 min".
+pub fn waiting_line(system: &str, position: u32, estimate: Duration) -> String {
+    format!(
+        "nixdispatch: waiting for {}: position {position}, {}",
+        builder_of(system),
+        about(estimate)
+    )
 }
 
 /// Whether this client could build the derivation itself right now: the same test as stock
@@ -322,6 +396,57 @@ mod tests {
             ..Default::default()
         })
         .unwrap()
+    }
+
+    /// A client that cannot build locally accepts and waits instead of postponing, and
+    /// instead of declining into a certain failure when the scheduler is away (unless
+    /// fallback builders are configured); a client that can build keeps today's answers.
+    #[test]
+    fn accept_and_wait_when_nothing_else_can_build_it() {
+        let tr = t(false, "x86_64-linux", &[]);
+        let postpone = || Answer::Postpone {
+            retry_after: Duration::from_secs(5),
+            queue_position: 3,
+            reason: "busy".into(),
+        };
+        let gone = || Answer::Unreachable {
+            error: "refused".into(),
+        };
+        assert!(matches!(
+            decide_waiting(&tr, postpone(), false, false),
+            Action::AcceptAndWait { message } if message.contains("an x86_64-linux builder (queue position 3)")
+        ));
+        assert!(matches!(
+            decide_waiting(&tr, gone(), false, false),
+            Action::AcceptAndWait { .. }
+        ));
+        assert!(matches!(
+            decide_waiting(&tr, gone(), true, false),
+            Action::Fallback { .. }
+        ));
+        assert!(matches!(
+            decide_waiting(&tr, postpone(), false, true),
+            Action::Reply {
+                reply: Reply::Postpone,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decide_waiting(&tr, Answer::Granted(grant()), false, false),
+            Action::Accept { .. }
+        ));
+    }
+
+    /// The waiting line reads naturally.
+    #[test]
+    fn waiting_lines() {
+        assert_eq!(
+            waiting_line("x86_64-linux", 3, Duration::from_secs(100)),
+            "nixdispatch: waiting for an x86_64-linux builder: position 3, about 2 min"
+        );
+        assert_eq!(builder_of("riscv64-linux"), "a riscv64-linux builder");
+        assert_eq!(about(Duration::from_secs(20)), "less than a minute");
+        assert_eq!(about(Duration::from_secs(3 * 3600)), "about 3 h");
     }
 
     /// The local-build test matches stock build-remote's.

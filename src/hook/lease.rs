@@ -17,7 +17,7 @@ use super::codec::{Level, TryRequest};
 use super::config::{self, HookConfig};
 use super::decision::{self, AfterChild, Answer, ChildEnd};
 use super::machine::Grant;
-use super::scheduler::Scheduler;
+use super::scheduler::{Progress, Scheduler, WaitEnd};
 use crate::client::ClientConfig;
 use crate::proto::BuildOutcome;
 
@@ -43,6 +43,8 @@ pub(crate) struct Leases {
     rpc_timeout: Duration,
     reacquire_window: Duration,
     max_host_attempts: u32,
+    max_wait: Duration,
+    wait_idle: Duration,
 }
 
 impl Leases {
@@ -68,6 +70,74 @@ impl Leases {
             rpc_timeout: config.rpc_timeout(),
             reacquire_window: Duration::from_millis(config.timeouts.reacquire_millis),
             max_host_attempts: config.max_host_attempts,
+            max_wait: Duration::from_millis(config.timeouts.max_wait_millis),
+            wait_idle: Duration::from_millis(config.timeouts.wait_idle_millis),
+        }
+    }
+
+    /// After an accept with no host yet: waits in the scheduler's queue for a lease and
+    /// claims it. Shows the member its position when it changes. When the scheduler goes
+    /// away the hook re-connects and waits again (its place is kept by the scheduler while
+    /// it is up; after a restart it queues anew), with a growing pause of up to 5 s between
+    /// attempts, for at most `max_wait_millis` in all. `Err` says why there is no lease.
+    pub(crate) async fn wait_for_grant(
+        &mut self,
+        frontend: &mut impl Frontend,
+        t: &TryRequest,
+    ) -> Result<Grant, String> {
+        let deadline = Instant::now() + self.max_wait;
+        let mut shown: Option<String> = None;
+        let mut warned = false;
+        let mut pause = Duration::from_millis(200);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(format!(
+                    "no {} within {}",
+                    decision::builder_of(&t.needed_system),
+                    decision::about(self.max_wait).replace("about ", "")
+                ));
+            }
+            let show = |p: Progress| {
+                let line = decision::waiting_line(&t.needed_system, p.position, p.estimate);
+                if shown.as_deref() != Some(line.as_str()) {
+                    frontend.notify(Level::Info, &line);
+                    shown = Some(line);
+                }
+            };
+            let end = tokio::time::timeout(remaining, self.scheduler.wait(t, self.wait_idle, show))
+                .await
+                .unwrap_or_else(|_| WaitEnd::Broken("the maximum wait ran out".to_owned()));
+            match end {
+                WaitEnd::Granted(mut grant) => {
+                    // Claim it within its claim window; the answer is the TTL from now on.
+                    match self.scheduler.keep_alive(&grant, t, self.rpc_timeout).await {
+                        Ok(ttl) => grant.lease_ttl = ttl,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "claiming the lease failed; building anyway")
+                        }
+                    }
+                    return Ok(grant);
+                }
+                WaitEnd::Declined(reason) => return Err(reason),
+                WaitEnd::Broken(why) => {
+                    tracing::info!(%why, "waiting stream broken; waiting again");
+                    if !warned {
+                        warned = true;
+                        frontend.notify(
+                            Level::Warn,
+                            &format!(
+                                "nixdispatch: lost the scheduler ({why}); still waiting for {}",
+                                decision::builder_of(&t.needed_system)
+                            ),
+                        );
+                    }
+                    shown = None;
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(pause.min(remaining)).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
         }
     }
 
@@ -160,7 +230,7 @@ impl Leases {
             let started = Instant::now();
             *held.borrow_mut() = Some((grant.lease_id.clone(), started));
             let result = {
-                let keep_alive = keep_alive(&mut self.scheduler, &grant, self.rpc_timeout);
+                let keep_alive = keep_alive(&mut self.scheduler, &grant, t, self.rpc_timeout);
                 tokio::select! {
                     r = frontend.attempt(&grant) => r,
                     never = keep_alive => match never {},
@@ -298,6 +368,7 @@ impl Leases {
 async fn keep_alive(
     scheduler: &mut Scheduler,
     grant: &Grant,
+    t: &TryRequest,
     rpc_timeout: Duration,
 ) -> std::convert::Infallible {
     let period = if grant.lease_ttl.is_zero() {
@@ -309,7 +380,7 @@ async fn keep_alive(
     let mut warned = false;
     loop {
         ticker.tick().await;
-        if let Err(e) = scheduler.keep_alive(&grant.lease_id, rpc_timeout).await
+        if let Err(e) = scheduler.keep_alive(grant, t, rpc_timeout).await
             && !warned
         {
             warned = true;

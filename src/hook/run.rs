@@ -169,7 +169,7 @@ fn run(args: &[String]) -> ExitCode {
         let answer = runtime.block_on(leases.acquire(&t, local));
         tracing::info!(drv = %t.drv_path, ?answer, millis = started.elapsed().as_millis(), "try answered");
         let unreachable = matches!(answer, Answer::Unreachable { .. });
-        match decision::decide(&t, answer, ctx.config.fallback_builders.is_some()) {
+        match decision::decide_waiting(&t, answer, ctx.config.fallback_builders.is_some(), local) {
             Action::Reply {
                 reply,
                 mut level,
@@ -188,6 +188,48 @@ fn run(args: &[String]) -> ExitCode {
             Action::Fallback { message } => {
                 emit_msg(Level::Warn, &message);
                 return fallback(&ctx, &t, &mut input);
+            }
+            Action::AcceptAndWait { message } => {
+                emit(
+                    &(codec::nix_msg(Level::Info, &message)
+                        + &Reply::Accept {
+                            machine: decision::WAITING_MACHINE.to_owned(),
+                        }
+                        .render()),
+                );
+                PHASE.store(PHASE_ACCEPTED, Ordering::SeqCst);
+                let inputs = match codec::read_build_inputs(&mut input) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the inputs after accept");
+                        return ExitCode::from(1);
+                    }
+                };
+                drop(input);
+                let mut frontend = TextBuild {
+                    ctx: &ctx,
+                    t: &t,
+                    inputs: &inputs,
+                };
+                let code = runtime.block_on(async {
+                    match leases.wait_for_grant(&mut frontend, &t).await {
+                        Ok(grant) => {
+                            frontend.notify(
+                                Level::Info,
+                                &format!(
+                                    "nixdispatch: building {} on {} ({}/{} slots busy)",
+                                    decision::drv_name(&t.drv_path),
+                                    grant.host_id,
+                                    grant.slots_used,
+                                    grant.slots_total
+                                ),
+                            );
+                            leases.build(&mut frontend, grant, &t).await
+                        }
+                        Err(why) => frontend.without_lease(&why).await,
+                    }
+                });
+                return exit_code(Some(code));
             }
             Action::Accept { grant, message } => {
                 emit(
@@ -311,7 +353,49 @@ impl Frontend for TextBuild<'_> {
     }
 
     async fn attempt(&mut self, grant: &Grant) -> Result<(ChildEnd, String), String> {
-        run_child(self.ctx, grant, self.t, self.inputs).await
+        let identity = self
+            .ctx
+            .config
+            .ssh_identity
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        let machines = grant.machines_line(identity.as_deref());
+        run_child(self.ctx, &machines, self.t, self.inputs).await
+    }
+}
+
+impl TextBuild<'_> {
+    /// An accepted build got no lease (`why`): the fallback builders build it through the
+    /// stock build-remote when configured; otherwise it fails, saying why. Returns the exit
+    /// status.
+    async fn without_lease(&mut self, why: &str) -> i32 {
+        let name = decision::drv_name(&self.t.drv_path).to_owned();
+        let Some(builders) = self.ctx.config.fallback_builders.clone() else {
+            emit_msg(
+                Level::Error,
+                &format!("nixdispatch: cannot build {name}: no builder: {why}"),
+            );
+            return 1;
+        };
+        emit_msg(
+            Level::Warn,
+            &format!("nixdispatch: no builder for {name} ({why}); using the fallback builders"),
+        );
+        match run_child(self.ctx, &builders, self.t, self.inputs).await {
+            Ok((ChildEnd::Exited(Some(code)), _)) => code,
+            Ok((ChildEnd::Exited(None), _)) => 1,
+            Ok((ChildEnd::NotAccepted, detail)) => {
+                emit_msg(
+                    Level::Error,
+                    &format!("nixdispatch: the fallback builders cannot build {name}: {detail}"),
+                );
+                1
+            }
+            Err(e) => {
+                emit_msg(Level::Error, &format!("nixdispatch: {e}"));
+                1
+            }
+        }
     }
 }
 
@@ -324,21 +408,16 @@ enum ChildState {
     Refused,
 }
 
-/// Runs one stock build-remote on the granted host: feeds it the rewritten handshake and the
-/// `try`, consumes its control lines, passes its `@nix` lines on. Returns how it ended and,
-/// when it never accepted, the messages it gave about why.
+/// Runs one stock build-remote on `machines` (the granted host's line, or the fallback
+/// builders): feeds it the rewritten handshake and the `try`, consumes its control lines,
+/// passes its `@nix` lines on. Returns how it ended and, when it never accepted, the
+/// messages it gave about why.
 async fn run_child(
     ctx: &Ctx,
-    grant: &Grant,
+    machines: &str,
     t: &TryRequest,
     inputs: &BuildInputs,
 ) -> Result<(ChildEnd, String), String> {
-    let identity = ctx
-        .config
-        .ssh_identity
-        .as_ref()
-        .map(|p| p.to_string_lossy().into_owned());
-    let machines = grant.machines_line(identity.as_deref());
     tracing::info!(%machines, "starting build-remote");
     // One pipe for the child's stdout and stderr: both are the daemon's channel for a hook.
     let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
@@ -377,7 +456,7 @@ async fn run_child(
     if let Some(s) = stdin.as_mut() {
         // Small (the settings and one `try`): the child reads all of it before it answers.
         if let Err(e) = s
-            .write_all(&decision::child_prelude(&ctx.settings, &machines, t))
+            .write_all(&decision::child_prelude(&ctx.settings, machines, t))
             .await
         {
             tracing::warn!(error = %e, "cannot write to build-remote");

@@ -16,8 +16,28 @@ use crate::client::{self, AuthChannel, ClientConfig};
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::{
     AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, ReleaseRequest,
-    acquire_response::Outcome,
+    WaitForLeaseRequest, acquire_response::Outcome, wait_for_lease_response::Event,
 };
+
+/// How a wait for a lease ended.
+#[derive(Debug)]
+pub(crate) enum WaitEnd {
+    /// The lease, still in its claim window: claim it at once.
+    Granted(Grant),
+    /// The scheduler will not grant one (no host can build it, or the request is refused).
+    Declined(String),
+    /// The stream broke, fell silent, or could not be opened: wait again.
+    Broken(String),
+}
+
+/// One progress event of a waiting stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// 1-based position in the queue.
+    pub(crate) position: u32,
+    /// About how long until the grant.
+    pub(crate) estimate: Duration,
+}
 
 /// A lazily connected scheduler client.
 #[derive(Debug)]
@@ -94,16 +114,24 @@ impl Scheduler {
             exclude_hosts: exclude_hosts.to_vec(),
         };
         let call = async {
-            let mut c = self.client().await.map_err(|e| (e, true))?;
-            c.acquire(request)
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|s| {
-                    (
-                        format!("{}: {}", code_name(s.code()), s.message()),
-                        is_transport_failure(&s),
-                    )
-                })
+            // A channel cached from before a scheduler restart fails its first call at once:
+            // open a fresh one and ask again, within the same bound.
+            let cached = self.client.is_some();
+            let mut last = None;
+            for _ in 0..if cached { 2 } else { 1 } {
+                let mut c = self.client().await.map_err(|e| (e, true))?;
+                match c.acquire(request.clone()).await {
+                    Ok(r) => return Ok(r.into_inner()),
+                    Err(s) if is_transport_failure(&s) => {
+                        self.client = None;
+                        last = Some((format!("{}: {}", code_name(s.code()), s.message()), true));
+                    }
+                    Err(s) => {
+                        return Err((format!("{}: {}", code_name(s.code()), s.message()), false));
+                    }
+                }
+            }
+            Err(last.expect("at least one attempt"))
         };
         let result = match tokio::time::timeout(bound, call).await {
             Ok(r) => r,
@@ -133,25 +161,114 @@ impl Scheduler {
         }
     }
 
-    /// Extends a lease; returns false when the scheduler no longer knows it.
+    /// Extends `grant`'s lease and returns its TTL from now. Carries the lease's details, so
+    /// that a scheduler that restarted re-attaches it (and counts the running build) instead
+    /// of answering `NOT_FOUND`. A broken channel is dropped, so the next call re-connects.
     pub(crate) async fn keep_alive(
         &mut self,
-        lease_id: &str,
+        grant: &Grant,
+        t: &TryRequest,
         bound: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<Duration, String> {
+        let request = KeepAliveRequest {
+            lease_id: grant.lease_id.clone(),
+            host_id: grant.host_id.clone(),
+            client_id: self.client_id.clone(),
+            system: t.needed_system.clone(),
+            drv_path: t.drv_path.clone(),
+        };
         let call = async {
             let mut c = self.client().await?;
-            c.keep_alive(KeepAliveRequest {
-                lease_id: lease_id.to_owned(),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-            .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
+            c.keep_alive(request)
+                .await
+                .map(|r| Duration::from_millis(r.into_inner().lease_ttl_millis))
+                .map_err(|s| {
+                    if is_transport_failure(&s) {
+                        self.client = None;
+                    }
+                    format!("{}: {}", code_name(s.code()), s.message())
+                })
         };
         tokio::time::timeout(bound, call)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {} ms", bound.as_millis())))
+    }
+
+    /// Waits in the scheduler's queue for a lease for `t`, calling `progress` with each
+    /// position update. Ends with the grant, a refusal, or a broken stream (opening it
+    /// failed, it ended without an answer, or it brought no word for `idle`); a broken
+    /// channel is dropped so the next call re-connects.
+    pub(crate) async fn wait(
+        &mut self,
+        t: &TryRequest,
+        idle: Duration,
+        mut progress: impl FnMut(Progress),
+    ) -> WaitEnd {
+        let request = WaitForLeaseRequest {
+            system: t.needed_system.clone(),
+            required_features: t.required_features.clone(),
+            drv_path: t.drv_path.clone(),
+            client_id: self.client_id.clone(),
+            can_build_locally: false,
+            exclude_hosts: Vec::new(),
+            pin_host_id: String::new(),
+        };
+        let broken = |this: &mut Self, why: String| {
+            this.client = None;
+            WaitEnd::Broken(why)
+        };
+        let mut c = match tokio::time::timeout(idle, self.client()).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return broken(self, e),
+            Err(_) => return broken(self, "connect timed out".to_owned()),
+        };
+        let mut stream = match tokio::time::timeout(idle, c.wait_for_lease(request)).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) if is_transport_failure(&s) => {
+                return broken(self, format!("{}: {}", code_name(s.code()), s.message()));
+            }
+            Ok(Err(s)) => {
+                return WaitEnd::Declined(format!("{}: {}", code_name(s.code()), s.message()));
+            }
+            Err(_) => return broken(self, "no answer to WaitForLease".to_owned()),
+        };
+        loop {
+            let event = match tokio::time::timeout(idle, stream.message()).await {
+                Err(_) => {
+                    return broken(
+                        self,
+                        format!("no word from the scheduler for {} s", idle.as_secs()),
+                    );
+                }
+                Ok(Err(s)) => {
+                    return broken(self, format!("{}: {}", code_name(s.code()), s.message()));
+                }
+                Ok(Ok(None)) => {
+                    return broken(self, "the waiting stream ended without an answer".into());
+                }
+                Ok(Ok(Some(m))) => m.event,
+            };
+            match event {
+                Some(Event::Waiting(w)) => progress(Progress {
+                    position: w.queue_position,
+                    estimate: Duration::from_millis(w.estimated_wait_millis),
+                }),
+                Some(Event::Granted(g)) => {
+                    let lease_id = g.lease_id.clone();
+                    match Grant::try_from(g) {
+                        Ok(g) => return WaitEnd::Granted(g),
+                        Err(e) => {
+                            self.release(&lease_id, BuildOutcome::Cancelled, Duration::ZERO, idle)
+                                .await;
+                            return WaitEnd::Declined(format!("unusable grant: {e}"));
+                        }
+                    }
+                }
+                Some(Event::Decline(d)) => return WaitEnd::Declined(d.reason),
+                Some(Event::DeclinePermanently(d)) => return WaitEnd::Declined(d.reason),
+                None => {}
+            }
+        }
     }
 
     /// Ends a lease with the build's outcome. Failures are only logged: the lease then
@@ -170,10 +287,12 @@ impl Scheduler {
         };
         let call = async {
             let mut c = self.client().await?;
-            c.release(request)
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{}: {}", code_name(s.code()), s.message()))
+            c.release(request).await.map(|_| ()).map_err(|s| {
+                if is_transport_failure(&s) {
+                    self.client = None;
+                }
+                format!("{}: {}", code_name(s.code()), s.message())
+            })
         };
         match tokio::time::timeout(bound, call).await {
             Ok(Ok(())) => tracing::info!(lease_id, ?outcome, "released"),

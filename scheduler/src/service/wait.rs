@@ -63,7 +63,7 @@ impl WaitStream {
         grant: oneshot::Receiver<proto::WaitForLeaseResponse>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(PROGRESS_BUFFER);
-        tokio::spawn(progress(shared.clone(), waiter, status, reason.clone(), tx));
+        tokio::spawn(progress(shared.clone(), waiter, reason.clone(), tx));
         Self {
             first: Some(convert::waiting(status, reason)),
             grant: Some(grant),
@@ -136,15 +136,11 @@ impl Drop for WaitStream {
     }
 }
 
-/// Sends `waiter`'s position and estimate when they change, until it is no longer waiting,
-/// its stream is gone, or the scheduler shuts down (then `UNAVAILABLE`: wait again).
-async fn progress(
-    shared: Arc<Shared>,
-    waiter: WaiterId,
-    mut last: WaitStatus,
-    reason: String,
-    tx: mpsc::Sender<Item>,
-) {
+/// Sends `waiter`'s position and estimate every progress interval (also a heartbeat: a
+/// client that hears nothing for several intervals knows its stream is dead), until it is
+/// no longer waiting, its stream is gone, or the scheduler shuts down (then `UNAVAILABLE`:
+/// wait again).
+async fn progress(shared: Arc<Shared>, waiter: WaiterId, reason: String, tx: mpsc::Sender<Item>) {
     let every = std::time::Duration::from_millis(shared.config.queue.progress_interval_millis);
     let down = super::shutting_down(shared.shutdown.clone());
     tokio::pin!(down);
@@ -163,11 +159,8 @@ async fn progress(
         let Some(status) = shared.core().wait_status(now, waiter) else {
             return;
         };
-        if status != last {
-            last = status;
-            // A full buffer means the client is not reading; the next change repeats all.
-            let _ = tx.try_send(Ok(convert::waiting(status, reason.clone())));
-        }
+        // A full buffer means the client is not reading; the next one repeats all.
+        let _ = tx.try_send(Ok(convert::waiting(status, reason.clone())));
         metrics::queue_progress();
     }
 }
