@@ -1,5 +1,7 @@
 //! The hook binary speaking the daemon's protocol on its stdin and stderr, without Nix or
-//! root: the answers when the scheduler is dead, silent, or the configuration is broken.
+//! root: the answers when the scheduler is dead, silent, or the configuration is broken,
+//! and a build that cannot run locally accepted at once and waiting in a real scheduler's
+//! queue (with a stand-in build-remote).
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -10,9 +12,15 @@ use nixdispatch::hook::codec::{self, Settings, TryRequest};
 /// Runs the hook with `config` on a handshake and `tries` `try`s; returns its fd 2 and the
 /// time it took.
 fn converse(config: &str, tries: usize) -> (String, Duration, Option<i32>) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("hook.toml");
-    std::fs::write(&path, config).unwrap();
+    let mut input = handshake();
+    for i in 0..tries {
+        codec::write_try(&mut input, &try_request(true, i));
+    }
+    run_hook(config, &input)
+}
+
+/// The daemon's settings handshake.
+fn handshake() -> Vec<u8> {
     let mut input = Vec::new();
     let settings = Settings {
         entries: vec![
@@ -22,17 +30,38 @@ fn converse(config: &str, tries: usize) -> (String, Duration, Option<i32>) {
         ],
     };
     codec::write_settings(&mut input, &settings);
-    for i in 0..tries {
-        codec::write_try(
-            &mut input,
-            &TryRequest {
-                am_willing: true,
-                needed_system: "x86_64-linux".into(),
-                drv_path: format!("/nix/store/00000000000000000000000000000000-d{i}.drv"),
-                required_features: vec![],
-            },
-        );
+    input
+}
+
+/// A `try` for derivation `d<i>`; `am_willing`: a local slot is free.
+fn try_request(am_willing: bool, i: usize) -> TryRequest {
+    TryRequest {
+        am_willing,
+        needed_system: "x86_64-linux".into(),
+        drv_path: format!("/nix/store/00000000000000000000000000000000-d{i}.drv"),
+        required_features: vec![],
     }
+}
+
+/// One `try` that Nix cannot build locally, then (as after an accept) its inputs.
+fn accepted_input() -> Vec<u8> {
+    let mut input = handshake();
+    codec::write_try(&mut input, &try_request(false, 0));
+    codec::write_build_inputs(
+        &mut input,
+        &codec::BuildInputs {
+            inputs: vec![],
+            wanted_outputs: vec!["out".into()],
+        },
+    );
+    input
+}
+
+/// Runs the hook with `config` on `input`; returns its fd 2, the time it took and its status.
+fn run_hook(config: &str, input: &[u8]) -> (String, Duration, Option<i32>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hook.toml");
+    std::fs::write(&path, config).unwrap();
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_nixdispatch-hook"))
         .arg("0")
@@ -42,7 +71,7 @@ fn converse(config: &str, tries: usize) -> (String, Duration, Option<i32>) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(&input).unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
     let mut err = String::new();
     child
         .stderr
@@ -58,13 +87,16 @@ fn replies(err: &str) -> Vec<&str> {
     err.lines().filter(|l| l.starts_with("# ")).collect()
 }
 
-/// Every line the hook writes on fd 2 is a control reply or an `@nix` JSON message.
+/// Every line the hook writes on fd 2 is a control reply, the machine name after an
+/// accept, or an `@nix` JSON message.
 fn assert_clean(err: &str) {
+    let mut after_accept = false;
     for l in err.lines() {
         assert!(
-            l.starts_with("# ") || codec::log_line_text(l).is_some(),
+            l.starts_with("# ") || codec::log_line_text(l).is_some() || after_accept,
             "junk on fd 2: {l:?}"
         );
+        after_accept = l == "# accept";
     }
 }
 
@@ -109,4 +141,160 @@ fn broken_config_declines_permanently() {
     assert_eq!(replies(&err), vec!["# decline-permanently"], "{err}");
     assert!(err.contains("schedulr"), "{err}");
     assert_eq!(code, Some(0));
+}
+
+/// A build Nix cannot run locally is accepted at once even with the scheduler dead (a
+/// decline would fail it); the hook keeps trying to reach the scheduler, and when the
+/// maximum wait runs out without fallback builders it fails saying why.
+#[test]
+fn dead_scheduler_accepts_and_waits_when_the_build_cannot_run_locally() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    let config = format!("scheduler = \"{url}\"\n[timeouts]\nmax_wait_millis = 1500\n");
+    let (err, _, code) = run_hook(&config, &accepted_input());
+    assert_clean(&err);
+    assert_eq!(replies(&err), vec!["# accept"], "{err}");
+    assert!(err.contains("nixdispatch-queue"), "{err}");
+    assert!(
+        err.contains("still waiting for an x86_64-linux builder"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cannot build d0: no x86_64-linux builder within"),
+        "{err}"
+    );
+    assert_eq!(code, Some(1));
+}
+
+mod with_a_scheduler {
+    use nixdispatch::proto::{
+        self, AgentMessage, Register, admin_service_client::AdminServiceClient,
+        agent_message::Message, agent_service_client::AgentServiceClient,
+        lease_service_client::LeaseServiceClient,
+    };
+    use tokio::sync::{mpsc, oneshot};
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::*;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv";
+
+    /// A build that cannot run locally while the only slot is busy: the hook accepts at
+    /// once, shows its place in the queue, gets the slot the moment it is released, runs
+    /// the (stand-in) build-remote on it and releases the lease as succeeded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_accepted_build_waits_in_the_queue_and_gets_the_freed_slot() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(nixdispatch_scheduler::server::run(
+            listener,
+            nixdispatch_scheduler::config::Config::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let register = Register {
+            host_id: "b1".into(),
+            store_uri: "ssh-ng://b1".into(),
+            host_public_key: KEY.into(),
+            systems: vec!["x86_64-linux".into()],
+            max_jobs: 1,
+            ..Default::default()
+        };
+        tx.send(AgentMessage {
+            message: Some(Message::Register(register)),
+        })
+        .await
+        .unwrap();
+        tx.send(AgentMessage {
+            message: Some(Message::Report(proto::Report::default())),
+        })
+        .await
+        .unwrap();
+        let mut answers = AgentServiceClient::new(channel.clone())
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(10), answers.message())
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let mut leases = LeaseServiceClient::new(channel.clone());
+        let busy = leases
+            .acquire(proto::AcquireRequest {
+                system: "x86_64-linux".into(),
+                drv_path: "/nix/store/busy.drv".into(),
+                client_id: "other".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(proto::acquire_response::Outcome::Granted(busy)) = busy.outcome else {
+            panic!("{busy:?}");
+        };
+
+        // The stand-in build-remote accepts, takes its inputs and succeeds.
+        let config = format!(
+            "scheduler = \"http://{addr}\"\nclient_id = \"member\"\n\
+             build_remote = [\"/bin/sh\", \"-c\", \"echo '# accept'; echo b1; cat > /dev/null\"]\n"
+        );
+        let hook = tokio::task::spawn_blocking(move || run_hook(&config, &accepted_input()));
+        let mut admin = AdminServiceClient::new(channel.clone());
+        let mut waiting = 0;
+        for _ in 0..500 {
+            waiting = admin
+                .get_capacity(proto::GetCapacityRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .systems[0]
+                .waiting;
+            if waiting == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(waiting, 1, "the hook's build waits in the queue");
+        leases
+            .release(proto::ReleaseRequest {
+                lease_id: busy.lease_id,
+                outcome: proto::BuildOutcome::Succeeded as i32,
+                duration_millis: 1,
+            })
+            .await
+            .unwrap();
+        let (err, _, code) = hook.await.unwrap();
+        assert_clean(&err);
+        assert_eq!(replies(&err), vec!["# accept"], "{err}");
+        assert!(
+            err.contains("waiting for an x86_64-linux builder: position 1"),
+            "{err}"
+        );
+        assert!(err.contains("building d0 on b1"), "{err}");
+        assert_eq!(code, Some(0), "{err}");
+        let usage = admin
+            .get_usage(proto::GetUsageRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .members;
+        let member = usage.iter().find(|m| m.client_id == "member").unwrap();
+        assert_eq!((member.builds, member.running), (1, 0));
+        let _ = stop.send(());
+        drop(tx);
+        server.await.unwrap().unwrap();
+    }
 }

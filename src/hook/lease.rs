@@ -93,8 +93,8 @@ impl Leases {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(format!(
-                    "no {} within {}",
-                    decision::builder_of(&t.needed_system),
+                    "no {} builder within {} (timeouts.max_wait_millis)",
+                    t.needed_system,
                     decision::about(self.max_wait).replace("about ", "")
                 ));
             }

@@ -373,7 +373,7 @@ impl TextBuild<'_> {
         let Some(builders) = self.ctx.config.fallback_builders.clone() else {
             emit_msg(
                 Level::Error,
-                &format!("nixdispatch: cannot build {name}: no builder: {why}"),
+                &format!("nixdispatch: cannot build {name}: {why}"),
             );
             return 1;
         };
