@@ -181,13 +181,10 @@ mod with_a_scheduler {
     const KEY: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv";
 
-    /// A build that cannot run locally while the only slot is busy: the hook accepts at
-    /// once, shows its place in the queue, gets the slot the moment it is released, runs
-    /// the (stand-in) build-remote on it and releases the lease as succeeded.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_accepted_build_waits_in_the_queue_and_gets_the_freed_slot() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+    type Running = tokio::task::JoinHandle<Result<(), nixdispatch_scheduler::Error>>;
+
+    /// A scheduler on `listener`; stopped by the returned sender.
+    fn serve(listener: tokio::net::TcpListener) -> (oneshot::Sender<()>, Running) {
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(nixdispatch_scheduler::server::run(
             listener,
@@ -196,11 +193,18 @@ mod with_a_scheduler {
                 let _ = stopped.await;
             },
         ));
-        let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        (stop, server)
+    }
+
+    /// Registers builder `b1` (one x86_64-linux slot) and reports that `running` builds
+    /// run there; returns the agent's stream (dropping it disconnects the agent).
+    async fn agent(
+        channel: tonic::transport::Channel,
+        running: u32,
+    ) -> (
+        mpsc::Sender<AgentMessage>,
+        tonic::Streaming<proto::SchedulerMessage>,
+    ) {
         let (tx, rx) = mpsc::channel(4);
         let register = Register {
             host_id: "b1".into(),
@@ -216,11 +220,14 @@ mod with_a_scheduler {
         .await
         .unwrap();
         tx.send(AgentMessage {
-            message: Some(Message::Report(proto::Report::default())),
+            message: Some(Message::Report(proto::Report {
+                running_builds: Some(running),
+                ..Default::default()
+            })),
         })
         .await
         .unwrap();
-        let mut answers = AgentServiceClient::new(channel.clone())
+        let mut answers = AgentServiceClient::new(channel)
             .session(ReceiverStream::new(rx))
             .await
             .unwrap()
@@ -231,6 +238,56 @@ mod with_a_scheduler {
                 .unwrap()
                 .unwrap();
         }
+        (tx, answers)
+    }
+
+    async fn connect(addr: std::net::SocketAddr) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (polling, bounded) until `n` requests wait in the queue.
+    async fn until_waiting(admin: &mut AdminServiceClient<tonic::transport::Channel>, n: u32) {
+        for _ in 0..500 {
+            let waiting: u32 = admin
+                .get_capacity(proto::GetCapacityRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .systems
+                .iter()
+                .map(|s| s.waiting)
+                .sum();
+            if waiting == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("{n} requests never waited");
+    }
+
+    /// The hook's configuration with a stand-in build-remote that accepts, takes its inputs
+    /// and succeeds.
+    fn config(addr: std::net::SocketAddr) -> String {
+        format!(
+            "scheduler = \"http://{addr}\"\nclient_id = \"member\"\n\
+             build_remote = [\"/bin/sh\", \"-c\", \"echo '# accept'; echo b1; cat > /dev/null\"]\n"
+        )
+    }
+
+    /// A build that cannot run locally while the only slot is busy: the hook accepts at
+    /// once, shows its place in the queue, gets the slot the moment it is released, runs
+    /// the (stand-in) build-remote on it and releases the lease as succeeded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_accepted_build_waits_in_the_queue_and_gets_the_freed_slot() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, server) = serve(listener);
+        let channel = connect(addr).await;
+        let (tx, _answers) = agent(channel.clone(), 0).await;
         let mut leases = LeaseServiceClient::new(channel.clone());
         let busy = leases
             .acquire(proto::AcquireRequest {
@@ -246,28 +303,10 @@ mod with_a_scheduler {
             panic!("{busy:?}");
         };
 
-        // The stand-in build-remote accepts, takes its inputs and succeeds.
-        let config = format!(
-            "scheduler = \"http://{addr}\"\nclient_id = \"member\"\n\
-             build_remote = [\"/bin/sh\", \"-c\", \"echo '# accept'; echo b1; cat > /dev/null\"]\n"
-        );
+        let config = config(addr);
         let hook = tokio::task::spawn_blocking(move || run_hook(&config, &accepted_input()));
         let mut admin = AdminServiceClient::new(channel.clone());
-        let mut waiting = 0;
-        for _ in 0..500 {
-            waiting = admin
-                .get_capacity(proto::GetCapacityRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .systems[0]
-                .waiting;
-            if waiting == 1 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(waiting, 1, "the hook's build waits in the queue");
+        until_waiting(&mut admin, 1).await;
         leases
             .release(proto::ReleaseRequest {
                 lease_id: busy.lease_id,
@@ -293,6 +332,39 @@ mod with_a_scheduler {
             .members;
         let member = usage.iter().find(|m| m.client_id == "member").unwrap();
         assert_eq!((member.builds, member.running), (1, 0));
+        let _ = stop.send(());
+        drop(tx);
+        server.await.unwrap().unwrap();
+    }
+
+    /// The scheduler stops while a build waits in its queue and comes back on the same
+    /// address: the hook re-connects by itself, queues again (the new scheduler does not
+    /// decline while agents re-register), and gets the slot once the builder reports it
+    /// free. The build never fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_build_survives_a_scheduler_restart() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, server) = serve(listener);
+        let channel = connect(addr).await;
+        let (tx, answers) = agent(channel.clone(), 1).await;
+        let config = config(addr);
+        let hook = tokio::task::spawn_blocking(move || run_hook(&config, &accepted_input()));
+        until_waiting(&mut AdminServiceClient::new(channel.clone()), 1).await;
+
+        let _ = stop.send(());
+        drop((tx, answers, channel));
+        server.await.unwrap().unwrap();
+        let (stop, server) = serve(tokio::net::TcpListener::bind(addr).await.unwrap());
+        let channel = connect(addr).await;
+        let (tx, _answers) = agent(channel.clone(), 0).await;
+
+        let (err, _, code) = hook.await.unwrap();
+        assert_clean(&err);
+        assert_eq!(replies(&err), vec!["# accept"], "{err}");
+        assert!(err.contains("lost the scheduler"), "{err}");
+        assert!(err.contains("building d0 on b1"), "{err}");
+        assert_eq!(code, Some(0), "{err}");
         let _ = stop.send(());
         drop(tx);
         server.await.unwrap().unwrap();
