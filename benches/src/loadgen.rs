@@ -325,6 +325,7 @@ async fn client(
     let mut n = 0u64;
     // A postponed derivation is asked for again, as Nix does.
     let mut waiting = false;
+    let mut last: Option<AcquireRequest> = None;
     while !stop.load(Ordering::Relaxed) {
         if !waiting || mode == ClientMode::Closed {
             n += 1;
@@ -337,6 +338,7 @@ async fn client(
             can_build_locally: false,
             exclude_hosts: vec![],
         };
+        last = Some(req.clone());
         let t = Instant::now();
         let r = lease.acquire(req).await;
         let dt = t.elapsed();
@@ -399,6 +401,23 @@ async fn client(
             }
         }
     }
+    // A postponed request holds a place in the scheduler's queue (a freed slot would be
+    // held for it): give it up the way a client that can build locally does, and give back
+    // a grant made meanwhile.
+    if let (true, Some(mut req)) = (waiting, last) {
+        req.can_build_locally = true;
+        if let Ok(r) = lease.acquire(req).await
+            && let Some(acquire_response::Outcome::Granted(g)) = r.into_inner().outcome
+        {
+            let _ = lease
+                .release(ReleaseRequest {
+                    lease_id: g.lease_id,
+                    outcome: proto::BuildOutcome::Cancelled as i32,
+                    duration_millis: 0,
+                })
+                .await;
+        }
+    }
     s
 }
 
@@ -420,7 +439,9 @@ async fn hold_every_slot(
                     required_features: vec![],
                     drv_path: format!("/nix/store/{:032}-lg-holder.drv", held.len()),
                     client_id: "holder".into(),
-                    can_build_locally: false,
+                    // Declined, not queued, once the system is full: a queued request
+                    // would get the slots back when they are released.
+                    can_build_locally: true,
                     exclude_hosts: vec![],
                 })
                 .await
