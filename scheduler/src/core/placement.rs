@@ -112,18 +112,45 @@ impl Scheduler {
         pin: Option<&HostId>,
     ) -> Result<Grant, Option<String>> {
         admit(&self.accounts, req).map_err(Some)?;
-        // The index serves the common case; a pin or the last slot rule takes the scan.
-        if pin.is_none() && self.policy.least_loaded() && !self.last_slot_rule_applies(req) {
-            return match self.choose_indexed(now, req) {
-                Some(id) => Ok(self.grant(now, &id, req)),
-                None => Err(self.example_unfit(now, req)),
+        let global = self.policy.sees_global_load();
+        if let Some(pin) = pin {
+            // One host to look at: no index, no scan.
+            let Some(host) = self.registry.get(pin) else {
+                return Err(Some(format!("{pin}: not registered")));
+            };
+            let ask = Ask {
+                system: &req.system,
+                mask: self.registry.system_bits().request_mask(&req.system),
+                features: &req.required_features,
+                client: Some(&req.client),
+                exclude: &req.exclude_hosts,
+            };
+            return match eligibility::assess(now, &self.config, global, host, &ask) {
+                Ok(_) => Ok(self.grant(now, pin, req)),
+                Err(unfit) => Err(Some(format!(
+                    "{pin}: {}",
+                    eligibility::describe(
+                        now,
+                        &self.config,
+                        host,
+                        unfit,
+                        &req.system,
+                        &req.required_features
+                    )
+                ))),
             };
         }
-        let global = self.policy.sees_global_load();
-        let mut found = find_candidates(now, &self.config, global, &self.registry, req);
-        if let Some(pin) = pin {
-            keep(&mut found, |id, _| id == pin);
+        // The index serves the common case. Only when the host it offers is one whose last
+        // slot the last slot rule keeps for a narrower waiting class does the scan below
+        // look for another.
+        if self.policy.least_loaded() {
+            match self.choose_indexed(now, req) {
+                Some(id) if !self.last_slot_kept(&id, req) => return Ok(self.grant(now, &id, req)),
+                Some(_) => {}
+                None => return Err(self.example_unfit(now, req)),
+            }
         }
+        let mut found = find_candidates(now, &self.config, global, &self.registry, req);
         // Stage three: the last slot rule, then the policy chooses.
         if global && self.waiters.len() > 0 {
             let class = class_of(req, pin);
@@ -162,18 +189,26 @@ impl Scheduler {
         Ok(self.grant(now, &id, req))
     }
 
-    /// Whether the last slot rule can keep a host from `req`: a class narrower than its own
-    /// waits, with a member under quota.
-    fn last_slot_rule_applies(&mut self, req: &LeaseRequest) -> bool {
+    /// Whether the last slot rule keeps host `id`'s last free slot from `req`: a class
+    /// narrower than the request's, with a member under quota, waits and fits the host.
+    fn last_slot_kept(&mut self, id: &HostId, req: &LeaseRequest) -> bool {
         if self.waiters.len() == 0 || !self.policy.sees_global_load() {
+            return false;
+        }
+        let Some(host) = self.registry.get(id) else {
+            return false;
+        };
+        if host.spec.max_jobs.saturating_sub(host.used()) > 1 {
             return false;
         }
         let class = class_of(req, None);
         let waiting = self.waiting_classes();
         let (registry, waiters) = (&self.registry, &mut self.waiters);
-        waiting
-            .iter()
-            .any(|k| *k != class && dispatch::narrower(registry, waiters, k, &class))
+        waiting.iter().any(|k| {
+            *k != class
+                && dispatch::fits(host, k)
+                && dispatch::narrower(registry, waiters, k, &class)
+        })
     }
 
     /// The classes with a waiter whose member is under quota: the ones the last slot rule
