@@ -23,6 +23,11 @@ use crate::store::Store;
 /// this only bounds how long a dead lease shows in `ListLeases` and metrics.
 const TICK: Duration = Duration::from_secs(1);
 
+/// How often learned durations and usage records are written to the state database.
+/// Each write is one transaction of the records that changed; a crash loses at most this
+/// much learning, never an operator's decision.
+const PERSIST_EVERY: Duration = Duration::from_secs(60);
+
 /// How long in-flight calls may take to finish after shutdown begins.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -96,9 +101,17 @@ pub async fn serve(
             tokio::pin!(down);
             let mut every = tokio::time::interval(TICK);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut persist = tokio::time::interval(PERSIST_EVERY);
+            persist.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            persist.tick().await;
             loop {
                 tokio::select! {
                     _ = every.tick() => shared.tick(),
+                    _ = persist.tick() => {
+                        // A committed disk write: off the runtime's workers. One at a time.
+                        let shared = shared.clone();
+                        let _ = tokio::task::spawn_blocking(move || shared.save_queue_changes()).await;
+                    }
                     () = &mut down => break,
                 }
             }
@@ -167,6 +180,9 @@ pub async fn serve(
         }
     };
     ticker.abort();
+    // What was learned since the last interval.
+    let last = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || last.save_queue_changes()).await;
     info!("scheduler stopped");
     result
 }

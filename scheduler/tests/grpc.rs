@@ -1457,3 +1457,60 @@ async fn waiting_requests_are_validated() {
     assert!(event(&mut local).await.is_none());
     server.shutdown().await;
 }
+
+/// Quotas an operator set, and the usage and durations learned, outlive a restart on the
+/// same state database: the new scheduler enforces the quota and reports the usage.
+#[tokio::test]
+async fn quotas_and_usage_survive_a_scheduler_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.sqlite3");
+    let (server, ch) = start_on(&db).await;
+    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 4)).await;
+    let mut admin = AdminServiceClient::new(ch.clone());
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    admin
+        .set_quota(proto::SetQuotaRequest {
+            target: Some(proto::set_quota_request::Target::ClientId("m".into())),
+            max_slots: Some(1),
+            priority: 0,
+        })
+        .await
+        .unwrap();
+    let g = acquire_granted(&mut leases, "m", "one").await;
+    release_ok(&mut leases, &g.lease_id).await;
+    server.shutdown().await;
+
+    let (server, ch) = start_on(&db).await;
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 4)).await;
+    agent.report(Report::default()).await;
+    let mut admin = AdminServiceClient::new(ch.clone());
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let q = admin
+        .get_quotas(proto::GetQuotasRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (q.members[0].client_id.as_str(), q.members[0].max_slots),
+        ("m", Some(1))
+    );
+    let usage = admin
+        .get_usage(proto::GetUsageRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!((usage[0].client_id.as_str(), usage[0].builds), ("m", 1));
+    acquire_granted(&mut leases, "m", "two").await;
+    match leases
+        .acquire(acquire("x86_64-linux", "m", "three", true))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+    {
+        Some(Outcome::Decline(d)) => assert!(d.reason.contains("quota of 1"), "{}", d.reason),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().await;
+}

@@ -8,7 +8,7 @@
 //! A priority of `-100` doubles a member's share, `+100` halves it.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use super::{ClientId, System, Time};
@@ -115,6 +115,8 @@ pub(super) struct Accounts {
     members: HashMap<ClientId, Member>,
     systems: HashMap<System, u32>,
     arrivals: u64,
+    /// Members whose usage changed since the last [`Accounts::take_changed_usage`].
+    changed: HashSet<ClientId>,
 }
 
 /// One member as operators see it.
@@ -204,6 +206,9 @@ impl Accounts {
         member.running += 1;
         member.last_served = now;
         member.usage.wait_millis = member.usage.wait_millis.saturating_add(millis(waited));
+        if !waited.is_zero() {
+            self.changed.insert(m.clone());
+        }
     }
 
     /// A lease of `m` for `system` ended after holding its slot for `held`; `built` when a
@@ -220,7 +225,19 @@ impl Accounts {
         if built {
             member.usage.builds += 1;
             member.usage.build_millis = member.usage.build_millis.saturating_add(millis(held));
+            self.changed.insert(m.clone());
         }
+    }
+
+    /// The usage records changed since the last call, sorted by member.
+    pub(super) fn take_changed_usage(&mut self) -> Vec<(ClientId, Usage)> {
+        let mut v: Vec<_> = self
+            .changed
+            .drain()
+            .filter_map(|m| self.members.get(&m).map(|x| (m, x.usage)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// The quotas in force.

@@ -8,7 +8,7 @@
 //! a derivation that got slower is believed within a few builds. An unknown name is expected
 //! to take the mean of all builds (weighted the same way, more slowly).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// Weight of the newest duration in a name's mean.
@@ -35,6 +35,8 @@ pub struct DurationStat {
 pub(super) struct Durations {
     by_name: HashMap<String, DurationStat>,
     overall_millis: f64,
+    /// Names learned since the last [`Durations::take_changed`], for persistence.
+    changed: HashSet<String>,
 }
 
 impl Default for Durations {
@@ -42,6 +44,7 @@ impl Default for Durations {
         Self {
             by_name: HashMap::new(),
             overall_millis: DEFAULT.as_millis() as f64,
+            changed: HashSet::new(),
         }
     }
 }
@@ -79,7 +82,9 @@ impl Durations {
         if let Some(s) = self.by_name.get_mut(name) {
             s.mean_millis += ALPHA * (ms - s.mean_millis);
             s.samples += 1;
+            self.changed.insert(name.to_owned());
         } else if self.by_name.len() < MAX_NAMES {
+            self.changed.insert(name.to_owned());
             self.by_name.insert(
                 name.to_owned(),
                 DurationStat {
@@ -93,6 +98,17 @@ impl Durations {
     /// Every name's record, for persistence, sorted by name.
     pub(super) fn snapshot(&self) -> Vec<(String, DurationStat)> {
         let mut v: Vec<_> = self.by_name.iter().map(|(k, s)| (k.clone(), *s)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The records learned since the last call, sorted by name.
+    pub(super) fn take_changed(&mut self) -> Vec<(String, DurationStat)> {
+        let mut v: Vec<_> = self
+            .changed
+            .drain()
+            .filter_map(|k| self.by_name.get(&k).map(|s| (k, *s)))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }

@@ -445,6 +445,16 @@ impl Scheduler {
         self.accounts.views()
     }
 
+    /// The learned durations and usage records that changed since the last call, for the
+    /// service to persist (quotas are persisted when an operator changes them).
+    pub fn take_queue_changes(&mut self) -> QueueSnapshot {
+        QueueSnapshot {
+            quotas: self.accounts.quotas().clone(),
+            durations: self.durations.take_changed(),
+            usage: self.accounts.take_changed_usage(),
+        }
+    }
+
     /// The state to persist (see [`QueueSnapshot`]).
     pub fn queue_snapshot(&self) -> QueueSnapshot {
         QueueSnapshot {

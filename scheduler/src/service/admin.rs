@@ -174,19 +174,23 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::SetQuotaRequest>,
     ) -> Result<Response<proto::Quotas>, Status> {
-        let now = self.shared.now();
-        let quotas = {
-            let mut core = self.shared.core();
-            let mut quotas = core.quotas().clone();
-            convert::set_quota(request.get_ref(), &mut quotas).map_err(|e| {
-                metrics::rejected("admin");
-                Status::from(e)
-            })?;
-            core.set_quotas(now, quotas.clone());
-            quotas
+        // The store commits to disk: off the runtime's workers, like drains.
+        let write = {
+            let (shared, r) = (self.shared.clone(), request.get_ref().clone());
+            tokio::task::spawn_blocking(move || shared.set_quota(&r))
+        };
+        let quotas = match write.await {
+            Ok(Ok(q)) => q,
+            Ok(Err(e)) => {
+                if matches!(e, crate::Error::InvalidArgument { .. }) {
+                    metrics::rejected("admin");
+                }
+                return Err(e.into());
+            }
+            // Never cancelled (blocking tasks run to the end), so this is its panic.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
         info!(request = ?request.get_ref(), "quota changed by an operator");
-        self.shared.deliver();
         Ok(Response::new((&quotas).into()))
     }
 

@@ -27,7 +27,8 @@ pub use wait::WaitStream;
 use crate::Error;
 use crate::config::Config;
 use crate::core::{
-    Clock, Generation, HostId, HostView, LeaseId, Scheduler, Time, WaitAnswer, WaiterId,
+    Clock, Generation, HostId, HostView, LeaseId, QueueSnapshot, Quotas, Scheduler, Time,
+    WaitAnswer, WaiterId,
 };
 use crate::store::Store;
 
@@ -121,6 +122,18 @@ impl Shared {
         for id in &drains {
             core.set_draining(id, true);
         }
+        let queue = store.queue_state()?;
+        tracing::info!(
+            operator_quotas = queue.quotas.is_some(),
+            durations = queue.durations.len(),
+            usage = queue.usage.len(),
+            "queue state restored"
+        );
+        core.restore_queue(QueueSnapshot {
+            quotas: queue.quotas.unwrap_or_else(|| config.queue.quotas()),
+            durations: queue.durations,
+            usage: queue.usage,
+        });
         Ok(Arc::new(Self {
             core: Mutex::new(core),
             store: Mutex::new(store),
@@ -168,6 +181,37 @@ impl Shared {
         };
         self.deliver();
         Ok(view)
+    }
+
+    /// Applies one operator quota change (`SetQuota`): validated, committed to the store,
+    /// then applied to the core, whose free slots a raised quota hands out at once. Returns
+    /// the quotas now in force.
+    ///
+    /// Blocking (a committed disk write): call it from `spawn_blocking`.
+    pub(crate) fn set_quota(&self, request: &proto::SetQuotaRequest) -> Result<Quotas, Error> {
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut quotas = self.core().quotas().clone();
+        convert::set_quota(request, &mut quotas)?;
+        store.set_quotas(&quotas, std::time::SystemTime::now())?;
+        let now = self.now();
+        self.core().set_quotas(now, quotas.clone());
+        self.deliver();
+        Ok(quotas)
+    }
+
+    /// Writes the learned durations and usage records that changed since the last call.
+    /// A failed write is logged; those records are written again when they next change.
+    ///
+    /// Blocking (a committed disk write): call it from `spawn_blocking`.
+    pub fn save_queue_changes(&self) {
+        let changes = self.core().take_queue_changes();
+        if changes.durations.is_empty() && changes.usage.is_empty() {
+            return;
+        }
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = store.save_queue(&changes.durations, &changes.usage) {
+            tracing::warn!(error = %e, "cannot persist learned durations and usage");
+        }
     }
 
     /// The placement policy's name.

@@ -8,7 +8,7 @@
 //! Layout, for whoever adds a table family:
 //! - `schema`: the schema version table and the ordered migrations. A new table family adds
 //!   one migration at the end of the list; a released migration is never edited.
-//! - one module per table family (`drains`), each an `impl Store` block with its reads and
+//! - one module per table family (`drains`, `queue`), each an `impl Store` block with its reads and
 //!   its writes, every write one transaction through [`Store::write`].
 //!
 //! Opening never changes a file it cannot use: a file that is not SQLite or is damaged,
@@ -25,6 +25,7 @@
 //! dependency and a thread of its own for a handful of writes a day.
 
 mod drains;
+mod queue;
 mod schema;
 
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ use tracing::{info, warn};
 use crate::config::StateConfig;
 use crate::{Error, StoreProblem};
 
+pub use queue::QueueState;
 pub use schema::LATEST_VERSION;
 
 /// The file name of the default database inside systemd's `STATE_DIRECTORY`.

@@ -26,16 +26,56 @@ pub(super) struct Migration {
 }
 
 /// Every migration, in order.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "drains",
-    sql: "CREATE TABLE drains (
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "drains",
+        sql: "CREATE TABLE drains (
               -- A host id as agents register it (validated when loaded).
               host_id TEXT PRIMARY KEY NOT NULL,
               -- When an operator drained it, Unix time in milliseconds.
               drained_at_unix_millis INTEGER NOT NULL
           ) STRICT, WITHOUT ROWID;",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "queue",
+        sql: "-- Quotas as an operator last set them. The one row exists once an operator
+          -- changed any quota; from then on these tables, not the configuration, hold the
+          -- quotas in force.
+          CREATE TABLE quota_default (
+              id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+              -- Most live leases of a member without its own; NULL: unlimited.
+              member_max_slots INTEGER CHECK (member_max_slots >= 0),
+              set_at_unix_millis INTEGER NOT NULL
+          ) STRICT;
+          CREATE TABLE quota_members (
+              -- A client id (validated when loaded).
+              client_id TEXT PRIMARY KEY NOT NULL,
+              -- NULL: the default applies.
+              max_slots INTEGER CHECK (max_slots >= 0),
+              priority INTEGER NOT NULL CHECK (priority BETWEEN -10000 AND 10000)
+          ) STRICT, WITHOUT ROWID;
+          CREATE TABLE quota_systems (
+              system TEXT PRIMARY KEY NOT NULL,
+              max_slots INTEGER NOT NULL CHECK (max_slots >= 0)
+          ) STRICT, WITHOUT ROWID;
+          -- Expected build durations learned per derivation name.
+          CREATE TABLE durations (
+              drv_name TEXT PRIMARY KEY NOT NULL,
+              -- Exponentially weighted mean slot time, milliseconds.
+              mean_millis REAL NOT NULL CHECK (mean_millis >= 0),
+              samples INTEGER NOT NULL CHECK (samples >= 0)
+          ) STRICT, WITHOUT ROWID;
+          -- Usage records per member, totals since the first start.
+          CREATE TABLE usage (
+              client_id TEXT PRIMARY KEY NOT NULL,
+              builds INTEGER NOT NULL CHECK (builds >= 0),
+              build_millis INTEGER NOT NULL CHECK (build_millis >= 0),
+              wait_millis INTEGER NOT NULL CHECK (wait_millis >= 0)
+          ) STRICT, WITHOUT ROWID;",
+    },
+];
 
 /// The schema version this scheduler writes and reads.
 pub const LATEST_VERSION: u32 = MIGRATIONS.len() as u32;

@@ -290,3 +290,56 @@ fn bad_default_file_is_an_error_not_memory() {
         "{err:?}"
     );
 }
+
+/// The queue's tables: no operator quotas until one is set; quotas, durations and usage
+/// written to a file read back the same after reopening, and changed records overwrite.
+#[test]
+fn queue_state_survives_reopening() {
+    use crate::core::{ClientId, DurationStat, MemberQuota, Quotas, System, Usage};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.sqlite3");
+    let mut store = Store::open_file(&path, BUSY).unwrap();
+    assert_eq!(store.queue_state().unwrap(), QueueState::default());
+    let mut q = Quotas {
+        default_member_max_slots: Some(4),
+        ..Quotas::default()
+    };
+    q.members.insert(
+        ClientId::new("alice"),
+        MemberQuota {
+            max_slots: None,
+            priority: -100,
+        },
+    );
+    q.systems.insert(System::new("x86_64-linux"), 20);
+    store.set_quotas(&q, SystemTime::now()).unwrap();
+    let hello = |mean_millis| {
+        vec![(
+            "hello".to_owned(),
+            DurationStat {
+                mean_millis,
+                samples: 2,
+            },
+        )]
+    };
+    let usage = vec![(
+        ClientId::new("alice"),
+        Usage {
+            builds: 3,
+            build_millis: 9000,
+            wait_millis: 100,
+        },
+    )];
+    store.save_queue(&hello(1500.0), &usage).unwrap();
+    store.save_queue(&hello(2500.0), &[]).unwrap();
+    drop(store);
+    let store = Store::open_file(&path, BUSY).unwrap();
+    assert_eq!(
+        store.queue_state().unwrap(),
+        QueueState {
+            quotas: Some(q),
+            durations: hello(2500.0),
+            usage,
+        }
+    );
+}
