@@ -186,9 +186,12 @@ mod with_a_scheduler {
     /// A scheduler on `listener`; stopped by the returned sender.
     fn serve(listener: tokio::net::TcpListener) -> (oneshot::Sender<()>, Running) {
         let (stop, stopped) = oneshot::channel::<()>();
+        // No restart hold: the tests that restart it check their own over-commit.
+        let mut config = nixdispatch_scheduler::config::Config::default();
+        config.queue.restart_hold_millis = Some(0);
         let server = tokio::spawn(nixdispatch_scheduler::server::run(
             listener,
-            nixdispatch_scheduler::config::Config::default(),
+            config,
             async {
                 let _ = stopped.await;
             },

@@ -69,6 +69,11 @@ pub struct QueueConfig {
     /// milliseconds. Default 5000: often enough for a person watching, rare enough that
     /// 100,000 waiters cost little.
     pub progress_interval_millis: u64,
+    /// After a start, no slot goes to a waiting request for this long, milliseconds, while
+    /// the holders of leases granted before a restart re-attach them with their keep-alives
+    /// (every third of the lease TTL); `Acquire` is not held. Default: a third of
+    /// `leases.ttl_millis` plus 1000 (21000 at the default TTL).
+    pub restart_hold_millis: Option<u64>,
     /// Most live leases of one member; default none (unlimited): the fair order already
     /// shares a full fleet, a quota is for a member who must never hold more.
     pub default_member_max_slots: Option<u32>,
@@ -83,6 +88,7 @@ impl Default for QueueConfig {
         Self {
             claim_millis: 10_000,
             progress_interval_millis: 5_000,
+            restart_hold_millis: None,
             default_member_max_slots: None,
             members: BTreeMap::new(),
             systems: BTreeMap::new(),
@@ -432,6 +438,14 @@ impl Config {
             waiter_ttl: Duration::from_millis(self.leases.waiter_ttl_millis),
             unreachable_cooldown: Duration::from_millis(self.leases.unreachable_cooldown_millis),
             claim_ttl: Duration::from_millis(self.queue.claim_millis),
+            startup_window: Duration::from_millis(
+                self.agents.report_interval_millis + self.agents.grace_millis,
+            ),
+            startup_hold: Duration::from_millis(
+                self.queue
+                    .restart_hold_millis
+                    .unwrap_or(self.leases.ttl_millis / 3 + 1000),
+            ),
             quotas: self.queue.quotas(),
             admission: self.admission.clone(),
             forget_gone_after: Duration::from_millis(self.agents.forget_gone_after_millis),

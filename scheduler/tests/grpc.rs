@@ -335,24 +335,15 @@ async fn acquire_keep_alive_release() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    // The released slot went straight to Bob's postponed request, held for his next ask.
-    let left = admin
-        .list_leases(proto::ListLeasesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
-    assert_eq!(left.len(), 1);
-    assert_eq!(left[0].client_id, "bob");
-    assert!(matches!(
-        leases
-            .acquire(acquire("x86_64-linux", "bob", "b", false))
+    assert!(
+        admin
+            .list_leases(proto::ListLeasesRequest {})
             .await
             .unwrap()
             .into_inner()
-            .outcome,
-        Some(Outcome::Granted(g)) if g.lease_id == left[0].lease_id
-    ));
+            .leases
+            .is_empty()
+    );
     server.shutdown().await;
 }
 
@@ -683,11 +674,8 @@ async fn liveness_disconnect_reconnect_stale_and_replace() {
         Some(Outcome::Postpone(_))
     ));
     let mut again = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
-    // Its first report (right after a start, the one that shows what runs there) hands
-    // its free slot to the request postponed meanwhile.
-    again.report(Report::default()).await;
     let h = host(&mut admin, "b1").await;
-    assert_eq!((h.state(), h.leases), (proto::HostState::Ready, 2));
+    assert_eq!((h.state(), h.leases), (proto::HostState::Ready, 1));
 
     // A second stream for the same host replaces the first, which is told so.
     let _newer = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
@@ -1079,6 +1067,14 @@ async fn an_idle_client_that_spoke_is_kept() {
 
 use proto::wait_for_lease_response::Event;
 
+/// The default configuration without the restart hold (`[queue] restart_hold_millis`), so
+/// that freed slots go to waiters from the first second on.
+fn queue_config() -> Config {
+    let mut c = Config::default();
+    c.queue.restart_hold_millis = Some(0);
+    c
+}
+
 fn wait_request(system: &str, client: &str, drv: &str) -> proto::WaitForLeaseRequest {
     proto::WaitForLeaseRequest {
         system: system.into(),
@@ -1105,8 +1101,15 @@ async fn event(s: &mut Streaming<proto::WaitForLeaseResponse>) -> Option<Event> 
         .and_then(|m| m.event)
 }
 
-/// Reads a waiting stream up to its grant (skipping progress) and checks that it ends there.
+/// Reads a waiting stream up to its grant (skipping progress) and checks that it ends there;
+/// at most 10 s in all.
 async fn grant_of(s: &mut Streaming<proto::WaitForLeaseResponse>) -> proto::Granted {
+    tokio::time::timeout(Duration::from_secs(10), grant_of_unbounded(s))
+        .await
+        .expect("the grant arrives within 10 s")
+}
+
+async fn grant_of_unbounded(s: &mut Streaming<proto::WaitForLeaseResponse>) -> proto::Granted {
     loop {
         match event(s).await {
             Some(Event::Waiting(_)) => continue,
@@ -1177,9 +1180,11 @@ async fn waiting(admin: &mut AdminServiceClient<Channel>) -> u32 {
 /// grant is on its stream when the release returns, and the stream ends after it.
 #[tokio::test]
 async fn a_waiter_gets_the_slot_the_moment_a_lease_is_released() {
-    let server = Server::start(Config::default()).await;
+    let server = Server::start(queue_config()).await;
     let ch = server.channel().await;
-    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    // Its first report: right after a start, slots go to waiters only from then on.
+    agent.report(Report::default()).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let held = acquire_granted(&mut leases, "alice", "a").await;
     let mut stream = wait_for(&mut leases, wait_request("x86_64-linux", "bob", "b")).await;
@@ -1210,9 +1215,11 @@ async fn a_waiter_gets_the_slot_the_moment_a_lease_is_released() {
 /// to the member who asked last but runs nothing.
 #[tokio::test]
 async fn waiters_are_served_in_fair_order_across_members() {
-    let server = Server::start(Config::default()).await;
+    let server = Server::start(queue_config()).await;
     let ch = server.channel().await;
-    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
+    // Its first report: right after a start, slots go to waiters only from then on.
+    agent.report(Report::default()).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch.clone());
     let first = acquire_granted(&mut leases, "flood", "f0").await;
@@ -1243,9 +1250,11 @@ async fn waiters_are_served_in_fair_order_across_members() {
 /// slot freed next goes to the waiter behind it.
 #[tokio::test]
 async fn a_waiter_that_vanishes_drops_out_and_never_holds_a_slot() {
-    let server = Server::start(Config::default()).await;
+    let server = Server::start(queue_config()).await;
     let ch = server.channel().await;
-    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
+    // Its first report: right after a start, slots go to waiters only from then on.
+    agent.report(Report::default()).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch.clone());
     let held = acquire_granted(&mut leases, "x", "busy").await;
@@ -1279,7 +1288,7 @@ async fn a_waiter_that_vanishes_drops_out_and_never_holds_a_slot() {
 /// its release then hands the slot to the waiter.
 #[tokio::test]
 async fn after_a_restart_leases_re_attach_and_waiters_wait() {
-    let first = Server::start(Config::default()).await;
+    let first = Server::start(queue_config()).await;
     let ch = first.channel().await;
     let agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
@@ -1287,7 +1296,7 @@ async fn after_a_restart_leases_re_attach_and_waiters_wait() {
     drop(agent);
     first.shutdown().await;
 
-    let second = Server::start(Config::default()).await;
+    let second = Server::start(queue_config()).await;
     let ch = second.channel().await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch.clone());
@@ -1342,11 +1351,13 @@ async fn after_a_restart_leases_re_attach_and_waiters_wait() {
 /// raising the quota hands it the free slot at once; usage shows its running builds.
 #[tokio::test]
 async fn quotas_are_set_at_run_time_and_usage_is_reported() {
-    let mut config = Config::default();
+    let mut config = queue_config();
     config.queue.default_member_max_slots = Some(1);
     let server = Server::start(config).await;
     let ch = server.channel().await;
-    let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 4)).await;
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 4)).await;
+    // Its first report: right after a start, slots go to waiters only from then on.
+    agent.report(Report::default()).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch.clone());
     acquire_granted(&mut leases, "m", "one").await;
@@ -1417,7 +1428,7 @@ async fn quotas_are_set_at_run_time_and_usage_is_reported() {
 /// client that can build locally is declined at once when nothing is free.
 #[tokio::test]
 async fn waiting_requests_are_validated() {
-    let server = Server::start(Config::default()).await;
+    let server = Server::start(queue_config()).await;
     let ch = server.channel().await;
     let _agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
     let mut leases = LeaseServiceClient::new(ch.clone());

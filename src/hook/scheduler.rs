@@ -178,16 +178,22 @@ impl Scheduler {
             drv_path: t.drv_path.clone(),
         };
         let call = async {
-            let mut c = self.client().await?;
-            c.keep_alive(request)
-                .await
-                .map(|r| Duration::from_millis(r.into_inner().lease_ttl_millis))
-                .map_err(|s| {
-                    if is_transport_failure(&s) {
+            // A channel broken by a scheduler restart fails at once: re-connect and ask
+            // again, so that the new scheduler re-attaches the lease now, not a period later.
+            let attempts = if self.client.is_some() { 2 } else { 1 };
+            let mut last = String::new();
+            for _ in 0..attempts {
+                let mut c = self.client().await?;
+                match c.keep_alive(request.clone()).await {
+                    Ok(r) => return Ok(Duration::from_millis(r.into_inner().lease_ttl_millis)),
+                    Err(s) if is_transport_failure(&s) => {
                         self.client = None;
+                        last = format!("{}: {}", code_name(s.code()), s.message());
                     }
-                    format!("{}: {}", code_name(s.code()), s.message())
-                })
+                    Err(s) => return Err(format!("{}: {}", code_name(s.code()), s.message())),
+                }
+            }
+            Err(last)
         };
         tokio::time::timeout(bound, call)
             .await

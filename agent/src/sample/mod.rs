@@ -264,6 +264,24 @@ pub fn scan_proc(proc_root: &Path, children_of_nix: bool) -> Result<Vec<ProcInfo
 #[cfg(target_os = "linux")]
 pub const COMM_REVALIDATE_SCANS: u32 = 6;
 
+/// Command names of processes that routinely `exec` into Nix: the shells an SSH session
+/// runs its command through (`bash -c "nix-daemon --stdio"`) and sshd's session process.
+/// Never cached, so a build that starts as one of them is counted in the very next report.
+#[cfg(target_os = "linux")]
+const EXECS_INTO_NIX: &[&str] = &[
+    "sh",
+    "bash",
+    "dash",
+    "zsh",
+    "ksh",
+    "mksh",
+    "fish",
+    "busybox",
+    "sshd",
+    "sshd-session",
+    "nix-ssh-wrappe",
+];
+
 /// A cached `comm`, valid while `/proc/<pid>` keeps its inode number.
 #[cfg(target_os = "linux")]
 #[derive(Debug)]
@@ -281,10 +299,11 @@ struct CachedComm {
 /// inode number of `/proc/<pid>`: procfs gives a new process a new inode, so a reused pid
 /// never inherits a stale name. A name does change on `exec`, which matters twice: a child
 /// Nix forks starts with Nix's name and becomes the builder, so Nix names are never cached;
-/// and a shell that `exec`s into Nix (`bash -c "nix-store --serve"`) could be cached under the
-/// shell's name, so every entry is re-read after [`COMM_REVALIDATE_SCANS`] scans (a minute at
-/// the default report interval). The cache holds one entry per live process and drops the
-/// others on every scan.
+/// and a shell or sshd session that `exec`s into Nix (`bash -c "nix-store --serve"`) would be
+/// cached under its old name, so those names are never cached either (a right-after-start
+/// count that missed such a build let a restarted scheduler over-commit the host). Every
+/// other entry is still re-read after [`COMM_REVALIDATE_SCANS`] scans. The cache holds one
+/// entry per live process and drops the others on every scan.
 #[cfg(target_os = "linux")]
 #[derive(Debug, Default)]
 pub struct ProcScanner {
@@ -371,6 +390,7 @@ impl ProcScanner {
             && c.ino == ino
             && c.age < COMM_REVALIDATE_SCANS
             && !builds::is_nix_comm(&c.comm)
+            && !EXECS_INTO_NIX.contains(&c.comm.as_str())
         {
             c.age += 1;
             c.seen = true;
@@ -638,9 +658,10 @@ mod tests {
         }
     }
 
-    /// The comm cache: a Nix name is always re-read (a forked child execs into the builder),
-    /// other names are re-read after the revalidation period or when the pid's directory is
-    /// replaced (a new process with the same pid), and vanished pids leave the cache.
+    /// The comm cache: a Nix name and a shell's are always re-read (a forked child execs into
+    /// the builder, a shell into Nix), other names are re-read after the revalidation
+    /// period or when the pid's directory is replaced (a new process with the same pid), and
+    /// vanished pids leave the cache.
     #[test]
     fn comm_cache_rules() {
         let dir = tempfile::tempdir().unwrap();
@@ -650,15 +671,18 @@ mod tests {
         };
         let mut scanner = ProcScanner::default();
         fake_pid(root, 10, 1, "nix-daemon", None);
-        fake_pid(root, 20, 1, "bash", None);
+        fake_pid(root, 20, 1, "perl", None);
+        fake_pid(root, 30, 1, "bash", None);
         scanner.scan(root, true).unwrap();
-        // The fork of Nix execs the builder: seen at once.
+        // The fork of Nix execs the builder, a shell execs into Nix: both seen at once.
         std::fs::write(root.join("10/comm"), "builder\n").unwrap();
-        // A shell execs into Nix: the cached name holds until revalidation.
+        std::fs::write(root.join("30/comm"), "nix-daemon\n").unwrap();
+        // Anything else execs into Nix: the cached name holds until revalidation.
         std::fs::write(root.join("20/comm"), "nix-store\n").unwrap();
         let procs = scanner.scan(root, true).unwrap();
         assert_eq!(comm_of(&procs, 10).as_deref(), Some("builder"));
-        assert_eq!(comm_of(&procs, 20).as_deref(), Some("bash"));
+        assert_eq!(comm_of(&procs, 30).as_deref(), Some("nix-daemon"));
+        assert_eq!(comm_of(&procs, 20).as_deref(), Some("perl"));
         let mut revalidated = false;
         for _ in 0..COMM_REVALIDATE_SCANS {
             let procs = scanner.scan(root, true).unwrap();
@@ -678,6 +702,7 @@ mod tests {
         let procs = scanner.scan(root, true).unwrap();
         assert_eq!(comm_of(&procs, 20).as_deref(), Some("make"));
         std::fs::remove_dir_all(root.join("10")).unwrap();
+        std::fs::remove_dir_all(root.join("30")).unwrap();
         scanner.scan(root, true).unwrap();
         assert_eq!(scanner.comms.len(), 1);
     }

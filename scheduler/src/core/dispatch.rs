@@ -116,22 +116,28 @@ impl Scheduler {
     /// that host may be granted.
     ///
     /// Declines when the client can build locally and nothing is free, and declines
-    /// permanently when no host that is not gone could ever build it, except in the first
-    /// `report_interval + grace` after the clock's epoch (the scheduler's start): agents
-    /// may not have re-registered yet after a restart, and a member that cannot build
-    /// locally must not fail for that.
+    /// permanently when no host that is not gone could ever build it, except in the startup
+    /// window (`CoreConfig::startup_window`): agents may not have re-registered yet after a
+    /// restart, and a member that cannot build locally must not fail for that. In that
+    /// window, while a registered host has not reported yet, and during the startup hold,
+    /// the request is queued rather than placed: a host may still run builds from before the
+    /// restart that neither its report nor a re-attached lease shows yet.
     pub fn wait(&mut self, now: Time, req: &LeaseRequest, pin: Option<&HostId>) -> WaitAnswer {
         self.expire(now);
         self.accounts.arrive(&req.client);
         if let Some(g) = self.claim_held(now, req) {
             return WaitAnswer::Granted(g);
         }
-        let why = match self.place(now, req, pin) {
-            Ok(g) => {
-                self.waiters.remove_request(&req.client, &req.drv_path);
-                return WaitAnswer::Granted(g);
+        let why = if self.holding(now) || (self.starting(now) && !self.unreported.is_empty()) {
+            Some("builders are re-registering after the scheduler's start".to_owned())
+        } else {
+            match self.place(now, req, pin) {
+                Ok(g) => {
+                    self.waiters.remove_request(&req.client, &req.drv_path);
+                    return WaitAnswer::Granted(g);
+                }
+                Err(why) => why,
             }
-            Err(why) => why,
         };
         if !self.starting(now) && !self.could_ever_serve(now, req, pin) {
             self.waiters.remove_request(&req.client, &req.drv_path);
@@ -155,10 +161,16 @@ impl Scheduler {
         }
     }
 
-    /// Whether `now` is within the first `report_interval + grace` after the clock's epoch
-    /// (the scheduler's start), while agents may still be re-registering after a restart.
+    /// Whether `now` is within the startup hold (`CoreConfig::startup_hold`): no slot goes
+    /// to a waiter yet, while holders of leases from before a restart re-attach them.
+    pub(super) fn holding(&self, now: Time) -> bool {
+        now.since(Time::ZERO) < self.config.startup_hold
+    }
+
+    /// Whether `now` is within the startup window after the clock's epoch (the scheduler's
+    /// start), while agents may still be re-registering after a restart.
     pub(super) fn starting(&self, now: Time) -> bool {
-        now.since(Time::ZERO) < self.config.report_interval + self.config.grace
+        now.since(Time::ZERO) < self.config.startup_window
     }
 
     /// Queues `req` (or refreshes its waiter); returns the waiter.
@@ -274,6 +286,9 @@ impl Scheduler {
     /// full for the scheduler, and nothing waits in a fair order.
     pub(super) fn dispatch_host(&mut self, now: Time, id: &HostId) {
         if self.waiters.len() == 0 || !self.policy.sees_global_load() {
+            return;
+        }
+        if self.holding(now) || (self.unreported.contains(id) && self.starting(now)) {
             return;
         }
         loop {

@@ -46,6 +46,7 @@ mod types;
 mod views;
 mod waiters;
 
+use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
@@ -97,6 +98,16 @@ pub struct CoreConfig {
     pub claim_ttl: Duration,
     /// Quotas at start; operators change them at run time.
     pub quotas: Quotas,
+    /// How long after the clock's epoch (the scheduler's start) agents may still be
+    /// re-registering after a restart: meanwhile a host's slots go to waiters only once it
+    /// has reported (its report shows builds granted before the restart), and a waiting
+    /// request for which no host is known is not declined. `report_interval + grace`.
+    pub startup_window: Duration,
+    /// How long after the start no slot is handed to a waiter at all: builds granted before
+    /// a restart that are still copying inputs show in no agent report, only in their
+    /// holders' keep-alives, which re-attach them within a third of the lease TTL. Default
+    /// `lease_ttl / 3` plus a second.
+    pub startup_hold: Duration,
     /// Admission gates.
     pub admission: Admission,
     /// How many released or expired lease ids are remembered, so that a repeated `Release`
@@ -124,6 +135,8 @@ impl Default for CoreConfig {
             waiter_ttl: Duration::from_secs(30),
             claim_ttl: Duration::from_secs(10),
             quotas: Quotas::default(),
+            startup_window: Duration::from_secs(30),
+            startup_hold: Duration::from_secs(21),
             admission: Admission::default(),
             remembered_leases: 65_536,
             unreachable_cooldown: Duration::from_secs(60),
@@ -144,6 +157,8 @@ pub struct Scheduler {
     waiters: Waiters,
     accounts: Accounts,
     durations: Durations,
+    /// Hosts that registered within the startup window and have not reported since.
+    unreported: HashSet<HostId>,
     policy: Box<dyn Policy>,
     rng: SplitMix64,
     /// Picks that differ from the brute-force oracle (tests only).
@@ -177,6 +192,7 @@ impl Scheduler {
             operator: OperatorState::default(),
             waiters: Waiters::default(),
             durations: Durations::default(),
+            unreported: HashSet::new(),
             policy,
             rng,
             #[cfg(test)]
@@ -205,9 +221,15 @@ impl Scheduler {
         self.waiters.hosts_changed();
         // Right after a start, a host may still run builds granted before it, which only its
         // first report shows: its slots go to waiters from that report on.
-        if !self.starting(now) {
-            self.dispatch_host(now, &id);
+        if self.starting(now)
+            && self
+                .registry
+                .get(&id)
+                .is_some_and(|h| h.report == HostReport::default())
+        {
+            self.unreported.insert(id.clone());
         }
+        self.dispatch_host(now, &id);
         generation
     }
 
@@ -232,6 +254,7 @@ impl Scheduler {
         host.leases_at_report = host.leases;
         host.last_seen = now;
         self.reindex(id);
+        self.unreported.remove(id);
         self.dispatch_host(now, id);
         Ok(())
     }
@@ -371,6 +394,9 @@ impl Scheduler {
         }
         if forgotten {
             self.waiters.hosts_changed();
+        }
+        if !self.unreported.is_empty() && !self.starting(now) {
+            self.unreported.clear();
         }
         n
     }

@@ -40,8 +40,18 @@ fn features(fs: &[&str]) -> BTreeSet<Feature> {
     fs.iter().map(|f| Feature::new(*f)).collect()
 }
 
+/// A scheduler long past its start: no startup window (see `CoreConfig::startup_window`).
 fn sched() -> Scheduler {
-    Scheduler::new(CoreConfig::default(), PolicyKind::LeastLoaded.build(), 1)
+    Scheduler::new(started(), PolicyKind::LeastLoaded.build(), 1)
+}
+
+/// The default configuration, long past the start (no startup window or hold).
+fn started() -> CoreConfig {
+    CoreConfig {
+        startup_window: Duration::ZERO,
+        startup_hold: Duration::ZERO,
+        ..CoreConfig::default()
+    }
 }
 
 fn t(ms: u64) -> Time {
@@ -926,7 +936,7 @@ fn a_new_plain_request_skips_a_protected_last_slot() {
 /// raising the quota hands out the waiting builds at once.
 #[test]
 fn quotas_cap_members_and_systems_and_change_at_run_time() {
-    let mut cfg = CoreConfig::default();
+    let mut cfg = started();
     cfg.quotas.default_member_max_slots = Some(1);
     cfg.quotas.systems.insert(System::new("aarch64-linux"), 1);
     let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
@@ -1053,17 +1063,32 @@ fn a_pinned_waiter_waits_for_its_host() {
 }
 
 /// Right after a start nothing is declined permanently (agents have not registered yet):
-/// the request waits, and is served when a host has registered and reported (its report
-/// shows what still runs there from before the start).
+/// the request waits; no slot is handed out during the startup hold (leases from before a
+/// restart re-attach meanwhile), nor on a host before its first report (which shows what
+/// still runs there); then it is served.
 #[test]
 fn waiters_survive_the_start_up_window() {
-    let mut s = sched();
+    let cfg = CoreConfig {
+        startup_hold: Duration::from_secs(3),
+        ..CoreConfig::default()
+    };
+    let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
     let w = queued(s.wait(t(100), &req("x86_64-linux", "m", "one"), None));
     let g = s.connect(t(2_000), spec("a", &["x86_64-linux"], 1));
-    assert!(s.take_handouts().is_empty());
     s.report(t(2_001), &HostId::new("a"), g, HostReport::default())
         .unwrap();
-    assert_eq!(s.take_handouts()[0].waiter, w);
+    assert!(s.take_handouts().is_empty(), "held");
+    let g2 = s.connect(t(3_500), spec("b", &["x86_64-linux"], 1));
+    s.dispatch(t(3_500));
+    let h = s.take_handouts();
+    assert_eq!((h[0].waiter, h[0].grant.host.id.as_str()), (w, "a"));
+    // `b` has not reported: a waiter for it stays queued.
+    let w2 = queued(s.wait(t(3_600), &req("x86_64-linux", "m", "two"), None));
+    s.dispatch(t(3_700));
+    assert!(s.take_handouts().is_empty());
+    s.report(t(3_800), &HostId::new("b"), g2, HostReport::default())
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].waiter, w2);
     assert!(matches!(
         s.wait(t(40_000), &req("riscv64-linux", "m", "two"), None),
         WaitAnswer::DeclinePermanently { .. }
@@ -1258,7 +1283,7 @@ proptest! {
         quota in proptest::option::of(1u32..4),
         seed in any::<u64>(),
     ) {
-        let mut cfg = CoreConfig::default();
+        let mut cfg = started();
         cfg.quotas.default_member_max_slots = quota;
         let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), seed);
         let specs = qfleet();
