@@ -281,6 +281,16 @@ mod with_a_scheduler {
         )
     }
 
+    /// Checks that the hook accepted at once, built `d0` on `b1` and succeeded; returns its
+    /// fd 2.
+    fn built_on_b1((err, _, code): (String, Duration, Option<i32>)) -> String {
+        assert_clean(&err);
+        assert_eq!(replies(&err), vec!["# accept"], "{err}");
+        assert!(err.contains("building d0 on b1"), "{err}");
+        assert_eq!(code, Some(0), "{err}");
+        err
+    }
+
     /// A build that cannot run locally while the only slot is busy: the hook accepts at
     /// once, shows its place in the queue, gets the slot the moment it is released, runs
     /// the (stand-in) build-remote on it and releases the lease as succeeded.
@@ -318,15 +328,11 @@ mod with_a_scheduler {
             })
             .await
             .unwrap();
-        let (err, _, code) = hook.await.unwrap();
-        assert_clean(&err);
-        assert_eq!(replies(&err), vec!["# accept"], "{err}");
+        let err = built_on_b1(hook.await.unwrap());
         assert!(
             err.contains("waiting for an x86_64-linux builder: position 1"),
             "{err}"
         );
-        assert!(err.contains("building d0 on b1"), "{err}");
-        assert_eq!(code, Some(0), "{err}");
         let usage = admin
             .get_usage(proto::GetUsageRequest {})
             .await
@@ -362,12 +368,8 @@ mod with_a_scheduler {
         let channel = connect(addr).await;
         let (tx, _answers) = agent(channel.clone(), 0).await;
 
-        let (err, _, code) = hook.await.unwrap();
-        assert_clean(&err);
-        assert_eq!(replies(&err), vec!["# accept"], "{err}");
+        let err = built_on_b1(hook.await.unwrap());
         assert!(err.contains("lost the scheduler"), "{err}");
-        assert!(err.contains("building d0 on b1"), "{err}");
-        assert_eq!(code, Some(0), "{err}");
         let _ = stop.send(());
         drop(tx);
         server.await.unwrap().unwrap();

@@ -1067,6 +1067,16 @@ async fn an_idle_client_that_spoke_is_kept() {
 
 use proto::wait_for_lease_response::Event;
 
+/// A scheduler on `config` and builder `b1` with `slots` x86_64-linux slots, registered and
+/// reported (right after a start, slots go to waiters only from a host's first report).
+async fn reported_builder(config: Config, slots: u32) -> (Server, Channel, Agent) {
+    let server = Server::start(config).await;
+    let ch = server.channel().await;
+    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], slots)).await;
+    agent.report(Report::default()).await;
+    (server, ch, agent)
+}
+
 /// The default configuration without the restart hold (`[queue] restart_hold_millis`), so
 /// that freed slots go to waiters from the first second on.
 fn queue_config() -> Config {
@@ -1180,11 +1190,7 @@ async fn waiting(admin: &mut AdminServiceClient<Channel>) -> u32 {
 /// grant is on its stream when the release returns, and the stream ends after it.
 #[tokio::test]
 async fn a_waiter_gets_the_slot_the_moment_a_lease_is_released() {
-    let server = Server::start(queue_config()).await;
-    let ch = server.channel().await;
-    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
-    // Its first report: right after a start, slots go to waiters only from then on.
-    agent.report(Report::default()).await;
+    let (server, ch, _agent) = reported_builder(queue_config(), 1).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let held = acquire_granted(&mut leases, "alice", "a").await;
     let mut stream = wait_for(&mut leases, wait_request("x86_64-linux", "bob", "b")).await;
@@ -1215,11 +1221,7 @@ async fn a_waiter_gets_the_slot_the_moment_a_lease_is_released() {
 /// to the member who asked last but runs nothing.
 #[tokio::test]
 async fn waiters_are_served_in_fair_order_across_members() {
-    let server = Server::start(queue_config()).await;
-    let ch = server.channel().await;
-    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 2)).await;
-    // Its first report: right after a start, slots go to waiters only from then on.
-    agent.report(Report::default()).await;
+    let (server, ch, _agent) = reported_builder(queue_config(), 2).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch.clone());
     let first = acquire_granted(&mut leases, "flood", "f0").await;
@@ -1250,11 +1252,7 @@ async fn waiters_are_served_in_fair_order_across_members() {
 /// slot freed next goes to the waiter behind it.
 #[tokio::test]
 async fn a_waiter_that_vanishes_drops_out_and_never_holds_a_slot() {
-    let server = Server::start(queue_config()).await;
-    let ch = server.channel().await;
-    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 1)).await;
-    // Its first report: right after a start, slots go to waiters only from then on.
-    agent.report(Report::default()).await;
+    let (server, ch, _agent) = reported_builder(queue_config(), 1).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch.clone());
     let held = acquire_granted(&mut leases, "x", "busy").await;
@@ -1353,11 +1351,7 @@ async fn after_a_restart_leases_re_attach_and_waiters_wait() {
 async fn quotas_are_set_at_run_time_and_usage_is_reported() {
     let mut config = queue_config();
     config.queue.default_member_max_slots = Some(1);
-    let server = Server::start(config).await;
-    let ch = server.channel().await;
-    let mut agent = Agent::register(ch.clone(), register("b1", &["x86_64-linux"], 4)).await;
-    // Its first report: right after a start, slots go to waiters only from then on.
-    agent.report(Report::default()).await;
+    let (server, ch, _agent) = reported_builder(config, 4).await;
     let mut leases = LeaseServiceClient::new(ch.clone());
     let mut admin = AdminServiceClient::new(ch.clone());
     acquire_granted(&mut leases, "m", "one").await;

@@ -74,6 +74,17 @@ pub enum Action {
     },
 }
 
+/// "nixdispatch: building hello on b1 (1/2 slots busy)".
+pub fn building(t: &TryRequest, grant: &Grant) -> String {
+    format!(
+        "nixdispatch: building {} on {} ({}/{} slots busy)",
+        drv_name(&t.drv_path),
+        grant.host_id,
+        grant.slots_used,
+        grant.slots_total
+    )
+}
+
 /// The machine name the hook gives Nix when it accepts before it has a host (Nix shows it
 /// in "building '…' on '…'"; the real host follows in a message).
 pub const WAITING_MACHINE: &str = "nixdispatch-queue";
@@ -191,10 +202,7 @@ pub fn decide(t: &TryRequest, answer: Answer, has_fallback: bool) -> Action {
     let name = drv_name(&t.drv_path);
     match answer {
         Answer::Granted(grant) => {
-            let message = format!(
-                "nixdispatch: building {name} on {} ({}/{} slots busy)",
-                grant.host_id, grant.slots_used, grant.slots_total
-            );
+            let message = building(t, &grant);
             Action::Accept { grant, message }
         }
         Answer::Postpone {

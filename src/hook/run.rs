@@ -190,20 +190,8 @@ fn run(args: &[String]) -> ExitCode {
                 return fallback(&ctx, &t, &mut input);
             }
             Action::AcceptAndWait { message } => {
-                emit(
-                    &(codec::nix_msg(Level::Info, &message)
-                        + &Reply::Accept {
-                            machine: decision::WAITING_MACHINE.to_owned(),
-                        }
-                        .render()),
-                );
-                PHASE.store(PHASE_ACCEPTED, Ordering::SeqCst);
-                let inputs = match codec::read_build_inputs(&mut input) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the inputs after accept");
-                        return ExitCode::from(1);
-                    }
+                let Some(inputs) = accept(&message, decision::WAITING_MACHINE, &mut input) else {
+                    return ExitCode::from(1);
                 };
                 drop(input);
                 let mut frontend = TextBuild {
@@ -214,16 +202,8 @@ fn run(args: &[String]) -> ExitCode {
                 let code = runtime.block_on(async {
                     match leases.wait_for_grant(&mut frontend, &t).await {
                         Ok(grant) => {
-                            frontend.notify(
-                                Level::Info,
-                                &format!(
-                                    "nixdispatch: building {} on {} ({}/{} slots busy)",
-                                    decision::drv_name(&t.drv_path),
-                                    grant.host_id,
-                                    grant.slots_used,
-                                    grant.slots_total
-                                ),
-                            );
+                            let message = decision::building(&t, &grant);
+                            frontend.notify(Level::Info, &message);
                             leases.build(&mut frontend, grant, &t).await
                         }
                         Err(why) => frontend.without_lease(&why).await,
@@ -232,21 +212,9 @@ fn run(args: &[String]) -> ExitCode {
                 return exit_code(Some(code));
             }
             Action::Accept { grant, message } => {
-                emit(
-                    &(codec::nix_msg(Level::Info, &message)
-                        + &Reply::Accept {
-                            machine: grant.store_uri.clone(),
-                        }
-                        .render()),
-                );
-                PHASE.store(PHASE_ACCEPTED, Ordering::SeqCst);
-                let inputs = match codec::read_build_inputs(&mut input) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the inputs after accept");
-                        runtime.block_on(leases.cancel(&grant));
-                        return ExitCode::from(1);
-                    }
+                let Some(inputs) = accept(&message, &grant.store_uri, &mut input) else {
+                    runtime.block_on(leases.cancel(&grant));
+                    return ExitCode::from(1);
                 };
                 drop(input);
                 let mut frontend = TextBuild {
@@ -259,6 +227,22 @@ fn run(args: &[String]) -> ExitCode {
             }
         }
     }
+}
+
+/// Answers `# accept` naming `machine`, with `message` for the user, and reads the inputs
+/// that follow; `None` (logged) when they cannot be read.
+fn accept(message: &str, machine: &str, input: &mut impl Read) -> Option<BuildInputs> {
+    emit(
+        &(codec::nix_msg(Level::Info, message)
+            + &Reply::Accept {
+                machine: machine.to_owned(),
+            }
+            .render()),
+    );
+    PHASE.store(PHASE_ACCEPTED, Ordering::SeqCst);
+    codec::read_build_inputs(input)
+        .map_err(|e| tracing::error!(error = %e, "cannot read the inputs after accept"))
+        .ok()
 }
 
 /// The configuration cannot be used: this client has no builders, so the first `try` gets

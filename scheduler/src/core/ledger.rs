@@ -82,8 +82,7 @@ impl Ledger {
     ) -> LeaseId {
         self.next_lease += 1;
         let id = LeaseId::new(format!("{:016x}-{}", self.boot_nonce, self.next_lease));
-        let expires_at = now.after(ttl);
-        self.leases.insert(
+        self.insert(
             id.clone(),
             Lease {
                 host,
@@ -91,11 +90,16 @@ impl Ledger {
                 system,
                 drv_path,
                 granted_at: now,
-                expires_at,
+                expires_at: now.after(ttl),
             },
         );
-        self.expiries.insert((expires_at, id.clone()));
         id
+    }
+
+    /// Records `lease` as live under `id`, with its expiry.
+    fn insert(&mut self, id: LeaseId, lease: Lease) {
+        self.expiries.insert((lease.expires_at, id.clone()));
+        self.leases.insert(id, lease);
     }
 
     /// Records a lease granted before a restart under its old `id`, expiring `ttl` from
@@ -111,9 +115,7 @@ impl Ledger {
         system: System,
         drv_path: String,
     ) {
-        let expires_at = now.after(ttl);
-        self.expiries.insert((expires_at, id.clone()));
-        self.leases.insert(
+        self.insert(
             id,
             Lease {
                 host,
@@ -121,7 +123,7 @@ impl Ledger {
                 system,
                 drv_path,
                 granted_at: now,
-                expires_at,
+                expires_at: now.after(ttl),
             },
         );
     }

@@ -30,6 +30,32 @@ struct Found<'r> {
     example: Option<(&'r Host, Unfit)>,
 }
 
+/// What `req` asks of a host, as `eligibility::assess` takes it.
+fn ask<'a>(registry: &Registry, req: &'a LeaseRequest) -> Ask<'a> {
+    Ask {
+        system: &req.system,
+        mask: registry.system_bits().request_mask(&req.system),
+        features: &req.required_features,
+        client: Some(&req.client),
+        exclude: &req.exclude_hosts,
+    }
+}
+
+/// Why `host` cannot take `req`, for the user: `"<host>: <reason>"`.
+fn unfit_reason(
+    now: Time,
+    cfg: &CoreConfig,
+    host: &Host,
+    unfit: Unfit,
+    req: &LeaseRequest,
+) -> String {
+    format!(
+        "{}: {}",
+        host.spec.id,
+        eligibility::describe(now, cfg, host, unfit, &req.system, &req.required_features)
+    )
+}
+
 /// Stage one: every host eligible for `req` now.
 fn find_candidates<'r>(
     now: Time,
@@ -38,13 +64,7 @@ fn find_candidates<'r>(
     registry: &'r Registry,
     req: &LeaseRequest,
 ) -> Found<'r> {
-    let ask = Ask {
-        system: &req.system,
-        mask: registry.system_bits().request_mask(&req.system),
-        features: &req.required_features,
-        client: Some(&req.client),
-        exclude: &req.exclude_hosts,
-    };
+    let ask = ask(registry, req);
     let mut found = Found {
         ids: Vec::new(),
         candidates: Vec::new(),
@@ -118,26 +138,10 @@ impl Scheduler {
             let Some(host) = self.registry.get(pin) else {
                 return Err(Some(format!("{pin}: not registered")));
             };
-            let ask = Ask {
-                system: &req.system,
-                mask: self.registry.system_bits().request_mask(&req.system),
-                features: &req.required_features,
-                client: Some(&req.client),
-                exclude: &req.exclude_hosts,
-            };
+            let ask = ask(&self.registry, req);
             return match eligibility::assess(now, &self.config, global, host, &ask) {
                 Ok(_) => Ok(self.grant(now, pin, req)),
-                Err(unfit) => Err(Some(format!(
-                    "{pin}: {}",
-                    eligibility::describe(
-                        now,
-                        &self.config,
-                        host,
-                        unfit,
-                        &req.system,
-                        &req.required_features
-                    )
-                ))),
+                Err(unfit) => Err(Some(unfit_reason(now, &self.config, host, unfit, req))),
             };
         }
         // The index serves the common case. Only when the host it offers is one whose last
@@ -168,21 +172,9 @@ impl Scheduler {
             });
         }
         if found.candidates.is_empty() {
-            let reason = found.example.map(|(host, unfit)| {
-                format!(
-                    "{}: {}",
-                    host.spec.id,
-                    eligibility::describe(
-                        now,
-                        &self.config,
-                        host,
-                        unfit,
-                        &req.system,
-                        &req.required_features
-                    )
-                )
-            });
-            return Err(reason);
+            return Err(found
+                .example
+                .map(|(host, unfit)| unfit_reason(now, &self.config, host, unfit, req)));
         }
         let i = self.policy.choose(&found.candidates, &mut self.rng);
         let id = found.ids[i].clone();
@@ -231,13 +223,7 @@ impl Scheduler {
     /// the best of those. Hosts found late leave the free set until they report again.
     pub(super) fn choose_indexed(&mut self, now: Time, req: &LeaseRequest) -> Option<HostId> {
         let classes = self.index.classes_for(&req.system, &req.required_features);
-        let ask = Ask {
-            system: &req.system,
-            mask: self.registry.system_bits().request_mask(&req.system),
-            features: &req.required_features,
-            client: Some(&req.client),
-            exclude: &req.exclude_hosts,
-        };
+        let ask = ask(&self.registry, req);
         let mut best: Option<&FreeKey> = None;
         let mut late = Vec::new();
         for &c in classes.iter() {
@@ -286,13 +272,7 @@ impl Scheduler {
     /// Why a host that serves `req` cannot take it now, as `"<host>: <reason>"`, for the
     /// user's message when nothing is free; looks at the serving classes' hosts only.
     fn example_unfit(&self, now: Time, req: &LeaseRequest) -> Option<String> {
-        let ask = Ask {
-            system: &req.system,
-            mask: self.registry.system_bits().request_mask(&req.system),
-            features: &req.required_features,
-            client: Some(&req.client),
-            exclude: &req.exclude_hosts,
-        };
+        let ask = ask(&self.registry, req);
         let global = self.policy.sees_global_load();
         let mut example = None;
         for c in self
@@ -312,20 +292,7 @@ impl Scheduler {
                 }
             }
         }
-        example.map(|(host, unfit)| {
-            format!(
-                "{}: {}",
-                host.spec.id,
-                eligibility::describe(
-                    now,
-                    &self.config,
-                    host,
-                    unfit,
-                    &req.system,
-                    &req.required_features
-                )
-            )
-        })
+        example.map(|(host, unfit)| unfit_reason(now, &self.config, host, unfit, req))
     }
 
     /// The answer when no host can take `req` now.
