@@ -29,7 +29,8 @@ use std::time::Duration;
 use anyhow::bail;
 use nixdispatch_scheduler::core::{
     BuildOutcome, Candidate, ClientId, CoreConfig, Decision, Feature, HostId, HostReport, HostSpec,
-    LeaseId, LeaseRequest, Policy, PolicyKind, Scheduler, SplitMix64, System, Time,
+    LeaseId, LeaseRequest, Policy, PolicyKind, Scheduler, SplitMix64, System, Time, WaitAnswer,
+    WaiterId,
 };
 
 use crate::trace::{Fleet, Trace};
@@ -46,6 +47,10 @@ pub enum Variant {
     /// [`FastestFree`], a policy proposed by these benchmarks, plugged into the real core
     /// through its public [`Policy`] trait.
     FastestFree,
+    /// nixdispatch's policy with the scheduler's queue: a build that finds no host waits
+    /// in `Scheduler::wait` (as a hook does after `# accept`) instead of polling, and gets
+    /// the slot its turn brings the instant it frees.
+    Queue,
 }
 
 impl Variant {
@@ -54,6 +59,7 @@ impl Variant {
         let mut v: Vec<Variant> = PolicyKind::ALL.iter().map(|&k| Variant::Core(k)).collect();
         v.push(Variant::FreshReports);
         v.push(Variant::FastestFree);
+        v.push(Variant::Queue);
         v
     }
 
@@ -63,13 +69,14 @@ impl Variant {
             Variant::Core(k) => k.as_str(),
             Variant::FreshReports => "least-loaded+fresh",
             Variant::FastestFree => "fastest-free",
+            Variant::Queue => "least-loaded+queue",
         }
     }
 
     fn policy(self) -> Box<dyn Policy> {
         match self {
             Variant::Core(k) => k.build(),
-            Variant::FreshReports => PolicyKind::LeastLoaded.build(),
+            Variant::FreshReports | Variant::Queue => PolicyKind::LeastLoaded.build(),
             Variant::FastestFree => Box::new(FastestFree),
         }
     }
@@ -295,6 +302,8 @@ struct Sim<'a> {
     records: Vec<JobRecord>,
     remaining: usize,
     acquires: u64,
+    /// With [`Variant::Queue`]: the build each queued waiter is.
+    waiting: HashMap<WaiterId, usize>,
 }
 
 /// Runs `trace` on `fleet` under `cfg`.
@@ -305,6 +314,9 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
         report_interval: cfg.report_interval,
         lease_ttl: cfg.horizon * 2,
         postpone_retry: cfg.poll_interval,
+        // A simulated fleet starts in steady state, not after a restart.
+        startup_window: Duration::ZERO,
+        startup_hold: Duration::ZERO,
         ..CoreConfig::default()
     };
     let mut core = Scheduler::new(core_cfg, cfg.variant.policy(), cfg.seed);
@@ -396,6 +408,7 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
         records: Vec::new(),
         remaining,
         acquires: 0,
+        waiting: HashMap::new(),
     };
     sim.run()
 }
@@ -487,7 +500,24 @@ impl Sim<'_> {
         };
         self.core
             .report(Time::from_millis(now), &host.id, host.generation, report)?;
+        self.start_handed_out(now);
         Ok(())
+    }
+
+    /// Starts the builds the core handed a slot to since the last call (their hooks claim
+    /// the grant at once).
+    fn start_handed_out(&mut self, now: u64) {
+        for h in self.core.take_handouts() {
+            let Some(i) = self.waiting.remove(&h.waiter) else {
+                continue;
+            };
+            self.core
+                .keep_alive(Time::from_millis(now), &h.grant.lease_id)
+                .expect("a grant is claimed within its claim window");
+            let host = self.host_index[&h.grant.host.id];
+            self.jobs[i].lease = Some(h.grant.lease_id);
+            self.start(now, i, host);
+        }
     }
 
     fn ready(&mut self, now: u64, i: usize) {
@@ -513,6 +543,22 @@ impl Sim<'_> {
         };
         self.acquires += 1;
         self.jobs[i].asks += 1;
+        if self.cfg.variant == Variant::Queue {
+            return match self.core.wait(Time::from_millis(now), &req, None) {
+                WaitAnswer::Granted(g) => {
+                    let h = self.host_index[&g.host.id];
+                    self.jobs[i].lease = Some(g.lease_id);
+                    self.start(now, i, h);
+                    false
+                }
+                WaitAnswer::Queued { waiter, .. } => {
+                    self.waiting.insert(waiter, i);
+                    true
+                }
+                // Cannot build locally, and validated against the fleet: as above.
+                WaitAnswer::Decline { .. } | WaitAnswer::DeclinePermanently { .. } => false,
+            };
+        }
         match self.core.acquire(Time::from_millis(now), &req) {
             Decision::Granted(g) => {
                 let h = self.host_index[&g.host.id];
@@ -623,6 +669,7 @@ impl Sim<'_> {
                 self.core
                     .release(Time::from_millis(now), &lease, BuildOutcome::Succeeded)
                     .expect("a granted lease is released once");
+                self.start_handed_out(now);
             }
             if self.jobs[i].client != usize::MAX {
                 self.remaining -= 1;
