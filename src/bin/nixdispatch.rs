@@ -1,5 +1,6 @@
 //! `nixdispatch`: the operator CLI. Asks the scheduler's AdminService and prints the answer
-//! as a table, or as JSON with `--json`. Rendering lives in `nixdispatch::cli`.
+//! as a table, or as JSON with `--json`. Rendering lives in `nixdispatch::cli`. On a
+//! member's machine, `nixdispatch doctor` checks the local Nix (`nixdispatch::doctor`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,9 +59,42 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         features: Vec<String>,
     },
+    /// On a member's machine: which build hook the running nix-daemon really uses, and what
+    /// to change when it is not nixdispatch-hook. Exits 1 when something must change.
+    Doctor {
+        /// The installed nixdispatch-hook to recommend [default: the one next to this
+        /// program, else /usr/local/bin/nixdispatch-hook].
+        #[arg(long)]
+        hook: Option<PathBuf>,
+    },
 }
 
-async fn run(args: Args) -> anyhow::Result<String> {
+/// The nixdispatch-hook installed next to this program, else the documented path.
+fn default_hook() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("nixdispatch-hook")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin/nixdispatch-hook"))
+}
+
+/// `nixdispatch doctor`: needs no scheduler.
+async fn doctor(hook: Option<PathBuf>, json: bool) -> anyhow::Result<(String, bool)> {
+    let facts = nixdispatch::doctor::probe::facts().await;
+    let report = nixdispatch::doctor::diagnose(&facts, &hook.unwrap_or_else(default_hook));
+    let out = if json {
+        serde_json::to_string_pretty(&report.json())? + "\n"
+    } else {
+        report.table()
+    };
+    Ok((out, report.healthy()))
+}
+
+/// Runs the command; returns what to print and whether all is well.
+async fn run(args: Args) -> anyhow::Result<(String, bool)> {
+    if let Command::Doctor { hook } = args.command {
+        return doctor(hook, args.json).await;
+    }
     let mut config = ClientConfig::new(args.scheduler);
     config.credential_file = args.credential_file;
     config.connect_timeout = Duration::from_secs(5);
@@ -109,20 +143,28 @@ async fn run(args: Args) -> anyhow::Result<String> {
                 .await?
                 .into_inner(),
         ),
+        Command::Doctor { .. } => unreachable!("answered above"),
     };
-    Ok(if args.json {
-        serde_json::to_string_pretty(&answer.json())? + "\n"
-    } else {
-        answer.table()
-    })
+    Ok((
+        if args.json {
+            serde_json::to_string_pretty(&answer.json())? + "\n"
+        } else {
+            answer.table()
+        },
+        true,
+    ))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     match run(Args::parse()).await {
-        Ok(out) => {
+        Ok((out, healthy)) => {
             print!("{out}");
-            ExitCode::SUCCESS
+            if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             // A gRPC status prints its code and message; other errors their chain.

@@ -1,11 +1,11 @@
-//! The hook's I/O: the conversation with the daemon on fds 0 and 2, the child build-remote,
-//! and the lease's keep-alive and release. All decisions come from the pure modules.
+//! The text-protocol front end and the hook's I/O: the conversation with the daemon on fds 0
+//! and 2, and the child build-remote. The lease's lifecycle after an accept is `lease`'s,
+//! reached through [`TextBuild`]'s `Frontend` implementation; all decisions come from the
+//! pure modules.
 
-use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
@@ -14,11 +14,10 @@ use tokio::sync::mpsc;
 
 use super::codec::{self, BuildInputs, ChildLine, Level, Reply, Request, Settings, TryRequest};
 use super::config::{self, HookConfig};
-use super::decision::{self, Action, AfterChild, Answer, BuildRemote, ChildEnd};
+use super::decision::{self, Action, Answer, BuildRemote, ChildEnd};
+use super::lease::{Frontend, Leases};
 use super::machine::Grant;
-use super::scheduler::{Scheduler, error_chain};
-use crate::client::ClientConfig;
-use crate::proto::BuildOutcome;
+use super::scheduler::error_chain;
 
 /// Where the conversation is, for the top-level panic handler: it decides what can still be
 /// said to the daemon without breaking the protocol.
@@ -147,20 +146,7 @@ fn run(args: &[String]) -> ExitCode {
         None => decision::detect_build_remote(&nix_binaries(), Path::exists),
     };
     tracing::info!(?build_remote, scheduler = %config.scheduler, "hook started");
-    let client_id = config
-        .client_id
-        .clone()
-        .unwrap_or_else(config::default_client_id);
-    let mut scheduler = Scheduler::new(
-        ClientConfig {
-            endpoint: config.scheduler.clone(),
-            credential_file: config.credential_file.clone(),
-            connect_timeout: Duration::from_millis(config.timeouts.connect_millis),
-            request_timeout: None,
-        },
-        client_id,
-        Duration::from_millis(config.timeouts.unreachable_backoff_millis),
-    );
+    let mut leases = Leases::new(&config);
     let ctx = Ctx {
         config,
         settings,
@@ -180,8 +166,7 @@ fn run(args: &[String]) -> ExitCode {
         };
         let local = decision::can_build_locally(&t, &ctx.settings);
         let started = Instant::now();
-        let answer =
-            runtime.block_on(scheduler.acquire(&t, local, &[], ctx.config.try_timeout(), true));
+        let answer = runtime.block_on(leases.acquire(&t, local));
         tracing::info!(drv = %t.drv_path, ?answer, millis = started.elapsed().as_millis(), "try answered");
         let unreachable = matches!(answer, Answer::Unreachable { .. });
         match decision::decide(&t, answer, ctx.config.fallback_builders.is_some()) {
@@ -217,17 +202,18 @@ fn run(args: &[String]) -> ExitCode {
                     Ok(i) => i,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the inputs after accept");
-                        runtime.block_on(scheduler.release(
-                            &grant.lease_id,
-                            BuildOutcome::Cancelled,
-                            Duration::ZERO,
-                            ctx.config.rpc_timeout(),
-                        ));
+                        runtime.block_on(leases.cancel(&grant));
                         return ExitCode::from(1);
                     }
                 };
                 drop(input);
-                return runtime.block_on(build_with_signals(&ctx, scheduler, grant, t, inputs));
+                let mut frontend = TextBuild {
+                    ctx: &ctx,
+                    t: &t,
+                    inputs: &inputs,
+                };
+                let code = runtime.block_on(leases.build(&mut frontend, grant, &t));
+                return exit_code(Some(code));
             }
         }
     }
@@ -311,200 +297,21 @@ fn exit_code(code: Option<i32>) -> ExitCode {
     }
 }
 
-/// The lease currently held, shared with the signal handler so it can release it.
-type Held = Rc<RefCell<Option<(String, Instant)>>>;
-
-/// Runs the accepted build; on SIGTERM, SIGINT or SIGHUP (Nix stopping the build) releases
-/// the lease as cancelled and exits 1. Dropping the build future kills the child.
-async fn build_with_signals(
-    ctx: &Ctx,
-    mut scheduler: Scheduler,
-    grant: Grant,
-    t: TryRequest,
-    inputs: BuildInputs,
-) -> ExitCode {
-    use tokio::signal::unix::{SignalKind, signal};
-    let held: Held = Rc::new(RefCell::new(None));
-    let signals = async {
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = hup.recv() => {}
-        }
-    };
-    let outcome = {
-        let build = build(ctx, &mut scheduler, grant, &t, &inputs, held.clone());
-        tokio::select! {
-            code = build => Some(code),
-            () = signals => None,
-        }
-    };
-    match outcome {
-        Some(code) => code,
-        None => {
-            let lease = held.borrow_mut().take();
-            if let Some((lease_id, since)) = lease {
-                // Current Nix sends SIGKILL 500 ms after SIGTERM: release within that.
-                scheduler
-                    .release(
-                        &lease_id,
-                        BuildOutcome::Cancelled,
-                        since.elapsed(),
-                        Duration::from_millis(300),
-                    )
-                    .await;
-            }
-            ExitCode::from(1)
-        }
-    }
+/// The text-protocol front end of one accepted build: the stock build-remote as a child,
+/// fed the rewritten handshake, the `try` and the inputs.
+struct TextBuild<'a> {
+    ctx: &'a Ctx,
+    t: &'a TryRequest,
+    inputs: &'a BuildInputs,
 }
 
-/// Builds on the granted host through the stock build-remote; when it cannot reach the host,
-/// asks the scheduler for another one (up to `max_host_attempts` hosts in all).
-async fn build(
-    ctx: &Ctx,
-    scheduler: &mut Scheduler,
-    mut grant: Grant,
-    t: &TryRequest,
-    inputs: &BuildInputs,
-    held: Held,
-) -> ExitCode {
-    let name = decision::drv_name(&t.drv_path).to_owned();
-    let mut excluded: Vec<String> = Vec::new();
-    let mut attempt = 1;
-    let deadline = Instant::now() + Duration::from_millis(ctx.config.timeouts.reacquire_millis);
-    loop {
-        let started = Instant::now();
-        *held.borrow_mut() = Some((grant.lease_id.clone(), started));
-        let (end, detail) = match run_child(ctx, scheduler, &grant, t, inputs).await {
-            Ok(r) => r,
-            Err(e) => {
-                // Not the host's fault: the local build-remote could not even start.
-                emit_msg(Level::Error, &format!("nixdispatch: {e}"));
-                held.borrow_mut().take();
-                scheduler
-                    .release(
-                        &grant.lease_id,
-                        BuildOutcome::Cancelled,
-                        started.elapsed(),
-                        ctx.config.rpc_timeout(),
-                    )
-                    .await;
-                return ExitCode::from(1);
-            }
-        };
-        let AfterChild {
-            outcome,
-            exit_code: exit,
-        } = decision::after_child(end, attempt, ctx.config.max_host_attempts);
-        held.borrow_mut().take();
-        scheduler
-            .release(
-                &grant.lease_id,
-                outcome,
-                started.elapsed(),
-                ctx.config.rpc_timeout(),
-            )
-            .await;
-        tracing::info!(host = %grant.host_id, ?end, ?outcome, attempt, "child ended");
-        if outcome == BuildOutcome::HostUnreachable {
-            let why = if detail.is_empty() {
-                String::new()
-            } else {
-                format!(": {detail}")
-            };
-            emit_msg(
-                Level::Warn,
-                &format!(
-                    "nixdispatch: cannot use builder {} for {name}{why}",
-                    grant.host_id
-                ),
-            );
-        }
-        if let Some(code) = exit {
-            if outcome == BuildOutcome::HostUnreachable {
-                emit_msg(
-                    Level::Error,
-                    &format!(
-                        "nixdispatch: no reachable builder for {name} after {attempt} attempts"
-                    ),
-                );
-            }
-            return exit_code(Some(code));
-        }
-        excluded.push(grant.host_id.clone());
-        grant = match reacquire(ctx, scheduler, t, &excluded, deadline).await {
-            Ok(g) => g,
-            Err(e) => {
-                emit_msg(
-                    Level::Error,
-                    &format!("nixdispatch: no other builder for {name}: {e}"),
-                );
-                return ExitCode::from(1);
-            }
-        };
-        emit_msg(
-            Level::Info,
-            &format!(
-                "nixdispatch: building {name} on {} instead ({}/{} slots busy)",
-                grant.host_id, grant.slots_used, grant.slots_total
-            ),
-        );
-        attempt += 1;
+impl Frontend for TextBuild<'_> {
+    fn notify(&mut self, level: Level, message: &str) {
+        emit_msg(level, message);
     }
-}
 
-/// After an accept there is no local fallback: wait (bounded) for another host.
-async fn reacquire(
-    ctx: &Ctx,
-    scheduler: &mut Scheduler,
-    t: &TryRequest,
-    excluded: &[String],
-    deadline: Instant,
-) -> Result<Grant, String> {
-    loop {
-        let answer = scheduler
-            .acquire(t, false, excluded, ctx.config.rpc_timeout(), false)
-            .await;
-        let wait = match answer {
-            Answer::Granted(g) => return Ok(g),
-            Answer::Postpone {
-                retry_after,
-                queue_position,
-                reason,
-            } => {
-                emit_msg(
-                    Level::Info,
-                    &format!(
-                        "nixdispatch: waiting for a builder (queue position {queue_position}): {reason}"
-                    ),
-                );
-                retry_after.clamp(Duration::from_millis(100), Duration::from_secs(5))
-            }
-            Answer::Decline { reason } | Answer::DeclinePermanently { reason } => {
-                return Err(reason);
-            }
-            Answer::Unreachable { error } => {
-                if Instant::now() >= deadline {
-                    return Err(format!("scheduler unreachable: {error}"));
-                }
-                Duration::from_secs(1)
-            }
-        };
-        if Instant::now() + wait > deadline {
-            return Err(format!(
-                "none free within {} ms",
-                ctx.config.timeouts.reacquire_millis
-            ));
-        }
-        tokio::time::sleep(wait).await;
+    async fn attempt(&mut self, grant: &Grant) -> Result<(ChildEnd, String), String> {
+        run_child(self.ctx, grant, self.t, self.inputs).await
     }
 }
 
@@ -518,11 +325,10 @@ enum ChildState {
 }
 
 /// Runs one stock build-remote on the granted host: feeds it the rewritten handshake and the
-/// `try`, consumes its control lines, passes its `@nix` lines on, keeps the lease alive.
-/// Returns how it ended and, when it never accepted, the messages it gave about why.
+/// `try`, consumes its control lines, passes its `@nix` lines on. Returns how it ended and,
+/// when it never accepted, the messages it gave about why.
 async fn run_child(
     ctx: &Ctx,
-    scheduler: &mut Scheduler,
     grant: &Grant,
     t: &TryRequest,
     inputs: &BuildInputs,
@@ -578,18 +384,10 @@ async fn run_child(
         }
     }
 
-    let period = (grant.lease_ttl / 3).max(Duration::from_millis(100));
-    let period = if grant.lease_ttl.is_zero() {
-        Duration::from_secs(10)
-    } else {
-        period
-    };
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut state = ChildState::BeforeAccept;
     let mut early_logs: Vec<String> = Vec::new();
     let mut status = None;
     let mut lines_open = true;
-    let mut keepalive_warned = false;
     let mut writer_task = None;
     loop {
         tokio::select! {
@@ -625,14 +423,6 @@ async fn run_child(
             },
             s = child.wait(), if status.is_none() => {
                 status = Some(s.map_err(|e| format!("waiting for build-remote: {e}"))?);
-            }
-            _ = ticker.tick() => {
-                if let Err(e) = scheduler.keep_alive(&grant.lease_id, ctx.config.rpc_timeout()).await
-                    && !keepalive_warned
-                {
-                    keepalive_warned = true;
-                    tracing::warn!(lease_id = %grant.lease_id, error = %e, "keep-alive failed; the build goes on");
-                }
             }
         }
         if status.is_some() {

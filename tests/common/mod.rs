@@ -8,12 +8,23 @@
 //!   and strict host-key checking against an empty known_hosts: only the key pinned in the
 //!   machines line lets ssh in;
 //! - optionally a scheduler and one agent per builder (the workspace's binaries);
-//! - a client nix.conf with `build-hook = nixdispatch-hook`.
+//! - a client nix.conf with `build-hook = nixdispatch-hook`;
+//! - optionally members ([`member::Member`]): a real `nix-daemon` in a namespace of its own,
+//!   with builds submitted through it by an unprivileged user, as on NixOS.
+//!
+//! A builder or a member runs the host's Nix (2.8) or a newer one from a cached Debian chroot
+//! ([`nixver::NixVersion`]). Builders let the client log in as root, so `nix-daemon --stdio`
+//! serves the builder's store itself; a non-root login would behave differently from Nix 2.20
+//! on (it then forwards each operation to the socket daemon, which the builder would have to
+//! run), so a harness for non-root logins must start a `nix-daemon` in the builder too.
 //!
 //! Every child is killed by a guard's `Drop`. Missing prerequisites are a failure with a
 //! clear message, never a silent skip.
 
 #![allow(dead_code, unreachable_pub, missing_docs)]
+
+pub mod member;
+pub mod nixver;
 
 use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
@@ -26,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use nixdispatch::client::{self, ClientConfig};
 use nixdispatch::proto::{HostState, LeaseStatus, ListHostsRequest, ListLeasesRequest};
+use nixver::NixVersion;
 
 /// Kills its child on drop.
 pub struct ChildGuard {
@@ -171,7 +183,7 @@ pub struct SshEndpoint {
 impl SshEndpoint {
     fn start(
         listener: TcpListener,
-        ns_pid: u32,
+        nsenter: Vec<String>,
         sshd_config: PathBuf,
         log: PathBuf,
     ) -> SshEndpoint {
@@ -188,16 +200,8 @@ impl SshEndpoint {
                 let fd: OwnedFd = conn.into();
                 let Ok(fd2) = fd.try_clone() else { continue };
                 let child = Command::new("nsenter")
-                    .args([
-                        "-t",
-                        &ns_pid.to_string(),
-                        "--pid",
-                        "--mount",
-                        "--",
-                        "/usr/sbin/sshd",
-                        "-i",
-                        "-f",
-                    ])
+                    .args(&nsenter)
+                    .args(["--", "/usr/sbin/sshd", "-i", "-f"])
                     .arg(&sshd_config)
                     .arg("-E")
                     .arg(&log)
@@ -250,25 +254,42 @@ pub struct Builder {
     pub host_key_pub: PathBuf,
     /// Its endpoint; `None` for a builder whose sshd is down.
     pub endpoint: Option<SshEndpoint>,
+    /// The Nix it runs.
+    pub nix: NixVersion,
     /// The builder "machine": PID 1 of its own PID and mount namespaces (with `/nix` bound to
     /// `root/nix` and its own `/proc`), so that its agent counts only its builds. Killing it
     /// ends everything inside.
     machine: Namespace,
 }
 
-/// A PID + mount namespace kept alive by a `sleep` as its PID 1.
-struct Namespace {
+/// A PID + mount namespace kept alive by a `sleep` as its PID 1: a "machine" with its own
+/// `/nix`, running the host's Nix or, with a chroot, that chroot's.
+pub(crate) struct Namespace {
     guard: ChildGuard,
     /// PID 1 of the namespace, as seen from the test.
-    pid: u32,
+    pub(crate) pid: u32,
+    /// Whether its root is a chroot (then `nsenter` must enter that root too).
+    chroot: bool,
 }
 
 impl Namespace {
-    fn start(root: &Path) -> Namespace {
-        let script = format!(
-            "mount --bind '{}/nix' /nix && exec sleep infinity",
-            root.display()
-        );
+    /// `root/nix` becomes its `/nix`. With `chroot`, its root directory is that chroot, with
+    /// the host's `/dev` and `/tmp` (where every test directory lives, so paths are the same
+    /// inside), a `/proc` of its own and an empty `/run`: the cached chroot is never written.
+    pub(crate) fn start(root: &Path, chroot: Option<&Path>) -> Namespace {
+        let script = match chroot {
+            None => format!(
+                "mount --bind '{}/nix' /nix && exec sleep infinity",
+                root.display()
+            ),
+            Some(c) => format!(
+                "set -e; c='{}'; mount --bind '{}/nix' \"$c/nix\"; mount --rbind /dev \"$c/dev\"; \
+                 mount -t proc proc \"$c/proc\"; mount --rbind /tmp \"$c/tmp\"; \
+                 mount -t tmpfs tmpfs \"$c/run\"; mkdir \"$c/run/sshd\"; exec chroot \"$c\" sleep infinity",
+                c.display(),
+                root.display()
+            ),
+        };
         // --kill-child: PID 1 (and with it the whole namespace) dies with `unshare`.
         let guard = ChildGuard::spawn(
             "builder namespace",
@@ -300,14 +321,31 @@ impl Namespace {
             (mounts.lines().any(|l| l.split(' ').nth(4) == Some("/nix")) && comm.trim() == "sleep")
                 .then_some(pid)
         });
-        Namespace { guard, pid }
+        Namespace {
+            guard,
+            pid,
+            chroot: chroot.is_some(),
+        }
+    }
+
+    /// `nsenter`'s arguments that enter the namespace (and its root), without the `--`.
+    pub(crate) fn nsenter_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "-t".to_owned(),
+            self.pid.to_string(),
+            "--pid".to_owned(),
+            "--mount".to_owned(),
+        ];
+        if self.chroot {
+            args.extend(["--root".to_owned(), "--wd".to_owned()]);
+        }
+        args
     }
 
     /// A command run inside the namespace.
-    fn command(&self, program: &Path) -> Command {
+    pub(crate) fn command(&self, program: &Path) -> Command {
         let mut c = Command::new("nsenter");
-        c.args(["-t", &self.pid.to_string(), "--pid", "--mount", "--"])
-            .arg(program);
+        c.args(self.nsenter_args()).arg("--").arg(program);
         c
     }
 }
@@ -349,6 +387,12 @@ pub struct BuilderSpec {
     pub up: bool,
     /// Register a wrong host key with the scheduler (ssh must then refuse the host).
     pub wrong_pinned_key: bool,
+    /// The Nix it runs.
+    pub nix: NixVersion,
+    /// Start its agent with nothing but its identity, so that it asks the builder's Nix for
+    /// systems, features, `max-jobs` and `build-users-group` (set in the builder's nix.conf,
+    /// features `e2e` and `nix-<version>`).
+    pub discover: bool,
 }
 
 impl BuilderSpec {
@@ -359,6 +403,8 @@ impl BuilderSpec {
             speed_factor: 1.0,
             up: true,
             wrong_pinned_key: false,
+            nix: NixVersion::V2_8,
+            discover: false,
         }
     }
 }
@@ -385,9 +431,11 @@ impl Env {
     pub fn new(specs: &[BuilderSpec]) -> Env {
         require_prerequisites();
         std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
+        // Under /tmp whatever TMPDIR says: machines in chroots see the host's /tmp at the
+        // same path, so every path in the test directory means the same inside.
         let dir = tempfile::Builder::new()
             .prefix("nixdispatch-e2e-")
-            .tempdir()
+            .tempdir_in("/tmp")
             .unwrap();
         let d = dir.path().to_owned();
         let id = format!(
@@ -395,7 +443,7 @@ impl Env {
             std::process::id(),
             ENV_COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        for sub in ["keys", "client-conf", "bb", "log"] {
+        for sub in ["keys", "client-conf", "bb", "log", "bin"] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         std::fs::copy(busybox().unwrap(), d.join("bb/busybox")).unwrap();
@@ -425,11 +473,15 @@ impl Env {
             std::fs::create_dir_all(root.join("conf")).unwrap();
             std::fs::write(root.join("nix/builder-id"), format!("{}\n", spec.id)).unwrap();
             // Builders on one kernel share nixbld users: no build users; no substituters.
-            std::fs::write(
-                root.join("conf/nix.conf"),
-                "substituters =\nsandbox = false\nbuild-users-group =\n",
-            )
-            .unwrap();
+            let mut conf = "substituters =\nsandbox = false\nbuild-users-group =\n".to_owned();
+            if spec.discover {
+                conf.push_str(&format!(
+                    "max-jobs = {}\nsystem-features = e2e nix-{}\n",
+                    spec.max_jobs,
+                    spec.nix.label()
+                ));
+            }
+            std::fs::write(root.join("conf/nix.conf"), conf).unwrap();
             let sshd_config = d.join(format!("sshd_{}.config", spec.id));
             std::fs::write(
                 &sshd_config,
@@ -448,13 +500,13 @@ impl Env {
                 .join("\n"),
             )
             .unwrap();
-            let machine = Namespace::start(&root);
+            let machine = Namespace::start(&root, spec.nix.chroot().as_deref());
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let port = listener.local_addr().unwrap().port();
             let endpoint = if spec.up {
                 Some(SshEndpoint::start(
                     listener,
-                    machine.pid,
+                    machine.nsenter_args(),
                     sshd_config,
                     d.join(format!("log/sshd_{}.log", spec.id)),
                 ))
@@ -477,6 +529,7 @@ impl Env {
                 root,
                 host_key_pub: d.join(format!("keys/host-{}.pub", spec.id)),
                 endpoint,
+                nix: spec.nix,
                 machine,
             });
         }
@@ -504,6 +557,19 @@ impl Env {
 
     pub fn builder(&self, id: &str) -> &Builder {
         self.builders.iter().find(|b| b.id == id).unwrap()
+    }
+
+    /// A workspace binary at a path inside the test directory, so that machines in chroots
+    /// can run it too (a hard link, or a copy across file systems).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        let linked = self.path().join("bin").join(name);
+        if !linked.exists() {
+            let real = workspace_bin(name);
+            if std::fs::hard_link(&real, &linked).is_err() {
+                std::fs::copy(&real, &linked).unwrap();
+            }
+        }
+        linked
     }
 
     /// Starts the scheduler on `listen` (`127.0.0.1:0` for any port) and waits for its
@@ -566,38 +632,37 @@ impl Env {
                 b.host_key_pub.clone()
             };
             let log = std::fs::File::create(d.join(format!("log/agent_{}.log", spec.id))).unwrap();
-            // The agent runs on "its" builder: inside the builder's namespaces.
+            // The agent runs on "its" builder: inside the builder's namespaces, with the
+            // builder's nix.conf.
+            let mut cmd = b.machine.command(&self.bin("nixdispatch-agent"));
+            cmd.args([
+                "--scheduler",
+                &url,
+                "--host-id",
+                spec.id,
+                "--store-uri",
+                &b.store_uri(),
+            ])
+            .arg("--host-key-file")
+            .arg(key_file)
+            .args(["--speed-factor", &spec.speed_factor.to_string()])
+            .args(["--store-dir", "/nix/store"])
+            .env("NIX_CONF_DIR", b.root.join("conf"));
+            if !spec.discover {
+                cmd.args([
+                    "--systems",
+                    &this_system(),
+                    "--max-jobs",
+                    &spec.max_jobs.to_string(),
+                    "--features",
+                    "",
+                    "--build-users-group",
+                    "",
+                ]);
+            }
             let agent = ChildGuard::spawn(
                 &format!("agent {}", spec.id),
-                b.machine
-                    .command(&workspace_bin("nixdispatch-agent"))
-                    .args([
-                        "--scheduler",
-                        &url,
-                        "--host-id",
-                        spec.id,
-                        "--store-uri",
-                        &b.store_uri(),
-                    ])
-                    .arg("--host-key-file")
-                    .arg(key_file)
-                    .args([
-                        "--systems",
-                        &this_system(),
-                        "--max-jobs",
-                        &spec.max_jobs.to_string(),
-                    ])
-                    .args([
-                        "--speed-factor",
-                        &spec.speed_factor.to_string(),
-                        "--features",
-                        "",
-                    ])
-                    .args(["--store-dir", "/nix/store"])
-                    .args(["--build-users-group", ""])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(log),
+                cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log),
             );
             self.agents.push(agent);
         }
@@ -723,13 +788,7 @@ impl Env {
             .nix_build_command(hook_config, build_hook, builders, max_jobs, args)
             .output()
             .expect("nix-build");
-        NixRun {
-            success: out.status.success(),
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            elapsed: started.elapsed(),
-        }
+        NixRun::from_output(&out, started.elapsed())
     }
 
     /// The `nix-build` command of [`Env::nix_build_with_builders`] (under `timeout`), to be
@@ -837,6 +896,17 @@ pub struct NixRun {
 }
 
 impl NixRun {
+    /// The run of a finished `nix-build`.
+    pub fn from_output(out: &Output, elapsed: Duration) -> NixRun {
+        NixRun {
+            success: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed,
+        }
+    }
+
     /// The output path (last stdout line).
     pub fn out_path(&self) -> &str {
         self.stdout.lines().last().unwrap_or("").trim()

@@ -1,0 +1,319 @@
+//! The lease lifecycle of one hook process, whatever protocol Nix speaks with the hook:
+//! acquire for a `try`, keep the lease alive while the build runs, release it with the
+//! outcome, and when the granted host cannot be used, release it as unreachable and acquire
+//! another (bounded by `max_host_attempts` and `reacquire_millis`). A signal from Nix
+//! releases the held lease as cancelled.
+//!
+//! The Nix-facing front end implements [`Frontend`]: it shows messages to the user and runs
+//! one attempt of the accepted build on a granted host. Today that is the text protocol
+//! (`run`); a Cap'n Proto front end for Lix 2.94+ would be a second implementation, with no
+//! lease handling of its own.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::codec::{Level, TryRequest};
+use super::config::{self, HookConfig};
+use super::decision::{self, AfterChild, Answer, ChildEnd};
+use super::machine::Grant;
+use super::scheduler::Scheduler;
+use crate::client::ClientConfig;
+use crate::proto::BuildOutcome;
+
+/// What the lease lifecycle needs from the front end that talks to Nix.
+pub(crate) trait Frontend {
+    /// Shows `message` to the user at `level`.
+    fn notify(&mut self, level: Level, message: &str);
+
+    /// Runs the accepted build once, on `grant`'s host. Returns how it ended and, when it
+    /// never got going there, what it said about why. `Err` is a local failure (not the
+    /// host's fault). Dropping the future must stop the attempt: that is how a signal from
+    /// Nix ends it.
+    async fn attempt(&mut self, grant: &Grant) -> Result<(ChildEnd, String), String>;
+}
+
+/// The lease currently held, shared with the signal handler so it can release it.
+type Held = Rc<RefCell<Option<(String, Instant)>>>;
+
+/// The scheduler's leases for one hook process.
+pub(crate) struct Leases {
+    scheduler: Scheduler,
+    try_timeout: Duration,
+    rpc_timeout: Duration,
+    reacquire_window: Duration,
+    max_host_attempts: u32,
+}
+
+impl Leases {
+    /// A client of the configured scheduler (no connection is made yet).
+    pub(crate) fn new(config: &HookConfig) -> Leases {
+        let client_id = config
+            .client_id
+            .clone()
+            .unwrap_or_else(config::default_client_id);
+        let scheduler = Scheduler::new(
+            ClientConfig {
+                endpoint: config.scheduler.clone(),
+                credential_file: config.credential_file.clone(),
+                connect_timeout: Duration::from_millis(config.timeouts.connect_millis),
+                request_timeout: None,
+            },
+            client_id,
+            Duration::from_millis(config.timeouts.unreachable_backoff_millis),
+        );
+        Leases {
+            scheduler,
+            try_timeout: config.try_timeout(),
+            rpc_timeout: config.rpc_timeout(),
+            reacquire_window: Duration::from_millis(config.timeouts.reacquire_millis),
+            max_host_attempts: config.max_host_attempts,
+        }
+    }
+
+    /// Asks for a lease to answer one `try`, within the `try` bound. `local`: the client
+    /// could build it itself.
+    pub(crate) async fn acquire(&mut self, t: &TryRequest, local: bool) -> Answer {
+        self.scheduler
+            .acquire(t, local, &[], self.try_timeout, true)
+            .await
+    }
+
+    /// Gives back a granted lease whose build never started.
+    pub(crate) async fn cancel(&mut self, grant: &Grant) {
+        self.scheduler
+            .release(
+                &grant.lease_id,
+                BuildOutcome::Cancelled,
+                Duration::ZERO,
+                self.rpc_timeout,
+            )
+            .await;
+    }
+
+    /// Runs the accepted build through `frontend` and returns the hook's exit status. On
+    /// SIGTERM, SIGINT or SIGHUP (Nix stopping the build) releases the lease as cancelled
+    /// and returns 1; dropping the attempt stops it.
+    pub(crate) async fn build(
+        &mut self,
+        frontend: &mut impl Frontend,
+        grant: Grant,
+        t: &TryRequest,
+    ) -> i32 {
+        use tokio::signal::unix::{SignalKind, signal};
+        let held: Held = Rc::new(RefCell::new(None));
+        let signals = async {
+            let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return std::future::pending().await;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                _ = hup.recv() => {}
+            }
+        };
+        let outcome = {
+            let build = self.build_on_hosts(frontend, grant, t, held.clone());
+            tokio::select! {
+                code = build => Some(code),
+                () = signals => None,
+            }
+        };
+        match outcome {
+            Some(code) => code,
+            None => {
+                let lease = held.borrow_mut().take();
+                if let Some((lease_id, since)) = lease {
+                    // Current Nix sends SIGKILL 500 ms after SIGTERM: release within that.
+                    self.scheduler
+                        .release(
+                            &lease_id,
+                            BuildOutcome::Cancelled,
+                            since.elapsed(),
+                            Duration::from_millis(300),
+                        )
+                        .await;
+                }
+                1
+            }
+        }
+    }
+
+    /// Builds on the granted host; when the front end cannot use the host, asks the
+    /// scheduler for another one (up to `max_host_attempts` hosts in all).
+    async fn build_on_hosts(
+        &mut self,
+        frontend: &mut impl Frontend,
+        mut grant: Grant,
+        t: &TryRequest,
+        held: Held,
+    ) -> i32 {
+        let name = decision::drv_name(&t.drv_path).to_owned();
+        let mut excluded: Vec<String> = Vec::new();
+        let mut attempt = 1;
+        let deadline = Instant::now() + self.reacquire_window;
+        loop {
+            let started = Instant::now();
+            *held.borrow_mut() = Some((grant.lease_id.clone(), started));
+            let result = {
+                let keep_alive = keep_alive(&mut self.scheduler, &grant, self.rpc_timeout);
+                tokio::select! {
+                    r = frontend.attempt(&grant) => r,
+                    never = keep_alive => match never {},
+                }
+            };
+            let (end, detail) = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not the host's fault: the local build-remote could not even start.
+                    frontend.notify(Level::Error, &format!("nixdispatch: {e}"));
+                    held.borrow_mut().take();
+                    self.scheduler
+                        .release(
+                            &grant.lease_id,
+                            BuildOutcome::Cancelled,
+                            started.elapsed(),
+                            self.rpc_timeout,
+                        )
+                        .await;
+                    return 1;
+                }
+            };
+            let AfterChild {
+                outcome,
+                exit_code: exit,
+            } = decision::after_child(end, attempt, self.max_host_attempts);
+            held.borrow_mut().take();
+            self.scheduler
+                .release(
+                    &grant.lease_id,
+                    outcome,
+                    started.elapsed(),
+                    self.rpc_timeout,
+                )
+                .await;
+            tracing::info!(host = %grant.host_id, ?end, ?outcome, attempt, "child ended");
+            if outcome == BuildOutcome::HostUnreachable {
+                let why = if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {detail}")
+                };
+                frontend.notify(
+                    Level::Warn,
+                    &format!(
+                        "nixdispatch: cannot use builder {} for {name}{why}",
+                        grant.host_id
+                    ),
+                );
+            }
+            if let Some(code) = exit {
+                if outcome == BuildOutcome::HostUnreachable {
+                    frontend.notify(
+                        Level::Error,
+                        &format!(
+                            "nixdispatch: no reachable builder for {name} after {attempt} attempts"
+                        ),
+                    );
+                }
+                return code;
+            }
+            excluded.push(grant.host_id.clone());
+            grant = match self.reacquire(frontend, t, &excluded, deadline).await {
+                Ok(g) => g,
+                Err(e) => {
+                    frontend.notify(
+                        Level::Error,
+                        &format!("nixdispatch: no other builder for {name}: {e}"),
+                    );
+                    return 1;
+                }
+            };
+            frontend.notify(
+                Level::Info,
+                &format!(
+                    "nixdispatch: building {name} on {} instead ({}/{} slots busy)",
+                    grant.host_id, grant.slots_used, grant.slots_total
+                ),
+            );
+            attempt += 1;
+        }
+    }
+
+    /// After an accept there is no local fallback: wait (bounded) for another host.
+    async fn reacquire(
+        &mut self,
+        frontend: &mut impl Frontend,
+        t: &TryRequest,
+        excluded: &[String],
+        deadline: Instant,
+    ) -> Result<Grant, String> {
+        loop {
+            let answer = self
+                .scheduler
+                .acquire(t, false, excluded, self.rpc_timeout, false)
+                .await;
+            let wait = match answer {
+                Answer::Granted(g) => return Ok(g),
+                Answer::Postpone {
+                    retry_after,
+                    queue_position,
+                    reason,
+                } => {
+                    frontend.notify(
+                        Level::Info,
+                        &format!(
+                            "nixdispatch: waiting for a builder (queue position {queue_position}): {reason}"
+                        ),
+                    );
+                    retry_after.clamp(Duration::from_millis(100), Duration::from_secs(5))
+                }
+                Answer::Decline { reason } | Answer::DeclinePermanently { reason } => {
+                    return Err(reason);
+                }
+                Answer::Unreachable { error } => {
+                    if Instant::now() >= deadline {
+                        return Err(format!("scheduler unreachable: {error}"));
+                    }
+                    Duration::from_secs(1)
+                }
+            };
+            if Instant::now() + wait > deadline {
+                return Err(format!(
+                    "none free within {} ms",
+                    self.reacquire_window.as_millis()
+                ));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Keeps `grant`'s lease alive every third of its TTL, for as long as it is polled. A
+/// failed keep-alive is logged once and the build goes on.
+async fn keep_alive(
+    scheduler: &mut Scheduler,
+    grant: &Grant,
+    rpc_timeout: Duration,
+) -> std::convert::Infallible {
+    let period = if grant.lease_ttl.is_zero() {
+        Duration::from_secs(10)
+    } else {
+        (grant.lease_ttl / 3).max(Duration::from_millis(100))
+    };
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut warned = false;
+    loop {
+        ticker.tick().await;
+        if let Err(e) = scheduler.keep_alive(&grant.lease_id, rpc_timeout).await
+            && !warned
+        {
+            warned = true;
+            tracing::warn!(lease_id = %grant.lease_id, error = %e, "keep-alive failed; the build goes on");
+        }
+    }
+}
