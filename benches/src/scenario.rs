@@ -290,6 +290,75 @@ pub fn community(seed: u64) -> Scenario {
     }
 }
 
+/// Issue 10's fairness scenario: one x86_64-linux builder with 6 slots; with `flood`, one
+/// member submits 500 independent builds at once; ten other members submit 5 builds each,
+/// at random times over the first 30 minutes. Comparing the ten members' waits with and
+/// without the flood says how much one member's mass rebuild costs everybody else. Not one
+/// of the built-in report scenarios.
+pub fn fairness(seed: u64, flood: bool) -> Scenario {
+    let fleet = Fleet {
+        hosts: vec![FleetHost {
+            id: "builder".into(),
+            systems: strings(&["x86_64-linux"]),
+            features: vec![],
+            mandatory_features: vec![],
+            slots: 6,
+            speed: 1.0,
+            cpus: 24,
+        }],
+    };
+    let mut rng = SplitMix64::new(seed ^ 0xfa1e);
+    let mut jobs = Vec::new();
+    if flood {
+        for k in 0..500 {
+            jobs.push(TraceJob {
+                id: format!("flood-{k}"),
+                arrival_s: 0.0,
+                client: "flood".into(),
+                system: "x86_64-linux".into(),
+                features: vec![],
+                duration_s: round_ms(duration(&mut rng, &[])),
+                deps: vec![],
+                host: None,
+            });
+        }
+    }
+    // The same draws for the others with and without the flood.
+    let mut rng = SplitMix64::new(seed ^ 0x07e5);
+    for m in 0..10 {
+        for k in 0..5 {
+            jobs.push(TraceJob {
+                id: format!("m{m}-{k}"),
+                arrival_s: round_ms(60.0 + rng.unit() * 1800.0),
+                client: format!("member{m}"),
+                system: "x86_64-linux".into(),
+                features: vec![],
+                duration_s: round_ms(duration(&mut rng, &[])),
+                deps: vec![],
+                host: None,
+            });
+        }
+    }
+    Scenario {
+        name: if flood {
+            "fairness"
+        } else {
+            "fairness-baseline"
+        }
+        .into(),
+        description: format!(
+            "one 6-slot builder; ten members submit 5 builds each over 30 min{}",
+            if flood {
+                ", while one member floods 500 builds at once"
+            } else {
+                ""
+            }
+        ),
+        fleet,
+        trace: finish(jobs),
+    }
+}
+
 /// The large heterogeneous fleet.
 pub fn large(seed: u64) -> Scenario {
     let mut rng = SplitMix64::new(seed ^ 0x1a29e);
