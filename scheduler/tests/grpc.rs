@@ -1519,3 +1519,32 @@ async fn quotas_and_usage_survive_a_scheduler_restart() {
     }
     server.shutdown().await;
 }
+
+/// A waiter pinned to one host (a builder-side gate) waits for that host although another
+/// is free, and gets it the moment it frees; a plain request takes the other host.
+#[tokio::test]
+async fn a_pinned_waiter_gets_its_own_host() {
+    let (server, ch, _b1) = reported_builder(queue_config(), 1).await;
+    let mut b2 = Agent::register(ch.clone(), register("b2", &["x86_64-linux"], 4)).await;
+    b2.report(Report::default()).await;
+    let mut leases = LeaseServiceClient::new(ch.clone());
+    let pinned = |drv: &str| proto::WaitForLeaseRequest {
+        pin_host_id: "b1".into(),
+        ..wait_request("x86_64-linux", "gate", drv)
+    };
+    let mut first = wait_for(&mut leases, pinned("one")).await;
+    let held = grant_of(&mut first).await;
+    assert_eq!(held.host_id, "b1");
+    let mut second = wait_for(&mut leases, pinned("two")).await;
+    match event(&mut second).await {
+        Some(Event::Waiting(w)) => assert!(w.reason.contains("b1"), "{}", w.reason),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        acquire_granted(&mut leases, "plain", "p").await.host_id,
+        "b2"
+    );
+    release_ok(&mut leases, &held.lease_id).await;
+    assert_eq!(grant_of(&mut second).await.host_id, "b1");
+    server.shutdown().await;
+}
