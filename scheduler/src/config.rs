@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::auth::AuthConfig;
 use crate::core::{Admission, CoreConfig, PolicyKind};
+use crate::tls::TlsConfig;
 
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -35,6 +37,14 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Where operator state (drains) is kept across restarts.
     pub state: StateConfig,
+    /// Who may call (`[auth]`, see [`crate::auth`]). Default: none, the **open mode**: no
+    /// credential is checked and every caller may do everything. Why: the quick start runs
+    /// on loopback with no file at all; the server refuses to start open on any address
+    /// that is not loopback, and logs a warning when it starts open.
+    pub auth: Option<AuthConfig>,
+    /// TLS (`[tls]`, see [`crate::tls`]). Default: none (plaintext), allowed only on
+    /// loopback unless `tls.allow_plaintext` says otherwise.
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -48,6 +58,8 @@ impl Default for Config {
             placement: PlacementConfig::default(),
             limits: LimitsConfig::default(),
             state: StateConfig::default(),
+            auth: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -303,6 +315,10 @@ impl Config {
                 reason: "must be at least 4096 (a full registration must fit)".into(),
             });
         }
+        if let Some(auth) = &self.auth {
+            auth.validate()?;
+        }
+        self.tls.validate()?;
         let a = &self.admission;
         for (key, v) in [
             ("admission.min_free_store_percent", a.min_free_store_percent),

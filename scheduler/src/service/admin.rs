@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use super::{Shared, convert, metrics};
+use crate::auth::Caller;
 use crate::core::HostId;
 
 /// Lets operators inspect and steer the scheduler.
@@ -71,8 +72,9 @@ impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
     async fn list_hosts(
         &self,
-        _request: Request<proto::ListHostsRequest>,
+        request: Request<proto::ListHostsRequest>,
     ) -> Result<Response<proto::ListHostsResponse>, Status> {
+        Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "list hosts")?;
         // In pages, letting go of the core between them: an operator's listing of a large
         // fleet must not hold up members' requests for the whole of it. Each host's view is
         // consistent; the list as a whole is as of the moments its pages were read.
@@ -98,8 +100,9 @@ impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
     async fn get_capacity(
         &self,
-        _request: Request<proto::GetCapacityRequest>,
+        request: Request<proto::GetCapacityRequest>,
     ) -> Result<Response<proto::GetCapacityResponse>, Status> {
+        Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "read capacity")?;
         let now = self.shared.now();
         let systems = self.shared.core().capacity(now);
         Ok(Response::new(proto::GetCapacityResponse {
@@ -110,14 +113,16 @@ impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
     async fn list_leases(
         &self,
-        _request: Request<proto::ListLeasesRequest>,
+        request: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
+        let only = Caller::of(&request)?.lease_view()?;
         let now = self.shared.now();
-        let leases = {
+        let mut leases = {
             let mut core = self.shared.core();
             core.expire(now);
             core.leases(now)
         };
+        leases.retain(|l| only.as_ref().is_none_or(|m| l.client == *m));
         Ok(Response::new(proto::ListLeasesResponse {
             leases: leases.into_iter().map(Into::into).collect(),
         }))
@@ -128,6 +133,7 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::DrainHostRequest>,
     ) -> Result<Response<proto::HostStatus>, Status> {
+        Caller::of(&request)?.require_operator("drain a host")?;
         self.set_draining(&request.get_ref().host_id, true)
             .await
             .map(Response::new)
@@ -138,6 +144,7 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::UndrainHostRequest>,
     ) -> Result<Response<proto::HostStatus>, Status> {
+        Caller::of(&request)?.require_operator("undrain a host")?;
         self.set_draining(&request.get_ref().host_id, false)
             .await
             .map(Response::new)
@@ -148,6 +155,7 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::ExplainPlacementRequest>,
     ) -> Result<Response<proto::ExplainPlacementResponse>, Status> {
+        Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "explain placement")?;
         let (system, features) = convert::explain(request.get_ref()).map_err(|e| {
             metrics::rejected("admin");
             Status::from(e)

@@ -9,6 +9,7 @@ use tracing::{debug, instrument};
 
 use super::{Shared, convert, metrics};
 use crate::Error;
+use crate::auth::Caller;
 use crate::core::{Decision, LeaseRequest};
 
 /// Serves leases to build hooks.
@@ -37,13 +38,15 @@ impl lease_service_server::LeaseService for LeaseService {
         request: Request<proto::AcquireRequest>,
     ) -> Result<Response<proto::AcquireResponse>, Status> {
         let started = Instant::now();
-        let req = LeaseRequest::try_from(request.into_inner()).map_err(rejected)?;
+        let caller = Caller::of(&request)?;
+        let mut req = LeaseRequest::try_from(request.into_inner()).map_err(rejected)?;
+        req.client = self.shared.auth.member(&caller, &req.client)?;
         let span = tracing::Span::current();
         span.record("system", req.system.as_str());
         span.record("client", req.client.as_str());
         span.record("drv", req.drv_path.as_str());
         let now = self.shared.now();
-        let decision = self.shared.core().acquire(now, &req);
+        let decision = self.shared.acquire_capped(now, &req);
         let outcome = match &decision {
             Decision::Granted(g) => {
                 debug!(host = %g.host.id, lease = %g.lease_id, used = g.slots_used, "granted");
@@ -73,12 +76,13 @@ impl lease_service_server::LeaseService for LeaseService {
         &self,
         request: Request<proto::KeepAliveRequest>,
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
+        let holder = Caller::of(&request)?.holder("keep a lease alive")?;
         let id = convert::keep_alive(request.get_ref()).map_err(rejected)?;
         let now = self.shared.now();
         let ttl = self
             .shared
             .core()
-            .keep_alive(now, &id)
+            .keep_alive_by(now, &id, holder.as_ref())
             .map_err(Error::from)?;
         Ok(Response::new(proto::KeepAliveResponse {
             lease_ttl_millis: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
@@ -90,6 +94,7 @@ impl lease_service_server::LeaseService for LeaseService {
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let holder = Caller::of(&request)?.holder("release a lease")?;
         let (id, outcome) = convert::release(request.get_ref()).map_err(rejected)?;
         let span = tracing::Span::current();
         span.record("lease", id.as_str());
@@ -98,7 +103,7 @@ impl lease_service_server::LeaseService for LeaseService {
         let already_released = self
             .shared
             .core()
-            .release(now, &id, outcome)
+            .release_by(now, &id, holder.as_ref(), outcome)
             .map_err(Error::from)?;
         if !already_released {
             metrics::release(outcome.as_str());

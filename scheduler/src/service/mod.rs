@@ -10,6 +10,7 @@ mod agent;
 pub(crate) mod convert;
 mod lease;
 pub mod metrics;
+mod trust;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -75,6 +76,8 @@ pub struct Shared {
     clock: Arc<dyn Clock>,
     config: Config,
     agents: DashMap<HostId, AgentLink>,
+    /// Credentials, roles and provisioned builders (see `crate::auth`).
+    pub(crate) auth: Arc<crate::auth::Authority>,
     /// Becomes `true` when the server shuts down: agent streams end.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -102,6 +105,8 @@ impl Shared {
                 .unwrap_or(0)
         });
         let mut core = Scheduler::new(config.core(), config.placement.policy.build(), seed);
+        core.set_lease_ids(Box::new(trust::OsLeaseIds::new()));
+        let auth = Arc::new(trust::authority(&config, &store)?);
         let drains = store.drains()?;
         if !drains.is_empty() {
             tracing::info!(
@@ -118,6 +123,7 @@ impl Shared {
             clock,
             config,
             agents: DashMap::new(),
+            auth,
             shutdown,
         }))
     }

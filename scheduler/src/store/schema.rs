@@ -26,16 +26,34 @@ pub(super) struct Migration {
 }
 
 /// Every migration, in order.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "drains",
-    sql: "CREATE TABLE drains (
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "drains",
+        sql: "CREATE TABLE drains (
               -- A host id as agents register it (validated when loaded).
               host_id TEXT PRIMARY KEY NOT NULL,
               -- When an operator drained it, Unix time in milliseconds.
               drained_at_unix_millis INTEGER NOT NULL
           ) STRICT, WITHOUT ROWID;",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "provisioned_hosts",
+        sql: "CREATE TABLE provisioned_hosts (
+              -- The host id its agent must register with.
+              host_id TEXT PRIMARY KEY NOT NULL,
+              -- The store URI members will use (validated when loaded).
+              store_uri TEXT NOT NULL,
+              -- The pinned SSH host key line.
+              public_key TEXT NOT NULL,
+              -- SHA-256 of the agent's token, hex; never the token.
+              token_sha256 TEXT NOT NULL,
+              -- When an operator provisioned it, Unix time in milliseconds.
+              provisioned_at_unix_millis INTEGER NOT NULL
+          ) STRICT, WITHOUT ROWID;",
+    },
+];
 
 /// The schema version this scheduler writes and reads.
 pub const LATEST_VERSION: u32 = MIGRATIONS.len() as u32;

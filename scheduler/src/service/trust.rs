@@ -1,0 +1,81 @@
+//! The service side of trust: unguessable lease ids, the authority built from the
+//! configuration and the store, and acquiring under the member's caps. The rules themselves
+//! live in `crate::auth`; handlers call into here with a line each.
+
+use crate::Error;
+use crate::auth::Authority;
+use crate::config::Config;
+use crate::core::{Decision, LeaseIds, LeaseRequest, Time};
+use crate::store::Store;
+
+use super::Shared;
+
+/// Lease ids from the operating system's random source: 128 bits each, so that no lease id
+/// can be guessed from another. The core stays pure; this is injected.
+#[derive(Debug)]
+pub(crate) struct OsLeaseIds {
+    rng: ring::rand::SystemRandom,
+}
+
+impl OsLeaseIds {
+    pub(crate) fn new() -> Self {
+        Self {
+            rng: ring::rand::SystemRandom::new(),
+        }
+    }
+}
+
+impl LeaseIds for OsLeaseIds {
+    fn next_id(&mut self) -> u128 {
+        let mut bytes = [0u8; 16];
+        // getrandom(2) does not fail once the kernel's pool is initialised, which it is long
+        // before a service starts; a failure is a broken system, not something to serve on.
+        #[allow(clippy::expect_used)]
+        ring::rand::SecureRandom::fill(&self.rng, &mut bytes)
+            .expect("the operating system's random source failed");
+        u128::from_le_bytes(bytes)
+    }
+}
+
+/// The authority of `config`, with the builders operators provisioned earlier (from the
+/// store). Logs loudly when it is the open mode.
+pub(crate) fn authority(config: &Config, store: &Store) -> Result<Authority, Error> {
+    let provisioned = store.provisioned_hosts()?;
+    let authority = Authority::new(config.auth.as_ref(), provisioned)?;
+    if !authority.enforced() {
+        tracing::warn!(
+            "no [auth] configured: OPEN MODE, every caller may do everything and client_id is \
+             taken at its word; fine on loopback for trying nixdispatch, never for a fleet"
+        );
+    }
+    Ok(authority)
+}
+
+impl Shared {
+    /// Decides `req` (whose client is already the authenticated member): past the member's
+    /// cap on live leases it is postponed, or declined when it can build locally, without
+    /// reaching placement; otherwise the core decides. One hold of the core's lock, so the
+    /// cap cannot be raced.
+    pub(crate) fn acquire_capped(&self, now: Time, req: &LeaseRequest) -> Decision {
+        let mut core = self.core();
+        if self.auth.enforced()
+            && let Some(cap) = self.auth.max_leases_per_member()
+            && core.leases_held_by(&req.client) >= cap
+        {
+            let reason = format!(
+                "member {} holds {cap} live leases, its limit (auth.limits.max_live_leases_per_member)",
+                req.client
+            );
+            return if req.can_build_locally {
+                Decision::Decline { reason }
+            } else {
+                Decision::Postpone {
+                    retry_after: core.config().postpone_retry,
+                    position: 0,
+                    reason,
+                }
+            };
+        }
+        core.acquire(now, req)
+    }
+}
