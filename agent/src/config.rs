@@ -18,9 +18,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nixdispatch::client::{ClientConfig, Prepared};
 use nixdispatch::proto;
 use serde::Deserialize;
-use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::discover;
 use crate::error::{Error, Result};
@@ -59,10 +59,18 @@ pub struct Config {
     /// The build directory, for its free space. Default `$TMPDIR` or `/tmp`, where the Nix
     /// daemon builds unless `build-dir` is set.
     pub build_dir: Option<PathBuf>,
-    /// A file holding the agent's bearer token. Reserved for the TLS/credentials work: when
-    /// set, its trimmed content is sent as `authorization: Bearer <token>` on the session; the
-    /// scheduler does not check it yet. Default: none.
+    /// A file holding this host's token, which proves to the scheduler that the agent is this
+    /// provisioned builder; its trimmed content is sent as `authorization: Bearer <token>`.
+    /// Under systemd give it with `LoadCredential=` (the shipped unit reads
+    /// `$CREDENTIALS_DIRECTORY/token`). Default: none, which only a scheduler in the open
+    /// mode (no `[auth]`, loopback) accepts.
     pub credential_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the scheduler's certificate, the only CA trusted for an
+    /// `https://` scheduler (required there). Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// The name the scheduler's certificate carries, when the `scheduler` URL does not use
+    /// it (e.g. an IP address). Default: none, the URL's host.
+    pub tls_domain: Option<String>,
     /// The `nix` binary used for discovery. Default `nix`, from `PATH`.
     pub nix_bin: PathBuf,
     /// Group of the Nix build users, for counting builds. Default: the local Nix's
@@ -88,6 +96,8 @@ impl Default for Config {
             store_dir: PathBuf::from("/nix/store"),
             build_dir: None,
             credential_file: None,
+            ca_file: None,
+            tls_domain: None,
             nix_bin: PathBuf::from("nix"),
             build_users_group: None,
             timing: Timing::default(),
@@ -163,12 +173,11 @@ impl Timing {
 /// Everything the agent runs with, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The scheduler's endpoint (URI validated, timeouts set).
-    pub endpoint: tonic::transport::Endpoint,
+    /// The connection to the scheduler, prepared by the shared client module (endpoint,
+    /// TLS with the pinned CA, credential, timeouts, HTTP/2 keepalive).
+    pub client: Prepared,
     /// The registration, without the host facts (CPU count, memory) the sampler adds.
     pub register: proto::Register,
-    /// The `authorization` header value, when a credential file is configured.
-    pub authorization: Option<MetadataValue<Ascii>>,
     /// What and where to sample.
     pub sampler: SamplerConfig,
     /// Timing.
@@ -307,43 +316,23 @@ impl Config {
                 reason,
             })?;
 
-        let authorization = match &self.credential_file {
-            None => None,
-            Some(path) => {
-                let token = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
-                    key: "credential_file",
-                    path: path.clone(),
-                    source,
-                })?;
-                let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                    Error::InvalidConfig {
-                        key: "credential_file",
-                        reason: "the token is not printable ASCII".into(),
-                    }
-                })?;
-                Some(value)
-            }
-        };
-
-        let connect_timeout = Duration::from_millis(self.timing.connect_timeout_millis);
-        let endpoint = tonic::transport::Endpoint::from_shared(self.scheduler.clone())
-            .map_err(|e| Error::InvalidConfig {
-                key: "scheduler",
-                reason: e.to_string(),
-            })?
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            // HTTP/2 pings find a connection that died without a FIN (a partition, a host
-            // that lost power) long before TCP would.
-            .http2_keep_alive_interval(Duration::from_secs(15))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
         if !(self.scheduler.starts_with("http://") || self.scheduler.starts_with("https://")) {
             return Err(Error::InvalidConfig {
                 key: "scheduler",
                 reason: "must be an http:// or https:// URL".into(),
             });
         }
+        let client = Prepared::new(&ClientConfig {
+            endpoint: self.scheduler.clone(),
+            credential_file: self.credential_file.clone(),
+            connect_timeout: Duration::from_millis(self.timing.connect_timeout_millis),
+            request_timeout: None,
+            ca_file: self.ca_file.clone(),
+            tls_domain: self.tls_domain.clone(),
+            // HTTP/2 pings find a connection that died without a FIN (a partition, a host
+            // that lost power) long before TCP would.
+            keepalive: Some((Duration::from_secs(15), Duration::from_secs(10))),
+        })?;
 
         let build_users_group = match self.build_users_group {
             Some(group) => Some(group),
@@ -364,7 +353,7 @@ impl Config {
                 .unwrap_or_default();
 
         Ok(Settings {
-            endpoint,
+            client,
             register: proto::Register {
                 host_id,
                 store_uri,
@@ -378,7 +367,6 @@ impl Config {
                 total_memory_bytes: 0,
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             },
-            authorization,
             sampler: SamplerConfig {
                 proc_root: PathBuf::from("/proc"),
                 store_dir: self.store_dir,

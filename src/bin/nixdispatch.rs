@@ -25,6 +25,12 @@ struct Args {
     /// File holding the operator's bearer token (sent as `authorization`).
     #[arg(long, env = "NIXDISPATCH_CREDENTIAL_FILE")]
     credential_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the scheduler's certificate (for an https:// scheduler).
+    #[arg(long, env = "NIXDISPATCH_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// The name on the scheduler's certificate, when the endpoint does not use it.
+    #[arg(long, env = "NIXDISPATCH_TLS_DOMAIN")]
+    tls_domain: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -97,6 +103,8 @@ async fn run(args: Args) -> anyhow::Result<(String, bool)> {
     }
     let mut config = ClientConfig::new(args.scheduler);
     config.credential_file = args.credential_file;
+    config.ca_file = args.ca_file;
+    config.tls_domain = args.tls_domain;
     config.connect_timeout = Duration::from_secs(5);
     config.request_timeout = Some(Duration::from_secs(30));
     let mut admin = client::admin_client(client::connect(&config).await?);
