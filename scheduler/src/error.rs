@@ -47,6 +47,12 @@ pub enum Error {
         /// The configured limit.
         limit: usize,
     },
+    /// A message was larger than `limits.max_message_bytes`.
+    #[error("message too large: {detail}")]
+    TooLarge {
+        /// What the decoder said (sizes).
+        detail: String,
+    },
     /// The scheduling core refused the operation (unknown lease or host, superseded stream).
     #[error(transparent)]
     Core(#[from] crate::core::Error),
@@ -196,7 +202,9 @@ impl From<Error> for tonic::Status {
             Error::PermissionDenied { .. } | Error::NotProvisioned { .. } => {
                 tonic::Status::permission_denied(msg)
             }
-            Error::LimitReached { .. } => tonic::Status::resource_exhausted(msg),
+            Error::LimitReached { .. } | Error::TooLarge { .. } => {
+                tonic::Status::resource_exhausted(msg)
+            }
             Error::Config { .. } | Error::ConfigParse { .. } => {
                 tonic::Status::failed_precondition(msg)
             }

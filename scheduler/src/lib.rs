@@ -14,6 +14,7 @@ pub mod config;
 pub mod core;
 mod error;
 mod incoming;
+mod limits;
 pub mod server;
 pub mod service;
 pub mod store;

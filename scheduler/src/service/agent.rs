@@ -81,7 +81,8 @@ async fn register(
                 timeout.as_millis()
             )));
         }
-        Ok(Err(_)) | Ok(Ok(None)) => return Ok(None),
+        Ok(Err(status)) => return Err(crate::limits::broken_stream(status)),
+        Ok(Ok(None)) => return Ok(None),
         Ok(Ok(Some(m))) => m,
     };
     match first.message {
@@ -140,7 +141,7 @@ async fn run_session(
                     }
                     Err(status) => {
                         info!(%status, "agent stream broke");
-                        break Ok(());
+                        break Err(crate::limits::broken_stream(status));
                     }
                 };
                 match message.message {
