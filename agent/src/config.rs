@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nixdispatch::client::{ClientConfig, Prepared};
+use nixdispatch::client::{ClientConfig, ClientError, Prepared};
 use nixdispatch::proto;
 use serde::Deserialize;
 
@@ -332,6 +332,23 @@ impl Config {
             // HTTP/2 pings find a connection that died without a FIN (a partition, a host
             // that lost power) long before TCP would.
             keepalive: Some((Duration::from_secs(15), Duration::from_secs(10))),
+        })
+        .map_err(|e| match e {
+            ClientError::Credential { path, source } => Error::ReadFile {
+                key: "credential_file",
+                path,
+                source,
+            },
+            ClientError::Ca { path, source } => Error::ReadFile {
+                key: "ca_file",
+                path,
+                source,
+            },
+            ClientError::BadToken { .. } => Error::InvalidConfig {
+                key: "credential_file",
+                reason: "the token is not one line of printable ASCII".into(),
+            },
+            other => Error::Client(other),
         })?;
 
         let build_users_group = match self.build_users_group {
@@ -507,7 +524,7 @@ mod tests {
         assert_eq!(s.register.systems, ["x86_64-linux"]);
         assert_eq!(s.register.max_jobs, 2);
         assert!(s.register.host_public_key.starts_with("ssh-ed25519 "));
-        assert!(s.authorization.is_none());
+        assert_eq!(s.client.endpoint(), "http://127.0.0.1:50051");
     }
 
     /// Missing required settings without Nix name the key to set.
@@ -629,19 +646,29 @@ mod tests {
         }
     }
 
-    /// The credential file's trimmed content becomes a bearer header.
+    /// The credential file is read at start (its header is the shared client's, tested
+    /// there); a token that cannot be a header is refused naming `credential_file`.
     #[tokio::test]
-    async fn credential_header() {
+    async fn credential_is_read_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let cred = dir.path().join("token");
         std::fs::write(&cred, "  s3cret\n").unwrap();
-        let s = Config {
-            credential_file: Some(cred),
+        let config = Config {
+            credential_file: Some(cred.clone()),
             ..explicit(dir.path())
-        }
-        .resolve()
-        .await
-        .unwrap();
-        assert_eq!(s.authorization.unwrap().to_str().unwrap(), "Bearer s3cret");
+        };
+        config.clone().resolve().await.unwrap();
+        std::fs::write(&cred, "two words").unwrap();
+        let e = config.resolve().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidConfig {
+                    key: "credential_file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }
