@@ -236,7 +236,10 @@ mod tests {
             let mut g = granted();
             g.store_uri = uri.into();
             assert!(
-                matches!(Grant::try_from(g), Err(GrantError::BadStoreUri(_)) | Err(GrantError::Unrepresentable { .. })),
+                matches!(
+                    Grant::try_from(g),
+                    Err(GrantError::BadStoreUri(_)) | Err(GrantError::Unrepresentable { .. })
+                ),
                 "{uri}"
             );
         }
