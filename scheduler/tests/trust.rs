@@ -774,3 +774,98 @@ async fn tls_with_a_pinned_ca() {
         .await;
     assert!(plain.is_err(), "plaintext must not be served: {plain:?}");
 }
+
+fn provision(id: &str, uri: &str, token_of: &str) -> proto::ProvisionHostRequest {
+    proto::ProvisionHostRequest {
+        host_id: id.into(),
+        store_uri: uri.into(),
+        host_public_key: KEY.into(),
+        token_sha256: digest_of(&token(token_of)).to_hex(),
+    }
+}
+
+/// Operators provision builders through the API (members may not); the entry survives a
+/// restart through the state database; re-provisioning closes the connected agent's stream
+/// and holds its next registration to the new entry.
+#[tokio::test]
+async fn operators_provision_builders_through_the_api() {
+    let db = tempfile::tempdir().unwrap();
+    let mut config = auth_config();
+    config.state.database = Some(db.path().join("state.sqlite3"));
+    let server = Server::start(config.clone()).await;
+    let e = server
+        .admin(Some("alice"))
+        .await
+        .provision_host(provision("stranger", "ssh-ng://b2", "stranger"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = server
+        .admin(Some("ops"))
+        .await
+        .provision_host(provision("stranger", "ssh-ng://b2;x", "stranger"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = server
+        .admin(Some("ops"))
+        .await
+        .provision_host(provision("build01", "ssh-ng://b2", "stranger"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "configured hosts stay the configuration's"
+    );
+    server
+        .admin(Some("ops"))
+        .await
+        .provision_host(provision("stranger", "ssh-ng://b2", "stranger"))
+        .await
+        .unwrap();
+    drop(server);
+
+    let server = Server::start(config).await;
+    let mut agent = Agent::open(
+        server.as_(Some("stranger")).await,
+        register("stranger", "ssh-ng://b2", KEY, 2),
+    )
+    .await
+    .unwrap();
+    agent.next().await.expect("provisioned before the restart");
+    server
+        .admin(Some("ops"))
+        .await
+        .provision_host(provision("stranger", "ssh-ng://b3", "stranger"))
+        .await
+        .unwrap();
+    let e = agent.next().await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert_eq!(
+        registration_code(
+            server.as_(Some("stranger")).await,
+            register("stranger", "ssh-ng://b2", KEY, 2)
+        )
+        .await,
+        Code::PermissionDenied
+    );
+    let r = server
+        .admin(Some("ops"))
+        .await
+        .unprovision_host(proto::UnprovisionHostRequest {
+            host_id: "stranger".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.removed);
+    assert_eq!(
+        registration_code(
+            server.as_(Some("stranger")).await,
+            register("stranger", "ssh-ng://b3", KEY, 2)
+        )
+        .await,
+        Code::Unauthenticated
+    );
+}

@@ -183,6 +183,8 @@ pub struct Authority {
     pub(crate) limits: config::IdentityLimits,
     /// Provisioned builders: from the configuration, and from operators at run time.
     hosts: RwLock<Provisioned>,
+    /// The host ids the configuration provisions: the API may not change those.
+    configured_hosts: std::collections::HashSet<HostId>,
 }
 
 impl Authority {
@@ -201,6 +203,7 @@ impl Authority {
                 open_reads: true,
                 limits: config::IdentityLimits::default(),
                 hosts: RwLock::new(hosts),
+                configured_hosts: Default::default(),
             });
         };
         config.validate()?;
@@ -225,6 +228,7 @@ impl Authority {
             open_reads: config.open_reads,
             limits: config.limits.clone(),
             hosts: RwLock::new(hosts),
+            configured_hosts: config.hosts.iter().map(HostEntry::host_id).collect(),
         })
     }
 
@@ -289,6 +293,28 @@ impl Authority {
         }
     }
 
+    /// Refuses an API change to host `id` when the configuration provisions it, and a token
+    /// that a member or an operator already has.
+    pub fn check_api_provisioning(
+        &self,
+        entry_id: &HostId,
+        digest: Option<Digest>,
+    ) -> Result<(), Error> {
+        if self.configured_hosts.contains(entry_id) {
+            return Err(Error::Config {
+                key: format!("auth.hosts.{entry_id}"),
+                reason: "this builder is provisioned in the configuration; change it there".into(),
+            });
+        }
+        if digest.is_some_and(|d| self.principals.contains_key(&d)) {
+            return Err(Error::Config {
+                key: format!("auth.hosts.{entry_id}.token_sha256"),
+                reason: "the same token is a member's or an operator's".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Adds or replaces a provisioned builder (an operator's call, already persisted).
     pub fn provision(&self, entry: HostEntry) -> Result<(), Error> {
         self.hosts
@@ -303,6 +329,15 @@ impl Authority {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
+    }
+
+    /// Whether a provisioned entry would take `digest` from another host.
+    pub fn token_taken(&self, id: &HostId, digest: &Digest) -> bool {
+        self.hosts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_token(digest)
+            .is_some_and(|other| other != *id)
     }
 
     /// The cap on live leases per member, if any.

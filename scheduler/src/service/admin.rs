@@ -168,4 +168,45 @@ impl admin_service_server::AdminService for AdminService {
         };
         Ok(Response::new(explanation.into()))
     }
+
+    #[instrument(level = "debug", skip_all, fields(host))]
+    async fn provision_host(
+        &self,
+        request: Request<proto::ProvisionHostRequest>,
+    ) -> Result<Response<proto::ProvisionHostResponse>, Status> {
+        Caller::of(&request)?.require_operator("provision a builder")?;
+        let entry = convert::provision(request.get_ref()).map_err(|e| {
+            metrics::rejected("admin");
+            Status::from(e)
+        })?;
+        tracing::Span::current().record("host", entry.id.as_str());
+        let shared = self.shared.clone();
+        let (id, uri) = (entry.id.clone(), entry.store_uri.clone());
+        match tokio::task::spawn_blocking(move || shared.provision(entry)).await {
+            Ok(r) => r?,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+        info!(host = %id, store_uri = %uri, "builder provisioned by an operator");
+        Ok(Response::new(proto::ProvisionHostResponse {}))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(host))]
+    async fn unprovision_host(
+        &self,
+        request: Request<proto::UnprovisionHostRequest>,
+    ) -> Result<Response<proto::UnprovisionHostResponse>, Status> {
+        Caller::of(&request)?.require_operator("unprovision a builder")?;
+        let id = convert::admin_host_id(&request.get_ref().host_id).map_err(|e| {
+            metrics::rejected("admin");
+            Status::from(e)
+        })?;
+        let shared = self.shared.clone();
+        let target = id.clone();
+        let removed = match tokio::task::spawn_blocking(move || shared.unprovision(&target)).await {
+            Ok(r) => r?,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        info!(host = %id, removed, "builder unprovisioned by an operator");
+        Ok(Response::new(proto::UnprovisionHostResponse { removed }))
+    }
 }

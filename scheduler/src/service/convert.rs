@@ -339,6 +339,25 @@ pub(crate) fn admin_host_id(v: &str) -> Result<HostId, Error> {
     host_id("host_id", v)
 }
 
+/// The validated builder of `ProvisionHost` (each field named in `INVALID_ARGUMENT`).
+pub(crate) fn provision(r: &proto::ProvisionHostRequest) -> Result<crate::auth::HostEntry, Error> {
+    host_id("host_id", &r.host_id)?;
+    store_uri("store_uri", &r.store_uri)?;
+    public_key("host_public_key", &r.host_public_key)?;
+    if crate::auth::Digest::from_hex(&r.token_sha256).is_none() {
+        return Err(Error::invalid(
+            "token_sha256",
+            "must be the SHA-256 of the token, 64 hex digits, never the token itself",
+        ));
+    }
+    Ok(crate::auth::HostEntry {
+        id: r.host_id.clone(),
+        store_uri: r.store_uri.clone(),
+        public_key: r.host_public_key.clone(),
+        token_sha256: r.token_sha256.to_ascii_lowercase(),
+    })
+}
+
 /// The validated system and features of `ExplainPlacement`.
 pub(crate) fn explain(
     r: &proto::ExplainPlacementRequest,

@@ -4,8 +4,9 @@
 
 use crate::Error;
 use crate::auth::Authority;
+use crate::auth::HostEntry;
 use crate::config::Config;
-use crate::core::{Decision, LeaseIds, LeaseRequest, Time};
+use crate::core::{Decision, HostId, LeaseIds, LeaseRequest, Time};
 use crate::store::Store;
 
 use super::Shared;
@@ -77,5 +78,48 @@ impl Shared {
             };
         }
         core.acquire(now, req)
+    }
+}
+
+impl Shared {
+    /// Provisions (or re-provisions) a builder for an operator: checked, committed to the
+    /// store, then given to the authority; a connected agent of that host is told to
+    /// register again, against the new entry. Blocking (a disk write): `spawn_blocking`.
+    pub(crate) fn provision(&self, entry: HostEntry) -> Result<(), Error> {
+        let id = entry.host_id();
+        let digest = crate::auth::Digest::from_hex(&entry.token_sha256);
+        self.auth.check_api_provisioning(&id, digest)?;
+        if let Some(d) = digest
+            && self.auth.token_taken(&id, &d)
+        {
+            return Err(Error::Config {
+                key: format!("auth.hosts.{id}.token_sha256"),
+                reason: "the same token is another builder's".into(),
+            });
+        }
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.provision_host(&entry, std::time::SystemTime::now())?;
+        self.auth.provision(entry)?;
+        drop(store);
+        self.supersede(&id);
+        Ok(())
+    }
+
+    /// Removes a builder an operator provisioned, and closes its agent's stream. Blocking.
+    pub(crate) fn unprovision(&self, id: &HostId) -> Result<bool, Error> {
+        self.auth.check_api_provisioning(id, None)?;
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let removed = store.unprovision_host(id)?;
+        self.auth.unprovision(id);
+        drop(store);
+        self.supersede(id);
+        Ok(removed)
+    }
+
+    /// Ends host `id`'s connected agent stream (it reconnects and registers again).
+    fn supersede(&self, id: &HostId) {
+        if let Some(link) = self.agents.get(id) {
+            link.superseded.notify_one();
+        }
     }
 }
