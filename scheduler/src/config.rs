@@ -432,12 +432,25 @@ mod tests {
         assert!(e.contains("fastest"), "{e}");
     }
 
-    /// The example file in `deploy/` parses and states exactly the embedded defaults, so it
-    /// cannot drift from the code.
+    /// The example file in `deploy/` parses, is a secure deployment (a network address,
+    /// TLS, `[auth]`), and otherwise states exactly the embedded defaults, so it cannot drift
+    /// from the code.
     #[test]
     fn deployed_example_is_the_defaults() {
         let text = include_str!("../../deploy/scheduler/scheduler.example.toml");
-        assert_eq!(Config::parse(text).unwrap(), Config::default());
+        let example = Config::parse(text).unwrap();
+        assert!(!example.listen.ip().is_loopback());
+        assert!(example.tls.enabled() && !example.tls.allow_plaintext);
+        let auth = example.auth.clone().expect("the example configures [auth]");
+        assert_eq!(auth.limits, crate::auth::config::IdentityLimits::default());
+        assert!(!auth.open_reads);
+        let rest = Config {
+            listen: Config::default().listen,
+            tls: TlsConfig::default(),
+            auth: None,
+            ..example
+        };
+        assert_eq!(rest, Config::default());
     }
 
     /// Out-of-range values are rejected with their dotted key.
