@@ -4,7 +4,7 @@
 //! reads the `authorization: Bearer <token>` header, hashes the token with SHA-256 and looks
 //! the digest up among the credentials the configuration (and, for builders, the operator
 //! state) holds. The result is a [`Caller`] in the request's extensions, which handlers take
-//! with [`Caller::of`] and ask one question each ([`Caller::member`],
+//! with [`Caller::of`] and ask one question each ([`Authority::member`],
 //! [`Caller::require_operator`], [`Authority::check_registration`], …). Handlers never look
 //! at headers themselves, and nothing here logs a token: only digests are kept, and only
 //! identities are named in errors and logs.
