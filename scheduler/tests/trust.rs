@@ -77,6 +77,26 @@ impl Server {
     async fn admin(&self, who: Option<&str>) -> AdminServiceClient<AuthChannel> {
         AdminServiceClient::new(self.as_(who).await)
     }
+
+    /// `who`'s grant for `drv`, asked under `label`; panics unless granted.
+    async fn grant(&self, who: &str, label: &str, drv: &str) -> proto::Granted {
+        let answer = self
+            .lease(Some(who))
+            .await
+            .acquire(acquire(label, drv))
+            .await;
+        granted(answer.unwrap().into_inner())
+    }
+
+    /// The leases `who` may see.
+    async fn leases_of(&self, who: &str) -> Vec<proto::LeaseStatus> {
+        let answer = self
+            .admin(Some(who))
+            .await
+            .list_leases(proto::ListLeasesRequest {})
+            .await;
+        answer.unwrap().into_inner().leases
+    }
 }
 
 impl Drop for Server {
@@ -301,15 +321,7 @@ async fn reregistration_with_another_uri_or_key_never_supersedes() {
     real.report()
         .await
         .expect("the real agent's stream is untouched");
-    let g = granted(
-        server
-            .lease(Some("alice"))
-            .await
-            .acquire(acquire("alice", "d"))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let g = server.grant("alice", "alice", "d").await;
     assert_eq!(g.store_uri, "ssh-ng://build01");
     assert_eq!(g.slots_total, 4);
 }
@@ -386,14 +398,7 @@ async fn acquire_under_another_member_is_denied() {
             .unwrap()
             .into_inner(),
     );
-    let leases = server
-        .admin(Some("ops"))
-        .await
-        .list_leases(proto::ListLeasesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
+    let leases = server.leases_of("ops").await;
     assert_eq!(leases.len(), 1);
     assert_eq!(leases[0].client_id, "alice");
 }
@@ -429,15 +434,7 @@ async fn unreachable_quorum_counts_members_not_labels() {
         !matches!(second.outcome, Some(Outcome::Granted(_))),
         "a second label is the same member: {second:?}"
     );
-    let g = granted(
-        server
-            .lease(Some("bob"))
-            .await
-            .acquire(acquire("bob", "d3"))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    let g = server.grant("bob", "bob", "d3").await;
     assert_eq!(g.host_id, "build01");
 }
 
@@ -517,32 +514,9 @@ async fn another_members_lease_cannot_be_touched() {
 async fn members_see_only_their_own_leases() {
     let server = Server::start(auth_config()).await;
     let _real = real_agent(&server).await;
-    granted(
-        server
-            .lease(Some("alice"))
-            .await
-            .acquire(acquire("alice", "alice-secret"))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
-    granted(
-        server
-            .lease(Some("bob"))
-            .await
-            .acquire(acquire("bob", "bob-secret"))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
-    let mine = server
-        .admin(Some("bob"))
-        .await
-        .list_leases(proto::ListLeasesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
+    server.grant("alice", "alice", "alice-secret").await;
+    server.grant("bob", "bob", "bob-secret").await;
+    let mine = server.leases_of("bob").await;
     assert_eq!(mine.len(), 1);
     assert!(
         mine.iter()
@@ -580,14 +554,7 @@ async fn members_see_only_their_own_leases() {
         .code(),
         Code::PermissionDenied
     );
-    let all = server
-        .admin(Some("ops"))
-        .await
-        .list_leases(proto::ListLeasesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .leases;
+    let all = server.leases_of("ops").await;
     assert_eq!(all.len(), 2);
     server
         .admin(Some("ops"))
@@ -649,15 +616,7 @@ async fn one_member_cannot_hold_every_slot() {
         Some(Outcome::Postpone(p)) => assert!(p.reason.contains("limit"), "{}", p.reason),
         other => panic!("expected a postponement, got {other:?}"),
     }
-    granted(
-        server
-            .lease(Some("bob"))
-            .await
-            .acquire(acquire("bob", "b"))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
+    server.grant("bob", "bob", "b").await;
 }
 
 /// Store URIs the hook could not use (`;`, a leading `-`, `?remote-program=`) are refused at

@@ -6,6 +6,7 @@ use nixdispatch::proto::{self, admin_service_server};
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
+use super::trust::off_runtime;
 use super::{Shared, convert, metrics};
 use crate::auth::Caller;
 use crate::core::HostId;
@@ -182,10 +183,7 @@ impl admin_service_server::AdminService for AdminService {
         tracing::Span::current().record("host", entry.id.as_str());
         let shared = self.shared.clone();
         let (id, uri) = (entry.id.clone(), entry.store_uri.clone());
-        match tokio::task::spawn_blocking(move || shared.provision(entry)).await {
-            Ok(r) => r?,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+        off_runtime(move || shared.provision(entry)).await?;
         info!(host = %id, store_uri = %uri, "builder provisioned by an operator");
         Ok(Response::new(proto::ProvisionHostResponse {}))
     }
@@ -200,12 +198,8 @@ impl admin_service_server::AdminService for AdminService {
             metrics::rejected("admin");
             Status::from(e)
         })?;
-        let shared = self.shared.clone();
-        let target = id.clone();
-        let removed = match tokio::task::spawn_blocking(move || shared.unprovision(&target)).await {
-            Ok(r) => r?,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
+        let (shared, target) = (self.shared.clone(), id.clone());
+        let removed = off_runtime(move || shared.unprovision(&target)).await?;
         info!(host = %id, removed, "builder unprovisioned by an operator");
         Ok(Response::new(proto::UnprovisionHostResponse { removed }))
     }

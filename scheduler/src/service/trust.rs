@@ -123,3 +123,12 @@ impl Shared {
         }
     }
 }
+
+/// Runs `f` (a store write) off the runtime's workers, which the acquire path needs, and
+/// waits for it. Blocking tasks are never cancelled, so a join error is `f`'s panic.
+pub(crate) async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
