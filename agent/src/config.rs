@@ -236,8 +236,9 @@ impl Config {
                 .clone()
                 .ok_or_else(|| undiscovered("host_id", "the host name is unknown"))?,
         };
-        validate_id("host_id", &host_id, 128, |c| {
-            c.is_ascii_alphanumeric() || "._-".contains(c)
+        nixdispatch::validate::host_id(&host_id).map_err(|e| Error::InvalidConfig {
+            key: "host_id",
+            reason: format!("{host_id:?} {}", e.0),
         })?;
 
         let store_uri = match self.store_uri {
@@ -315,6 +316,10 @@ impl Config {
                 key: "host_key_file",
                 reason,
             })?;
+        nixdispatch::validate::host_key(&host_public_key).map_err(|e| Error::InvalidConfig {
+            key: "host_key_file",
+            reason: e.0,
+        })?;
 
         if !(self.scheduler.starts_with("http://") || self.scheduler.starts_with("https://")) {
             return Err(Error::InvalidConfig {
@@ -426,24 +431,13 @@ fn validate_list(
     values.iter().try_for_each(|v| validate_id(key, v, 64, ok))
 }
 
+/// The protocol's rule (`nixdispatch::validate::store_uri`), the one the scheduler and the
+/// hook apply: an agent never registers a URI the scheduler would refuse.
 fn validate_store_uri(uri: &str) -> Result<()> {
-    let invalid = |reason: &str| {
-        Err(Error::InvalidConfig {
-            key: "store_uri",
-            reason: format!("{uri:?}: {reason}"),
-        })
-    };
-    if !(uri.starts_with("ssh://") || uri.starts_with("ssh-ng://")) {
-        return invalid("must start with ssh:// or ssh-ng://");
-    }
-    if uri.len() > 1024 || uri.chars().any(char::is_whitespace) {
-        return invalid("at most 1024 bytes and no whitespace");
-    }
-    let host = uri.split_once("://").map_or("", |(_, rest)| rest);
-    if host.is_empty() || host.starts_with('?') {
-        return invalid("no host");
-    }
-    Ok(())
+    nixdispatch::validate::store_uri(uri).map_err(|e| Error::InvalidConfig {
+        key: "store_uri",
+        reason: format!("{uri:?}: {}", e.0),
+    })
 }
 
 #[cfg(test)]

@@ -73,3 +73,24 @@ impl TlsConfig {
         Ok(Some(ServerTlsConfig::new().identity(identity)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plaintext is served on loopback, refused on a network address, and allowed there only
+    /// with `allow_plaintext`; a certificate without its key is refused.
+    #[test]
+    fn plaintext_only_on_loopback_unless_allowed() {
+        let loopback: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let network: SocketAddr = "0.0.0.0:50051".parse().unwrap();
+        let mut c = TlsConfig::default();
+        assert!(c.server_config(loopback).unwrap().is_none());
+        let e = c.server_config(network).unwrap_err().to_string();
+        assert!(e.contains("tls"), "{e}");
+        c.allow_plaintext = true;
+        assert!(c.server_config(network).unwrap().is_none());
+        c.certificate = Some("/c.pem".into());
+        assert!(c.validate().is_err());
+    }
+}
