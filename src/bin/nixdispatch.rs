@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nixdispatch::cli::Render;
+use nixdispatch::cli::{Confirmation, Render};
 use nixdispatch::client::{self, ClientConfig};
 use nixdispatch::proto;
 
@@ -54,6 +54,28 @@ enum Command {
     },
     /// Let a drained host take leases again.
     Undrain {
+        /// The host's id.
+        host_id: String,
+    },
+    /// Provision a builder: its agent may then register HOST_ID, with exactly this store URI
+    /// and host key, when it proves the token whose SHA-256 is given (the builder's operator
+    /// runs `printf %s "$(cat agent.token)" | sha256sum`; the token never leaves the builder).
+    Provision {
+        /// The host id its agent registers.
+        host_id: String,
+        /// The store URI members' Nix will use, e.g. ssh-ng://nix@build01.example.org.
+        #[arg(long)]
+        store_uri: String,
+        /// The builder's SSH host public key file (from the builder, never from a first
+        /// connection).
+        #[arg(long)]
+        host_key_file: PathBuf,
+        /// SHA-256 of the agent's token, 64 hex digits.
+        #[arg(long)]
+        token_sha256: String,
+    },
+    /// Remove a builder provisioned with `provision`; its agent's session is closed.
+    Unprovision {
         /// The host's id.
         host_id: String,
     },
@@ -151,6 +173,46 @@ async fn run(args: Args) -> anyhow::Result<(String, bool)> {
                 .await?
                 .into_inner(),
         ),
+        Command::Provision {
+            host_id,
+            store_uri,
+            host_key_file,
+            token_sha256,
+        } => {
+            let host_public_key = std::fs::read_to_string(&host_key_file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", host_key_file.display()))?
+                .trim()
+                .to_owned();
+            admin
+                .provision_host(proto::ProvisionHostRequest {
+                    host_id: host_id.clone(),
+                    store_uri: store_uri.clone(),
+                    host_public_key,
+                    token_sha256,
+                })
+                .await?;
+            Box::new(Confirmation {
+                line: format!("{host_id} provisioned at {store_uri}"),
+                json: serde_json::json!({ "host_id": host_id, "store_uri": store_uri }),
+            })
+        }
+        Command::Unprovision { host_id } => {
+            let removed = admin
+                .unprovision_host(proto::UnprovisionHostRequest {
+                    host_id: host_id.clone(),
+                })
+                .await?
+                .into_inner()
+                .removed;
+            Box::new(Confirmation {
+                line: if removed {
+                    format!("{host_id} unprovisioned")
+                } else {
+                    format!("{host_id} was not provisioned through the API")
+                },
+                json: serde_json::json!({ "host_id": host_id, "removed": removed }),
+            })
+        }
         Command::Doctor { .. } => unreachable!("answered above"),
     };
     Ok((
