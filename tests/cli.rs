@@ -158,18 +158,20 @@ async fn provisioning_needs_the_operator_credential() {
     let (alice_file, alice_digest) = token("alice");
     let key_file = dir.path().join("host.pub");
     std::fs::write(&key_file, format!("{KEY} root@b2\n")).unwrap();
-    let mut config = nixdispatch_scheduler::config::Config::default();
-    config.auth = Some(AuthConfig {
-        members: vec![PrincipalEntry {
-            name: "alice".into(),
-            token_sha256: alice_digest,
-        }],
-        operators: vec![PrincipalEntry {
-            name: "ops".into(),
-            token_sha256: ops_digest,
-        }],
-        ..AuthConfig::default()
-    });
+    let config = nixdispatch_scheduler::config::Config {
+        auth: Some(AuthConfig {
+            members: vec![PrincipalEntry {
+                name: "alice".into(),
+                token_sha256: alice_digest,
+            }],
+            operators: vec![PrincipalEntry {
+                name: "ops".into(),
+                token_sha256: ops_digest,
+            }],
+            ..AuthConfig::default()
+        }),
+        ..Default::default()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
