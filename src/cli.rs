@@ -400,6 +400,25 @@ pub trait Render {
     fn json(&self) -> Value;
 }
 
+/// A change that answers nothing but its success (provisioning): one line for people, the
+/// same facts as JSON for scripts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Confirmation {
+    /// The line, e.g. `build01 provisioned`.
+    pub line: String,
+    /// The JSON form.
+    pub json: Value,
+}
+
+impl Render for Confirmation {
+    fn table(&self) -> String {
+        format!("{}\n", self.line)
+    }
+    fn json(&self) -> Value {
+        self.json.clone()
+    }
+}
+
 impl Render for Vec<proto::HostStatus> {
     fn table(&self) -> String {
         hosts_table(self)

@@ -1,6 +1,14 @@
-//! Connecting to the scheduler: an endpoint with a connect timeout and, when a credential
-//! file is configured, `authorization: Bearer <token>` on every call. Shared by the build
-//! hook and the operator CLI.
+//! Connecting to the scheduler, for every client of it: the agent, the build hook, the
+//! operator CLI (and the builder-side gate). One place holds the endpoint, TLS with a pinned
+//! CA, the credential and the timeouts:
+//!
+//! - `https://` endpoints use TLS (rustls with ring) and trust only the CA in `ca_file`
+//!   (no system roots: the community's scheduler has its own CA, and pinning it means a
+//!   certificate any public CA issued for the name does not pass);
+//! - a credential file's trimmed content is sent as `authorization: Bearer <token>` on every
+//!   call, marked sensitive so that nothing that prints headers shows it; the file is read
+//!   once, when the connection is prepared (systemd's `LoadCredential=` puts it in
+//!   `$CREDENTIALS_DIRECTORY`); a token is never taken from the command line.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -8,9 +16,10 @@ use std::time::Duration;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::proto::admin_service_client::AdminServiceClient;
+use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::lease_service_client::LeaseServiceClient;
 
 /// How to reach the scheduler.
@@ -24,6 +33,15 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Bound on each call, when set (callers may also bound calls themselves).
     pub request_timeout: Option<Duration>,
+    /// PEM file of the CA that signed the scheduler's certificate, the only one trusted for
+    /// an `https://` endpoint (required there).
+    pub ca_file: Option<PathBuf>,
+    /// The name the scheduler's certificate must carry, when it is not the endpoint's host
+    /// (e.g. an endpoint given by IP address).
+    pub tls_domain: Option<String>,
+    /// HTTP/2 ping interval and timeout, for long-lived streams (the agent): a connection
+    /// that died without a FIN is found long before TCP would.
+    pub keepalive: Option<(Duration, Duration)>,
 }
 
 impl ClientConfig {
@@ -35,6 +53,9 @@ impl ClientConfig {
             credential_file: None,
             connect_timeout: Duration::from_secs(1),
             request_timeout: None,
+            ca_file: None,
+            tls_domain: None,
+            keepalive: None,
         }
     }
 }
@@ -66,6 +87,30 @@ pub enum ClientError {
         /// The file.
         path: PathBuf,
     },
+    /// The CA file cannot be read.
+    #[error("cannot read the CA file {path}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An `https://` endpoint needs the CA to pin.
+    #[error("the endpoint {endpoint} uses TLS: set the scheduler's CA file (ca_file)")]
+    MissingCa {
+        /// The endpoint.
+        endpoint: String,
+    },
+    /// The TLS settings were refused.
+    #[error("TLS settings for {endpoint}")]
+    Tls {
+        /// The endpoint.
+        endpoint: String,
+        /// The transport's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
     /// Connecting failed or timed out.
     #[error("cannot connect to the scheduler at {endpoint}")]
     Connect {
@@ -96,11 +141,13 @@ impl Auth {
                 path: path.to_owned(),
             });
         }
-        let header = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| ClientError::BadToken {
-                path: path.to_owned(),
-            })?;
+        let mut header: MetadataValue<Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::BadToken {
+                    path: path.to_owned(),
+                })?;
+        header.set_sensitive(true);
         Ok(Auth {
             header: Some(header),
         })
@@ -119,30 +166,95 @@ impl Interceptor for Auth {
 /// A channel to the scheduler that carries the credential.
 pub type AuthChannel = InterceptedService<Channel, Auth>;
 
+/// A connection made ready: files read and validated, not yet connected. The agent
+/// prepares once and connects again after each lost session.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    endpoint: Endpoint,
+    auth: Auth,
+    name: String,
+}
+
+impl Prepared {
+    /// Reads the credential and CA files and builds the endpoint; no network yet.
+    pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
+        let auth = match &config.credential_file {
+            Some(path) => Auth::from_file(path)?,
+            None => Auth::default(),
+        };
+        let name = config.endpoint.clone();
+        let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
+            .map_err(|source| ClientError::InvalidEndpoint {
+                endpoint: name.clone(),
+                source,
+            })?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true);
+        if let Some(t) = config.request_timeout {
+            endpoint = endpoint.timeout(t);
+        }
+        if let Some((interval, timeout)) = config.keepalive {
+            endpoint = endpoint
+                .http2_keep_alive_interval(interval)
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(true);
+        }
+        if config.endpoint.starts_with("https://") {
+            let path = config
+                .ca_file
+                .as_ref()
+                .ok_or_else(|| ClientError::MissingCa {
+                    endpoint: name.clone(),
+                })?;
+            let pem = std::fs::read(path).map_err(|source| ClientError::Ca {
+                path: path.clone(),
+                source,
+            })?;
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some(domain) = &config.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|source| ClientError::Tls {
+                    endpoint: name.clone(),
+                    source,
+                })?;
+        }
+        Ok(Prepared {
+            endpoint,
+            auth,
+            name,
+        })
+    }
+
+    /// Connects (eagerly, so that an unreachable scheduler is known now).
+    pub async fn connect(&self) -> Result<AuthChannel, ClientError> {
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                endpoint: self.name.clone(),
+                source,
+            })?;
+        Ok(InterceptedService::new(channel, self.auth.clone()))
+    }
+
+    /// The endpoint as configured, for logs.
+    pub fn endpoint(&self) -> &str {
+        &self.name
+    }
+}
+
 /// Connects to the scheduler (eagerly, so that an unreachable scheduler is known now).
 pub async fn connect(config: &ClientConfig) -> Result<AuthChannel, ClientError> {
-    let auth = match &config.credential_file {
-        Some(path) => Auth::from_file(path)?,
-        None => Auth::default(),
-    };
-    let mut endpoint = Endpoint::from_shared(config.endpoint.clone())
-        .map_err(|source| ClientError::InvalidEndpoint {
-            endpoint: config.endpoint.clone(),
-            source,
-        })?
-        .connect_timeout(config.connect_timeout)
-        .tcp_nodelay(true);
-    if let Some(t) = config.request_timeout {
-        endpoint = endpoint.timeout(t);
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| ClientError::Connect {
-            endpoint: config.endpoint.clone(),
-            source,
-        })?;
-    Ok(InterceptedService::new(channel, auth))
+    Prepared::new(config)?.connect().await
+}
+
+/// An agent client over `channel`.
+pub fn agent_client(channel: AuthChannel) -> AgentServiceClient<AuthChannel> {
+    AgentServiceClient::new(channel)
 }
 
 /// A lease client over `channel`.
@@ -167,10 +279,9 @@ mod tests {
         std::fs::write(&p, "s3cret\n").unwrap();
         let mut auth = Auth::from_file(&p).unwrap();
         let req = auth.call(tonic::Request::new(())).unwrap();
-        assert_eq!(
-            req.metadata().get("authorization").unwrap(),
-            "Bearer s3cret"
-        );
+        let value = req.metadata().get("authorization").unwrap();
+        assert_eq!(value, "Bearer s3cret");
+        assert!(value.is_sensitive());
         std::fs::write(&p, "two words").unwrap();
         assert!(matches!(
             Auth::from_file(&p),
@@ -187,6 +298,13 @@ mod tests {
     fn no_credential_no_header() {
         let req = Auth::default().call(tonic::Request::new(())).unwrap();
         assert!(req.metadata().get("authorization").is_none());
+    }
+
+    /// An `https://` endpoint without a CA to pin is refused before any connection.
+    #[test]
+    fn tls_needs_a_pinned_ca() {
+        let e = Prepared::new(&ClientConfig::new("https://127.0.0.1:1")).unwrap_err();
+        assert!(matches!(e, ClientError::MissingCa { .. }), "{e:?}");
     }
 
     /// Connecting to a closed port fails quickly with a connect error.

@@ -11,3 +11,4 @@ pub mod client;
 pub mod doctor;
 pub mod hook;
 pub mod proto;
+pub mod validate;

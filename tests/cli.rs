@@ -171,3 +171,79 @@ async fn unreachable_scheduler_is_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("cannot connect to the scheduler"), "{err}");
 }
+
+/// With `[auth]`, `provision` and `unprovision` work with the operator's credential file,
+/// are denied with a member's and unauthenticated without one, and the errors say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_needs_the_operator_credential() {
+    use nixdispatch_scheduler::auth::{AuthConfig, PrincipalEntry, digest_of};
+    let dir = tempfile::tempdir().unwrap();
+    let token = |name: &str| {
+        let path = dir.path().join(format!("{name}.token"));
+        std::fs::write(&path, format!("{name}-token-0123456789\n")).unwrap();
+        (
+            path,
+            digest_of(&format!("{name}-token-0123456789")).to_hex(),
+        )
+    };
+    let (ops_file, ops_digest) = token("ops");
+    let (alice_file, alice_digest) = token("alice");
+    let key_file = dir.path().join("host.pub");
+    std::fs::write(&key_file, format!("{KEY} root@b2\n")).unwrap();
+    let config = nixdispatch_scheduler::config::Config {
+        auth: Some(AuthConfig {
+            members: vec![PrincipalEntry {
+                name: "alice".into(),
+                token_sha256: alice_digest,
+            }],
+            operators: vec![PrincipalEntry {
+                name: "ops".into(),
+                token_sha256: ops_digest,
+            }],
+            ..AuthConfig::default()
+        }),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(nixdispatch_scheduler::server::run(
+        listener,
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let provision = [
+        "provision",
+        "b2",
+        "--store-uri",
+        "ssh-ng://b2",
+        "--host-key-file",
+        key_file.to_str().unwrap(),
+        "--token-sha256",
+        &"ab".repeat(32),
+    ];
+    let with = |file: &std::path::Path, args: &[&str]| {
+        let mut v = vec!["--credential-file".to_owned(), file.display().to_string()];
+        v.extend(args.iter().map(|a| a.to_string()));
+        v
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(addr, &args).await
+    };
+    let (ok, _, err) = run(provision.iter().map(|a| a.to_string()).collect()).await;
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let (ok, _, err) = run(with(&alice_file, &provision)).await;
+    assert!(!ok && err.contains("PermissionDenied"), "{err}");
+    let (ok, out, err) = run(with(&ops_file, &provision)).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "b2 provisioned at ssh-ng://b2\n");
+    let (ok, out, _) = run(with(&ops_file, &["--json", "unprovision", "b2"])).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["removed"], true);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

@@ -82,6 +82,39 @@ fn builds_spread_over_builders_by_capacity() {
     assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
 }
 
+/// The shipped deployment's shape end to end: TLS with a pinned CA, agents proving their
+/// provisioned hosts with their own tokens, the hook authenticating as a member. The build
+/// goes through the hook to the builders, and the leases are the member's and all released.
+#[test]
+fn authenticated_build_over_tls() {
+    let specs = [BuilderSpec::new("b1", 2), BuilderSpec::new("b2", 1)];
+    let mut env = Env::new(&specs);
+    env.secure = true;
+    env.start_scheduler_and_agents(&specs);
+    let url = env.scheduler_addr.clone().unwrap();
+    assert!(url.starts_with("https://"), "{url}");
+    let config = env.write_hook_config(&url, "");
+    let tag = env.tag("secure");
+    let run = env.nix_build(
+        &config,
+        hook(),
+        0,
+        &[
+            "--argstr", "tag", &tag, "--arg", "leaves", "2", "--argstr", "sleep", "1",
+        ],
+    );
+    assert!(run.success, "{}", env.diagnostics(&run));
+    let places = placements(run.out_path());
+    assert_eq!(places.len(), 3, "{places:?}");
+    assert!(!places.iter().any(|(_, h)| h == "local"), "{places:?}");
+    assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
+    assert!(
+        !env.hook_log().contains("unauthenticated"),
+        "{}",
+        env.diagnostics(&run)
+    );
+}
+
 /// A registered builder whose sshd is down, and one whose pinned host key is wrong, are
 /// skipped (released as unreachable, another host asked for) and the build still succeeds.
 #[test]

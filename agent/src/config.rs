@@ -18,9 +18,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nixdispatch::client::{ClientConfig, ClientError, Prepared};
 use nixdispatch::proto;
 use serde::Deserialize;
-use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::discover;
 use crate::error::{Error, Result};
@@ -59,10 +59,18 @@ pub struct Config {
     /// The build directory, for its free space. Default `$TMPDIR` or `/tmp`, where the Nix
     /// daemon builds unless `build-dir` is set.
     pub build_dir: Option<PathBuf>,
-    /// A file holding the agent's bearer token. Reserved for the TLS/credentials work: when
-    /// set, its trimmed content is sent as `authorization: Bearer <token>` on the session; the
-    /// scheduler does not check it yet. Default: none.
+    /// A file holding this host's token, which proves to the scheduler that the agent is this
+    /// provisioned builder; its trimmed content is sent as `authorization: Bearer <token>`.
+    /// Under systemd give it with `LoadCredential=` (the shipped unit reads
+    /// `$CREDENTIALS_DIRECTORY/token`). Default: none, which only a scheduler in the open
+    /// mode (no `[auth]`, loopback) accepts.
     pub credential_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the scheduler's certificate, the only CA trusted for an
+    /// `https://` scheduler (required there). Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// The name the scheduler's certificate carries, when the `scheduler` URL does not use
+    /// it (e.g. an IP address). Default: none, the URL's host.
+    pub tls_domain: Option<String>,
     /// The `nix` binary used for discovery. Default `nix`, from `PATH`.
     pub nix_bin: PathBuf,
     /// Group of the Nix build users, for counting builds. Default: the local Nix's
@@ -88,6 +96,8 @@ impl Default for Config {
             store_dir: PathBuf::from("/nix/store"),
             build_dir: None,
             credential_file: None,
+            ca_file: None,
+            tls_domain: None,
             nix_bin: PathBuf::from("nix"),
             build_users_group: None,
             timing: Timing::default(),
@@ -163,12 +173,11 @@ impl Timing {
 /// Everything the agent runs with, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// The scheduler's endpoint (URI validated, timeouts set).
-    pub endpoint: tonic::transport::Endpoint,
+    /// The connection to the scheduler, prepared by the shared client module (endpoint,
+    /// TLS with the pinned CA, credential, timeouts, HTTP/2 keepalive).
+    pub client: Prepared,
     /// The registration, without the host facts (CPU count, memory) the sampler adds.
     pub register: proto::Register,
-    /// The `authorization` header value, when a credential file is configured.
-    pub authorization: Option<MetadataValue<Ascii>>,
     /// What and where to sample.
     pub sampler: SamplerConfig,
     /// Timing.
@@ -227,8 +236,9 @@ impl Config {
                 .clone()
                 .ok_or_else(|| undiscovered("host_id", "the host name is unknown"))?,
         };
-        validate_id("host_id", &host_id, 128, |c| {
-            c.is_ascii_alphanumeric() || "._-".contains(c)
+        nixdispatch::validate::host_id(&host_id).map_err(|e| Error::InvalidConfig {
+            key: "host_id",
+            reason: format!("{host_id:?} {}", e.0),
         })?;
 
         let store_uri = match self.store_uri {
@@ -306,44 +316,45 @@ impl Config {
                 key: "host_key_file",
                 reason,
             })?;
+        nixdispatch::validate::host_key(&host_public_key).map_err(|e| Error::InvalidConfig {
+            key: "host_key_file",
+            reason: e.0,
+        })?;
 
-        let authorization = match &self.credential_file {
-            None => None,
-            Some(path) => {
-                let token = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
-                    key: "credential_file",
-                    path: path.clone(),
-                    source,
-                })?;
-                let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                    Error::InvalidConfig {
-                        key: "credential_file",
-                        reason: "the token is not printable ASCII".into(),
-                    }
-                })?;
-                Some(value)
-            }
-        };
-
-        let connect_timeout = Duration::from_millis(self.timing.connect_timeout_millis);
-        let endpoint = tonic::transport::Endpoint::from_shared(self.scheduler.clone())
-            .map_err(|e| Error::InvalidConfig {
-                key: "scheduler",
-                reason: e.to_string(),
-            })?
-            .connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            // HTTP/2 pings find a connection that died without a FIN (a partition, a host
-            // that lost power) long before TCP would.
-            .http2_keep_alive_interval(Duration::from_secs(15))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
         if !(self.scheduler.starts_with("http://") || self.scheduler.starts_with("https://")) {
             return Err(Error::InvalidConfig {
                 key: "scheduler",
                 reason: "must be an http:// or https:// URL".into(),
             });
         }
+        let client = Prepared::new(&ClientConfig {
+            endpoint: self.scheduler.clone(),
+            credential_file: self.credential_file.clone(),
+            connect_timeout: Duration::from_millis(self.timing.connect_timeout_millis),
+            request_timeout: None,
+            ca_file: self.ca_file.clone(),
+            tls_domain: self.tls_domain.clone(),
+            // HTTP/2 pings find a connection that died without a FIN (a partition, a host
+            // that lost power) long before TCP would.
+            keepalive: Some((Duration::from_secs(15), Duration::from_secs(10))),
+        })
+        .map_err(|e| match e {
+            ClientError::Credential { path, source } => Error::ReadFile {
+                key: "credential_file",
+                path,
+                source,
+            },
+            ClientError::Ca { path, source } => Error::ReadFile {
+                key: "ca_file",
+                path,
+                source,
+            },
+            ClientError::BadToken { .. } => Error::InvalidConfig {
+                key: "credential_file",
+                reason: "the token is not one line of printable ASCII".into(),
+            },
+            other => Error::Client(other),
+        })?;
 
         let build_users_group = match self.build_users_group {
             Some(group) => Some(group),
@@ -364,7 +375,7 @@ impl Config {
                 .unwrap_or_default();
 
         Ok(Settings {
-            endpoint,
+            client,
             register: proto::Register {
                 host_id,
                 store_uri,
@@ -378,7 +389,6 @@ impl Config {
                 total_memory_bytes: 0,
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             },
-            authorization,
             sampler: SamplerConfig {
                 proc_root: PathBuf::from("/proc"),
                 store_dir: self.store_dir,
@@ -421,24 +431,13 @@ fn validate_list(
     values.iter().try_for_each(|v| validate_id(key, v, 64, ok))
 }
 
+/// The protocol's rule (`nixdispatch::validate::store_uri`), the one the scheduler and the
+/// hook apply: an agent never registers a URI the scheduler would refuse.
 fn validate_store_uri(uri: &str) -> Result<()> {
-    let invalid = |reason: &str| {
-        Err(Error::InvalidConfig {
-            key: "store_uri",
-            reason: format!("{uri:?}: {reason}"),
-        })
-    };
-    if !(uri.starts_with("ssh://") || uri.starts_with("ssh-ng://")) {
-        return invalid("must start with ssh:// or ssh-ng://");
-    }
-    if uri.len() > 1024 || uri.chars().any(char::is_whitespace) {
-        return invalid("at most 1024 bytes and no whitespace");
-    }
-    let host = uri.split_once("://").map_or("", |(_, rest)| rest);
-    if host.is_empty() || host.starts_with('?') {
-        return invalid("no host");
-    }
-    Ok(())
+    nixdispatch::validate::store_uri(uri).map_err(|e| Error::InvalidConfig {
+        key: "store_uri",
+        reason: format!("{uri:?}: {}", e.0),
+    })
 }
 
 #[cfg(test)]
@@ -519,7 +518,7 @@ mod tests {
         assert_eq!(s.register.systems, ["x86_64-linux"]);
         assert_eq!(s.register.max_jobs, 2);
         assert!(s.register.host_public_key.starts_with("ssh-ed25519 "));
-        assert!(s.authorization.is_none());
+        assert_eq!(s.client.endpoint(), "http://127.0.0.1:50051");
     }
 
     /// Missing required settings without Nix name the key to set.
@@ -641,19 +640,29 @@ mod tests {
         }
     }
 
-    /// The credential file's trimmed content becomes a bearer header.
+    /// The credential file is read at start (its header is the shared client's, tested
+    /// there); a token that cannot be a header is refused naming `credential_file`.
     #[tokio::test]
-    async fn credential_header() {
+    async fn credential_is_read_at_start() {
         let dir = tempfile::tempdir().unwrap();
         let cred = dir.path().join("token");
         std::fs::write(&cred, "  s3cret\n").unwrap();
-        let s = Config {
-            credential_file: Some(cred),
+        let config = Config {
+            credential_file: Some(cred.clone()),
             ..explicit(dir.path())
-        }
-        .resolve()
-        .await
-        .unwrap();
-        assert_eq!(s.authorization.unwrap().to_str().unwrap(), "Bearer s3cret");
+        };
+        config.clone().resolve().await.unwrap();
+        std::fs::write(&cred, "two words").unwrap();
+        let e = config.resolve().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidConfig {
+                    key: "credential_file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -34,6 +34,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The connection to the scheduler cannot be prepared (endpoint, credential, CA).
+    #[error(transparent)]
+    Client(#[from] nixdispatch::client::ClientError),
     /// A file the agent needs (host key, credential) could not be read.
     #[error("cannot read `{key}` file {path}")]
     ReadFile {

@@ -50,9 +50,15 @@ struct Cli {
     /// Build directory, for its free space [default: $TMPDIR or /tmp].
     #[arg(long, value_name = "DIR")]
     build_dir: Option<PathBuf>,
-    /// Bearer token file, reserved for scheduler authentication (sent, not yet checked).
+    /// This host's token file (never the token itself on the command line).
     #[arg(long, value_name = "FILE")]
     credential_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the scheduler's certificate (https:// schedulers).
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// The name on the scheduler's certificate, when the --scheduler URL does not use it.
+    #[arg(long, value_name = "NAME")]
+    tls_domain: Option<String>,
     /// `nix` binary used for discovery [default: nix].
     #[arg(long, value_name = "PATH")]
     nix_bin: Option<PathBuf>,
@@ -112,6 +118,12 @@ impl Cli {
         }
         if let Some(v) = self.credential_file {
             c.credential_file = Some(v);
+        }
+        if let Some(v) = self.ca_file {
+            c.ca_file = Some(v);
+        }
+        if let Some(v) = self.tls_domain {
+            c.tls_domain = Some(v);
         }
         if let Some(v) = self.nix_bin {
             c.nix_bin = v;

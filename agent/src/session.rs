@@ -20,7 +20,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use nixdispatch::proto::{self, agent_message::Message, agent_service_client::AgentServiceClient};
+use nixdispatch::proto::{self, agent_message::Message};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -76,7 +76,7 @@ pub(crate) async fn run(settings: Settings, shutdown: impl Future<Output = ()>) 
         Backoff::random_seed(),
     );
     let mut state = State::Starting;
-    let scheduler = settings.endpoint.uri().to_string();
+    let scheduler = settings.client.endpoint().to_owned();
     tracing::info!(
         host_id = %register.host_id,
         store_uri = %register.store_uri,
@@ -154,21 +154,12 @@ async fn session<F: Future<Output = ()>>(
     let channel = tokio::select! {
         biased;
         () = shutdown.as_mut() => return Ended::Shutdown,
-        channel = settings.endpoint.connect() => match channel {
+        channel = settings.client.connect() => match channel {
             Ok(channel) => channel,
             Err(e) => return lost(false, error_chain(&e)),
         },
     };
-    let authorization = settings.authorization.clone();
-    let mut client =
-        AgentServiceClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-            if let Some(value) = &authorization {
-                request
-                    .metadata_mut()
-                    .insert("authorization", value.clone());
-            }
-            Ok(request)
-        });
+    let mut client = nixdispatch::client::agent_client(channel);
     let (outbox, rx) = mpsc::channel(OUTBOX);
     // Cannot fail: the queue is new and empty.
     let _ = outbox.try_send(message(Message::Register(register.clone())));

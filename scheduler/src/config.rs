@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::auth::AuthConfig;
 use crate::core::{Admission, ClientId, CoreConfig, MemberQuota, PolicyKind, Quotas, System};
+use crate::tls::TlsConfig;
 
 /// The whole configuration.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -38,6 +40,14 @@ pub struct Config {
     pub queue: QueueConfig,
     /// Where operator state (drains) is kept across restarts.
     pub state: StateConfig,
+    /// Who may call (`[auth]`, see [`crate::auth`]). Default: none, the **open mode**: no
+    /// credential is checked and every caller may do everything. Why: the quick start runs
+    /// on loopback with no file at all; the server refuses to start open on any address
+    /// that is not loopback, and logs a warning when it starts open.
+    pub auth: Option<AuthConfig>,
+    /// TLS (`[tls]`, see [`crate::tls`]). Default: none (plaintext), allowed only on
+    /// loopback unless `tls.allow_plaintext` says otherwise.
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -51,6 +61,8 @@ impl Default for Config {
             placement: PlacementConfig::default(),
             limits: LimitsConfig::default(),
             state: StateConfig::default(),
+            auth: None,
+            tls: TlsConfig::default(),
             queue: QueueConfig::default(),
         }
     }
@@ -404,6 +416,10 @@ impl Config {
                 reason: "must be at least 4096 (a full registration must fit)".into(),
             });
         }
+        if let Some(auth) = &self.auth {
+            auth.validate()?;
+        }
+        self.tls.validate()?;
         let a = &self.admission;
         for (key, v) in [
             ("admission.min_free_store_percent", a.min_free_store_percent),
@@ -542,12 +558,25 @@ mod tests {
         assert!(e.contains("fastest"), "{e}");
     }
 
-    /// The example file in `deploy/` parses and states exactly the embedded defaults, so it
-    /// cannot drift from the code.
+    /// The example file in `deploy/` parses, is a secure deployment (a network address,
+    /// TLS, `[auth]`), and otherwise states exactly the embedded defaults, so it cannot drift
+    /// from the code.
     #[test]
     fn deployed_example_is_the_defaults() {
         let text = include_str!("../../deploy/scheduler/scheduler.example.toml");
-        assert_eq!(Config::parse(text).unwrap(), Config::default());
+        let example = Config::parse(text).unwrap();
+        assert!(!example.listen.ip().is_loopback());
+        assert!(example.tls.enabled() && !example.tls.allow_plaintext);
+        let auth = example.auth.clone().expect("the example configures [auth]");
+        assert_eq!(auth.limits, crate::auth::config::IdentityLimits::default());
+        assert!(!auth.open_reads);
+        let rest = Config {
+            listen: Config::default().listen,
+            tls: TlsConfig::default(),
+            auth: None,
+            ..example
+        };
+        assert_eq!(rest, Config::default());
     }
 
     /// Out-of-range values are rejected with their dotted key.

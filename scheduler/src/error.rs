@@ -13,6 +13,46 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// The call carried no credential, or one the scheduler does not know.
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated {
+        /// What is missing or wrong (never the credential itself).
+        reason: String,
+    },
+    /// The caller is known but may not do this: wrong role, or not the owner.
+    #[error("permission denied: {identity} may not {action}: {reason}")]
+    PermissionDenied {
+        /// Who asked (`member alice`, `operator ops`, `host build01`).
+        identity: String,
+        /// What was refused (`drain a host`, `release lease …`).
+        action: String,
+        /// Why.
+        reason: String,
+    },
+    /// An agent's registration differs from what operators provisioned for its host id.
+    #[error("registration of host `{host_id}` refused: {reason}")]
+    NotProvisioned {
+        /// The host id the agent claimed.
+        host_id: String,
+        /// What differs (never the credential itself).
+        reason: String,
+    },
+    /// A per-identity limit was reached.
+    #[error("{identity} reached its limit of {limit} {what}")]
+    LimitReached {
+        /// Who.
+        identity: String,
+        /// What is limited (`live leases`, `waiting requests`).
+        what: &'static str,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// A message was larger than `limits.max_message_bytes`.
+    #[error("message too large: {detail}")]
+    TooLarge {
+        /// What the decoder said (sizes).
+        detail: String,
+    },
     /// The scheduling core refused the operation (unknown lease or host, superseded stream).
     #[error(transparent)]
     Core(#[from] crate::core::Error),
@@ -156,7 +196,15 @@ impl From<Error> for tonic::Status {
                     tonic::Status::not_found(msg)
                 }
                 CoreError::Superseded { .. } => tonic::Status::aborted(msg),
+                CoreError::NotHolder { .. } => tonic::Status::permission_denied(msg),
             },
+            Error::Unauthenticated { .. } => tonic::Status::unauthenticated(msg),
+            Error::PermissionDenied { .. } | Error::NotProvisioned { .. } => {
+                tonic::Status::permission_denied(msg)
+            }
+            Error::LimitReached { .. } | Error::TooLarge { .. } => {
+                tonic::Status::resource_exhausted(msg)
+            }
             Error::Config { .. } | Error::ConfigParse { .. } => {
                 tonic::Status::failed_precondition(msg)
             }

@@ -6,13 +6,18 @@
 //! - [`server`]: wires the services, health and reflection into one tonic server.
 //! - [`store`]: the operator state database (drains), written through by the service.
 //! - [`config`]: the TOML configuration and its embedded defaults.
+//! - [`auth`]: who is calling (members, operators, provisioned builders) and what they may do.
+//! - [`tls`]: the server's TLS settings.
 
+pub mod auth;
 pub mod config;
 pub mod core;
 mod error;
 mod incoming;
+mod limits;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 
 pub use error::{Error, StoreProblem};

@@ -12,6 +12,7 @@ use nixdispatch::proto::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
 use tracing::info;
 
 use crate::Error;
@@ -71,6 +72,7 @@ pub async fn serve(
     metrics::describe();
     let max_message = config.limits.max_message_bytes;
     let limits = config.limits.clone();
+    let config_tls = config.tls.clone();
     let (down_tx, down_rx) = watch::channel(false);
     let shared = Shared::new(config, store, Arc::new(TokioClock::new()), down_rx)?;
 
@@ -122,7 +124,18 @@ pub async fn serve(
         what: "reading the listener's address".into(),
         source,
     })?;
-    info!(%local, policy = shared.policy_name(), "scheduler listening");
+    if !shared.auth.enforced() && !local.ip().is_loopback() {
+        return Err(Error::Config {
+            key: "auth".into(),
+            reason: format!(
+                "listening on {local}, which is not loopback, needs an [auth] section: without \
+                 one anybody who can connect may register builders and drain hosts"
+            ),
+        });
+    }
+    let tls = config_tls.server_config(local)?;
+    info!(%local, policy = shared.policy_name(), tls = tls.is_some(), auth = shared.auth.enforced(), "scheduler listening");
+    let authenticator = crate::auth::Authenticator::new(shared.auth.clone());
 
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let stop = async move {
@@ -148,24 +161,32 @@ pub async fn serve(
     // `serve_with_incoming` ignores the builder's TCP settings; the bounded incoming stream
     // sets TCP_NODELAY itself, caps connections and drops peers that never speak.
     let incoming = crate::incoming::bounded(listener, limits.bounds());
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
+        .layer(crate::limits::oversize_layer())
         .http2_keepalive_interval(Some(limits.keepalive_interval()))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
+        .add_service(InterceptedService::new(
             AgentServiceServer::new(AgentService::new(shared.clone()))
                 .max_decoding_message_size(max_message),
-        )
-        .add_service(
+            authenticator.clone(),
+        ))
+        .add_service(InterceptedService::new(
             LeaseServiceServer::new(LeaseService::new(shared.clone()))
                 .max_decoding_message_size(max_message),
-        )
-        .add_service(
+            authenticator.clone(),
+        ))
+        .add_service(InterceptedService::new(
             AdminServiceServer::new(AdminService::new(shared.clone()))
                 .max_decoding_message_size(max_message),
-        )
+            authenticator.clone(),
+        ))
         .serve_with_incoming_shutdown(incoming, stop);
     tokio::pin!(server);
 

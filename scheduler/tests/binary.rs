@@ -34,7 +34,10 @@ fn start_in(dir: &Path, extra: &[&str], state_directory: Option<&Path>) -> (Guar
         Some(d) => cmd.env("STATE_DIRECTORY", d),
         None => cmd.env_remove("STATE_DIRECTORY"),
     };
+    // Debug, as an operator chasing a problem would run it: what is logged then is what must
+    // never hold a secret.
     let child = cmd
+        .env("RUST_LOG", "debug")
         .args(["--listen", "127.0.0.1:0", "--address-file"])
         .arg(&addr_file)
         .args(extra)
@@ -231,4 +234,58 @@ fn config_file_is_validated() {
     )
     .unwrap();
     let (_guard, _addr) = start(dir.path(), &["--config", good.to_str().unwrap()]);
+}
+
+/// With no configuration the binary says loudly that it runs open; with `[auth]` it checks
+/// credentials, and neither a valid nor a wrong token ever appears in its debug logs.
+#[test]
+fn credentials_are_checked_and_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (guard, _addr) = start(dir.path(), &[]);
+    let logs = stop(guard);
+    assert!(logs.contains("OPEN MODE"), "{logs}");
+
+    let member = "member-secret-0123456789abcdef";
+    let wrong = "wrong-secret-0123456789abcdef";
+    let digest = {
+        let mut c = Command::new("sha256sum")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut c.stdin.take().unwrap(), member.as_bytes()).unwrap();
+        String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()[..64].to_owned()
+    };
+    let config = dir.path().join("scheduler.toml");
+    std::fs::write(
+        &config,
+        format!("[auth]\n[[auth.members]]\nname = \"alice\"\ntoken_sha256 = \"{digest}\"\n"),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let (guard, addr) = start(dir.path(), &["--config", &config]);
+    let acquire =
+        |token: &str| {
+            Command::new(grpcurl())
+            .args(["-plaintext", "-H", &format!("authorization: Bearer {token}")])
+            .args([
+                "-d",
+                r#"{"system":"x86_64-linux","drv_path":"/nix/store/x.drv","client_id":"alice"}"#,
+                &addr,
+                "nixdispatch.v1.LeaseService/Acquire",
+            ])
+            .output()
+            .unwrap()
+        };
+    let ok = acquire(member);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = acquire(wrong);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"));
+    let logs = stop(guard);
+    assert!(!logs.contains("OPEN MODE"), "{logs}");
+    assert!(!logs.contains(member) && !logs.contains(wrong), "{logs}");
 }

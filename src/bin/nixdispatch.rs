@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nixdispatch::cli::Render;
+use nixdispatch::cli::{Confirmation, Render};
 use nixdispatch::client::{self, ClientConfig};
 use nixdispatch::proto;
 
@@ -25,6 +25,12 @@ struct Args {
     /// File holding the operator's bearer token (sent as `authorization`).
     #[arg(long, env = "NIXDISPATCH_CREDENTIAL_FILE")]
     credential_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the scheduler's certificate (for an https:// scheduler).
+    #[arg(long, env = "NIXDISPATCH_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// The name on the scheduler's certificate, when the endpoint does not use it.
+    #[arg(long, env = "NIXDISPATCH_TLS_DOMAIN")]
+    tls_domain: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -48,6 +54,28 @@ enum Command {
     },
     /// Let a drained host take leases again.
     Undrain {
+        /// The host's id.
+        host_id: String,
+    },
+    /// Provision a builder: its agent may then register HOST_ID, with exactly this store URI
+    /// and host key, when it proves the token whose SHA-256 is given (the builder's operator
+    /// runs `printf %s "$(cat agent.token)" | sha256sum`; the token never leaves the builder).
+    Provision {
+        /// The host id its agent registers.
+        host_id: String,
+        /// The store URI members' Nix will use, e.g. ssh-ng://nix@build01.example.org.
+        #[arg(long)]
+        store_uri: String,
+        /// The builder's SSH host public key file (from the builder, never from a first
+        /// connection).
+        #[arg(long)]
+        host_key_file: PathBuf,
+        /// SHA-256 of the agent's token, 64 hex digits.
+        #[arg(long)]
+        token_sha256: String,
+    },
+    /// Remove a builder provisioned with `provision`; its agent's session is closed.
+    Unprovision {
         /// The host's id.
         host_id: String,
     },
@@ -133,6 +161,8 @@ async fn run(args: Args) -> anyhow::Result<(String, bool)> {
     }
     let mut config = ClientConfig::new(args.scheduler);
     config.credential_file = args.credential_file;
+    config.ca_file = args.ca_file;
+    config.tls_domain = args.tls_domain;
     config.connect_timeout = Duration::from_secs(5);
     config.request_timeout = Some(Duration::from_secs(30));
     let mut admin = client::admin_client(client::connect(&config).await?);
@@ -219,6 +249,46 @@ async fn run(args: Args) -> anyhow::Result<(String, bool)> {
                 .into_inner()
                 .members,
         ),
+        Command::Provision {
+            host_id,
+            store_uri,
+            host_key_file,
+            token_sha256,
+        } => {
+            let host_public_key = std::fs::read_to_string(&host_key_file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", host_key_file.display()))?
+                .trim()
+                .to_owned();
+            admin
+                .provision_host(proto::ProvisionHostRequest {
+                    host_id: host_id.clone(),
+                    store_uri: store_uri.clone(),
+                    host_public_key,
+                    token_sha256,
+                })
+                .await?;
+            Box::new(Confirmation {
+                line: format!("{host_id} provisioned at {store_uri}"),
+                json: serde_json::json!({ "host_id": host_id, "store_uri": store_uri }),
+            })
+        }
+        Command::Unprovision { host_id } => {
+            let removed = admin
+                .unprovision_host(proto::UnprovisionHostRequest {
+                    host_id: host_id.clone(),
+                })
+                .await?
+                .into_inner()
+                .removed;
+            Box::new(Confirmation {
+                line: if removed {
+                    format!("{host_id} unprovisioned")
+                } else {
+                    format!("{host_id} was not provisioned through the API")
+                },
+                json: serde_json::json!({ "host_id": host_id, "removed": removed }),
+            })
+        }
         Command::Doctor { .. } => unreachable!("answered above"),
     };
     Ok((

@@ -21,11 +21,20 @@ pub struct HookConfig {
     /// The scheduler's gRPC endpoint. Default `http://127.0.0.1:50051`: the scheduler's
     /// default listen address, so a single-machine setup needs no file at all.
     pub scheduler: String,
-    /// A file holding the bearer token sent as `authorization: Bearer <token>`. Default none:
-    /// schedulers that do not enforce credentials need none.
+    /// A file holding the member's token, sent as `authorization: Bearer <token>`; the
+    /// scheduler derives the member from it. Keep it readable by the nix-daemon only (or give
+    /// it with systemd's `LoadCredential=`). Default none: only a scheduler in the open mode
+    /// (no `[auth]`, loopback) accepts calls without one.
     pub credential_file: Option<PathBuf>,
-    /// This client's identity towards the scheduler (fairness is per client machine).
-    /// Default: the host name, because the hook cannot know which local user asked.
+    /// PEM file of the CA that signed the scheduler's certificate, the only CA trusted for an
+    /// `https://` scheduler (required there). Default: none.
+    pub ca_file: Option<PathBuf>,
+    /// The name the scheduler's certificate carries, when the `scheduler` URL does not use
+    /// it. Default: none, the URL's host.
+    pub tls_domain: Option<String>,
+    /// A label for this machine in the scheduler's logs. With credentials the scheduler
+    /// derives the member from the token and uses this only as a label (it must not be
+    /// another member's name); without, it is the client's identity. Default: the host name.
     pub client_id: Option<String>,
     /// The private key ssh uses for builders (third field of the machines line). Default
     /// none: ssh's own default identities and `NIX_SSHOPTS` apply.
@@ -98,6 +107,8 @@ impl Default for HookConfig {
         HookConfig {
             scheduler: "http://127.0.0.1:50051".to_owned(),
             credential_file: None,
+            ca_file: None,
+            tls_domain: None,
             client_id: None,
             ssh_identity: None,
             build_remote: None,

@@ -397,7 +397,7 @@ mod tests {
             max_jobs: 2,
             speed_factor: 1.0,
             host_public_key_base64: base64::engine::general_purpose::STANDARD
-                .encode("ssh-ed25519 AAAA"),
+                .encode("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample"),
             lease_ttl_millis: 1000,
             slots_used: 1,
             slots_total: 2,

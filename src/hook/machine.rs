@@ -52,6 +52,9 @@ pub enum GrantError {
         /// Its value.
         value: String,
     },
+    /// The store URI breaks the protocol's rules (`crate::validate::store_uri`).
+    #[error("the grant's store URI is unusable: {0}")]
+    BadStoreUri(String),
     /// The host key is not base64 of an OpenSSH public key line.
     #[error("the grant's host key is not base64 of an OpenSSH public key line")]
     BadHostKey,
@@ -90,16 +93,15 @@ impl TryFrom<proto::Granted> for Grant {
             check_word("features", f, false)?;
         }
         check_word("host_public_key_base64", &g.host_public_key_base64, false)?;
+        // The scheduler's own rules (`crate::validate`): what it accepts, the hook can use,
+        // and what it should never have accepted (`;`, a leading `-`, `remote-program`)
+        // never reaches a machines line.
+        crate::validate::store_uri(&g.store_uri).map_err(|e| GrantError::BadStoreUri(e.0))?;
         let key = base64::engine::general_purpose::STANDARD
             .decode(&g.host_public_key_base64)
             .map_err(|_| GrantError::BadHostKey)?;
         let key = String::from_utf8(key).map_err(|_| GrantError::BadHostKey)?;
-        // An OpenSSH public key line: `<type> <base64> [comment]`.
-        let mut words = key.split_whitespace();
-        if !matches!((words.next(), words.next()), (Some(t), Some(_)) if t.starts_with("ssh-") || t.starts_with("ecdsa-") || t.starts_with("sk-"))
-        {
-            return Err(GrantError::BadHostKey);
-        }
+        crate::validate::host_key(&key).map_err(|_| GrantError::BadHostKey)?;
         Ok(Grant {
             host_id: if g.host_id.is_empty() {
                 g.store_uri.clone()
@@ -220,6 +222,27 @@ mod tests {
         let mut g = granted();
         g.supported_features = vec!["a,b".into()];
         assert!(Grant::try_from(g).is_err());
+    }
+
+    /// A grant the scheduler should never have made (a store URI with `;`, a leading `-` or
+    /// `remote-program`) is refused by the same rule the scheduler applies.
+    #[test]
+    fn refuses_hostile_store_uris() {
+        for uri in [
+            "ssh-ng://b;x",
+            "ssh://-oProxyCommand=x",
+            "ssh-ng://b?remote-program=/tmp/evil",
+        ] {
+            let mut g = granted();
+            g.store_uri = uri.into();
+            assert!(
+                matches!(
+                    Grant::try_from(g),
+                    Err(GrantError::BadStoreUri(_)) | Err(GrantError::Unrepresentable { .. })
+                ),
+                "{uri}"
+            );
+        }
     }
 
     proptest! {

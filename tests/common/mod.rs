@@ -423,6 +423,10 @@ pub struct Env {
     agents: Vec<ChildGuard>,
     scheduler: Option<ChildGuard>,
     runtime: tokio::runtime::Runtime,
+    /// Run the authenticated, encrypted deployment: TLS with a CA made here, `[auth]` with
+    /// one member, one operator and every builder provisioned with its own token; agents,
+    /// hook and admin calls carry their credentials and pin the CA. Set before starting.
+    pub secure: bool,
 }
 
 impl Env {
@@ -548,6 +552,7 @@ impl Env {
             agents: Vec::new(),
             scheduler: None,
             runtime,
+            secure: false,
         }
     }
 
@@ -581,11 +586,12 @@ impl Env {
         // admission gates open (this shared 2-core machine may report any pressure).
         std::fs::write(
             &config,
-            "[leases]\nttl_millis = 3000\n[agents]\nreport_interval_millis = 1000\n\
+            format!("[leases]\nttl_millis = 3000\n[agents]\nreport_interval_millis = 1000\n\
              [admission]\nmin_free_store_percent = 0.0\nmin_free_store_bytes = 0\n\
              min_free_build_dir_percent = 0.0\nmin_free_build_dir_bytes = 0\n\
-             max_cpu_some_pressure = 100.0\nmax_memory_full_pressure = 100.0\nmax_io_full_pressure = 100.0\n",
-        )
+             max_cpu_some_pressure = 100.0\nmax_memory_full_pressure = 100.0\nmax_io_full_pressure = 100.0\n{}",
+            if self.secure { self.secure_scheduler_config() } else { String::new() }
+        ))
         .unwrap();
         let address_file = d.join("scheduler.addr");
         let _ = std::fs::remove_file(&address_file);
@@ -614,9 +620,71 @@ impl Env {
                     .filter(|s| !s.trim().is_empty())
             },
         );
-        let url = format!("http://{}", addr.trim());
+        let scheme = if self.secure { "https" } else { "http" };
+        let url = format!("{scheme}://{}", addr.trim());
         self.scheduler_addr = Some(url.clone());
         url
+    }
+
+    /// The `[tls]` and `[auth]` sections of the secure deployment, with the CA, the
+    /// scheduler's certificate and every token written under `secrets/` (tokens readable by
+    /// their owner only, as `LoadCredential=` gives them).
+    fn secure_scheduler_config(&self) -> String {
+        use std::os::unix::fs::PermissionsExt as _;
+        let s = self.path().join("secrets");
+        std::fs::create_dir_all(&s).unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        std::fs::write(s.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(s.join("scheduler.pem"), cert.pem()).unwrap();
+        std::fs::write(s.join("scheduler.key"), key.serialize_pem()).unwrap();
+        let secret = |name: &str| {
+            // Unique per environment and file; a test's tokens need not be unguessable.
+            let token = format!("{}-{name}-{}", self.id, std::process::id());
+            let path = s.join(format!("{name}.token"));
+            std::fs::write(&path, format!("{token}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let out = Command::new("sha256sum")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn();
+            let mut child = out.unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(token.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+        };
+        let mut text = format!(
+            "[tls]\ncertificate = \"{0}/scheduler.pem\"\nprivate_key = \"{0}/scheduler.key\"\n\
+             [auth]\n[[auth.members]]\nname = \"e2e-{1}\"\ntoken_sha256 = \"{2}\"\n\
+             [[auth.operators]]\nname = \"ops\"\ntoken_sha256 = \"{3}\"\n",
+            s.display(),
+            self.id,
+            secret("member"),
+            secret("operator"),
+        );
+        for b in &self.builders {
+            let key = std::fs::read_to_string(&b.host_key_pub).unwrap();
+            text.push_str(&format!(
+                "[[auth.hosts]]\nid = \"{}\"\nstore_uri = \"{}\"\npublic_key = \"{}\"\ntoken_sha256 = \"{}\"\n",
+                b.id,
+                b.store_uri(),
+                key.trim(),
+                secret(&format!("host-{}", b.id)),
+            ));
+        }
+        text
     }
 
     /// Starts the scheduler and one agent per builder in `specs`, and waits until the
@@ -648,6 +716,13 @@ impl Env {
             .args(["--speed-factor", &spec.speed_factor.to_string()])
             .args(["--store-dir", "/nix/store"])
             .env("NIX_CONF_DIR", b.root.join("conf"));
+            if self.secure {
+                cmd.arg("--credential-file")
+                    .arg(d.join(format!("secrets/host-{}.token", spec.id)))
+                    .arg("--ca-file")
+                    .arg(d.join("secrets/ca.pem"))
+                    .args(["--tls-domain", "localhost"]);
+            }
             if !spec.discover {
                 cmd.args([
                     "--systems",
@@ -695,7 +770,10 @@ impl Env {
     pub fn restart_scheduler(&mut self) {
         let url = self.scheduler_addr.clone().expect("a running scheduler");
         self.stop_scheduler();
-        let listen = url.trim_start_matches("http://").to_owned();
+        let listen = url
+            .trim_start_matches("https://")
+            .trim_start_matches("http://")
+            .to_owned();
         self.start_scheduler(&listen);
     }
 
@@ -715,10 +793,14 @@ impl Env {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let url = self.scheduler_addr.clone().ok_or("no scheduler")?;
+        let mut config = ClientConfig::new(url);
+        if self.secure {
+            config.credential_file = Some(self.path().join("secrets/operator.token"));
+            config.ca_file = Some(self.path().join("secrets/ca.pem"));
+            config.tls_domain = Some("localhost".into());
+        }
         self.runtime.block_on(async {
-            let ch = client::connect(&ClientConfig::new(url))
-                .await
-                .map_err(|e| e.to_string())?;
+            let ch = client::connect(&config).await.map_err(|e| e.to_string())?;
             f(client::admin_client(ch))
                 .await
                 .map(tonic::Response::into_inner)
@@ -739,12 +821,24 @@ impl Env {
         std::fs::write(
             &p,
             format!(
-                "scheduler = \"{scheduler_url}\"\nclient_id = \"e2e-{}\"\nssh_identity = \"{}\"\n\
+                "scheduler = \"{scheduler_url}\"\n{{secure}}client_id = \"e2e-{}\"\nssh_identity = \"{}\"\n\
                  log_file = \"{}/log/hook.log\"\nlog_level = \"debug\"\n{extra}\n[timeouts]\nconnect_millis = 500\n\
                  try_millis = 1500\nreacquire_millis = 30000\n",
                 self.id,
                 self.client_key.display(),
                 self.path().display()
+            )
+            .replace(
+                "{secure}",
+                &if self.secure {
+                    format!(
+                        "credential_file = \"{0}/secrets/member.token\"\nca_file = \"{0}/secrets/ca.pem\"\n\
+                         tls_domain = \"localhost\"\n",
+                        self.path().display()
+                    )
+                } else {
+                    String::new()
+                },
             ),
         )
         .unwrap();

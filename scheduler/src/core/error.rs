@@ -23,4 +23,10 @@ pub enum Error {
         /// The host.
         host_id: String,
     },
+    /// The lease is held by another client: only its holder may keep it alive or end it.
+    #[error("lease `{lease_id}` is held by another member")]
+    NotHolder {
+        /// The lease id asked for.
+        lease_id: String,
+    },
 }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
-use super::{BuildOutcome, ClientId, Error, HostId, LeaseId, System, Time};
+use super::{BuildOutcome, ClientId, Error, HostId, LeaseId, LeaseIds, System, Time};
 
 /// One live lease.
 #[derive(Clone, Debug)]
@@ -38,36 +38,42 @@ pub(super) struct Ledger {
     /// and not by the rate of grants and keep-alives.
     expiries: BTreeSet<(Time, LeaseId)>,
     /// Recently ended leases, for idempotent release, bounded by `remembered`. Keyed by the
-    /// lease's sequence number rather than its id string, so that remembering the default
-    /// 65,536 ended leases costs about 1 MiB rather than ten.
-    ended: HashMap<u64, LeaseEnd>,
-    ended_order: VecDeque<u64>,
-    /// Ended leases that were re-attached from before a restart (ids of another boot, so
-    /// without a sequence number here), bounded the same way: a late keep-alive must not
-    /// revive one.
-    ended_foreign: HashMap<LeaseId, LeaseEnd>,
-    ended_foreign_order: VecDeque<LeaseId>,
+    /// lease id's 128 bits rather than its string, so that remembering the default 65,536
+    /// ended leases costs about 2 MiB rather than ten.
+    ended: HashMap<u128, LeaseEnd>,
+    ended_order: VecDeque<u128>,
     remembered: usize,
-    /// Makes lease ids unique across restarts, so a hook holding a lease from before a
-    /// restart gets `NotFound`, never somebody else's lease.
-    boot_nonce: u64,
-    next_lease: u64,
+    /// Where lease ids come from: the operating system's random source in the server, so
+    /// that an id cannot be guessed from another (one's own lease reveals nothing about the
+    /// neighbours'), and unique across restarts without a counter; a seeded generator in
+    /// tests and the simulator.
+    ids: Box<dyn LeaseIds>,
+    /// Live leases per holder, for the per-member cap.
+    per_client: HashMap<ClientId, usize>,
 }
 
 impl Ledger {
     /// An empty ledger; `remembered` ended leases are kept for idempotent release.
-    pub(super) fn new(boot_nonce: u64, remembered: usize) -> Self {
+    pub(super) fn new(ids: Box<dyn LeaseIds>, remembered: usize) -> Self {
         Self {
             leases: HashMap::new(),
             expiries: BTreeSet::new(),
             ended: HashMap::new(),
             ended_order: VecDeque::new(),
-            ended_foreign: HashMap::new(),
-            ended_foreign_order: VecDeque::new(),
             remembered,
-            boot_nonce,
-            next_lease: 0,
+            ids,
+            per_client: HashMap::new(),
         }
+    }
+
+    /// Replaces the source of lease ids (the server injects the OS random source).
+    pub(super) fn set_ids(&mut self, ids: Box<dyn LeaseIds>) {
+        self.ids = ids;
+    }
+
+    /// Live leases held by `client`.
+    pub(super) fn held_by(&self, client: &ClientId) -> usize {
+        self.per_client.get(client).copied().unwrap_or(0)
     }
 
     /// Records a new lease that expires `ttl` from `now`; returns its id.
@@ -80,9 +86,17 @@ impl Ledger {
         system: System,
         drv_path: String,
     ) -> LeaseId {
-        self.next_lease += 1;
-        let id = LeaseId::new(format!("{:016x}-{}", self.boot_nonce, self.next_lease));
-        self.insert(
+        // A collision of 128 random bits does not happen; a broken source that repeats must
+        // still never hand out a live lease's id twice.
+        let id = loop {
+            let id = LeaseId::new(format!("{:032x}", self.ids.next_id()));
+            if !self.leases.contains_key(&id) {
+                break id;
+            }
+        };
+        *self.per_client.entry(client.clone()).or_default() += 1;
+        let expires_at = now.after(ttl);
+        self.leases.insert(
             id.clone(),
             Lease {
                 host,
@@ -90,16 +104,11 @@ impl Ledger {
                 system,
                 drv_path,
                 granted_at: now,
-                expires_at: now.after(ttl),
+                expires_at,
             },
         );
+        self.expiries.insert((expires_at, id.clone()));
         id
-    }
-
-    /// Records `lease` as live under `id`, with its expiry.
-    fn insert(&mut self, id: LeaseId, lease: Lease) {
-        self.expiries.insert((lease.expires_at, id.clone()));
-        self.leases.insert(id, lease);
     }
 
     /// Records a lease granted before a restart under its old `id`, expiring `ttl` from
@@ -115,7 +124,10 @@ impl Ledger {
         system: System,
         drv_path: String,
     ) {
-        self.insert(
+        *self.per_client.entry(client.clone()).or_default() += 1;
+        let expires_at = now.after(ttl);
+        self.expiries.insert((expires_at, id.clone()));
+        self.leases.insert(
             id,
             Lease {
                 host,
@@ -123,7 +135,7 @@ impl Ledger {
                 system,
                 drv_path,
                 granted_at: now,
-                expires_at: now.after(ttl),
+                expires_at,
             },
         );
     }
@@ -153,17 +165,15 @@ impl Ledger {
     pub(super) fn end(&mut self, id: &LeaseId, end: LeaseEnd) -> Option<Lease> {
         let lease = self.leases.remove(id)?;
         self.expiries.remove(&(lease.expires_at, id.clone()));
-        if let Some(seq) = self.seq_of(id) {
+        if let Some(n) = self.per_client.get_mut(&lease.client) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&lease.client);
+            }
+        }
+        if let Some(seq) = Self::bits_of(id) {
             self.ended.insert(seq, end);
             self.ended_order.push_back(seq);
-        } else {
-            self.ended_foreign.insert(id.clone(), end);
-            self.ended_foreign_order.push_back(id.clone());
-            if self.ended_foreign_order.len() > self.remembered
-                && let Some(old) = self.ended_foreign_order.pop_front()
-            {
-                self.ended_foreign.remove(&old);
-            }
         }
         while self.ended_order.len() > self.remembered {
             if let Some(old) = self.ended_order.pop_front() {
@@ -190,20 +200,18 @@ impl Ledger {
 
     /// How a remembered lease ended.
     pub(super) fn ended(&self, id: &LeaseId) -> Option<LeaseEnd> {
-        match self.seq_of(id) {
-            Some(seq) => self.ended.get(&seq).copied(),
-            None if self.ended_foreign.is_empty() => None,
-            None => self.ended_foreign.get(id).copied(),
-        }
+        self.ended.get(&Self::bits_of(id)?).copied()
     }
 
-    /// The sequence number of a lease id this ledger issued (`<boot nonce>-<seq>`); `None`
-    /// for any other string, including ids from before a restart.
-    fn seq_of(&self, id: &LeaseId) -> Option<u64> {
-        let (nonce, seq) = id.as_str().split_once('-')?;
-        (u64::from_str_radix(nonce, 16).ok()? == self.boot_nonce && nonce.len() == 16)
-            .then(|| seq.parse().ok())
-            .flatten()
+    /// The 128 bits of a lease id this ledger could have issued (32 lowercase hex digits);
+    /// `None` for any other string.
+    fn bits_of(id: &LeaseId) -> Option<u128> {
+        let s = id.as_str();
+        (s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| u128::from_str_radix(s, 16).ok())
+        .flatten()
     }
 
     /// Live leases.

@@ -78,6 +78,20 @@ pub trait Clock: Send + Sync + fmt::Debug {
     fn now(&self) -> Time;
 }
 
+/// A source of lease ids: 128 bits each, which must not be guessable from earlier ones in
+/// the server (it injects the operating system's random source through
+/// [`Scheduler::set_lease_ids`]); the core itself stays pure and uses a seeded generator.
+pub trait LeaseIds: Send + fmt::Debug {
+    /// The next id's bits.
+    fn next_id(&mut self) -> u128;
+}
+
+impl LeaseIds for SplitMix64 {
+    fn next_id(&mut self) -> u128 {
+        (u128::from(self.next_u64()) << 64) | u128::from(self.next_u64())
+    }
+}
+
 /// Tunables of the core. Defaults are the scheduler's embedded defaults; see
 /// `crate::config` for the reasons behind each.
 #[derive(Clone, Debug, PartialEq)]
@@ -182,9 +196,9 @@ impl Scheduler {
     /// A scheduler with no hosts. `seed` drives tie-breaking and the lease id nonce.
     pub fn new(config: CoreConfig, policy: Box<dyn Policy>, seed: u64) -> Self {
         let mut rng = SplitMix64::new(seed);
-        let boot_nonce = rng.next_u64();
+        let ids = SplitMix64::new(rng.next_u64());
         Self {
-            ledger: Ledger::new(boot_nonce, config.remembered_leases),
+            ledger: Ledger::new(Box::new(ids), config.remembered_leases),
             accounts: Accounts::new(config.quotas.clone()),
             config,
             registry: Registry::default(),
@@ -198,6 +212,16 @@ impl Scheduler {
             #[cfg(test)]
             audit: Vec::new(),
         }
+    }
+
+    /// Takes lease ids from `ids` from now on (the server's unguessable source).
+    pub fn set_lease_ids(&mut self, ids: Box<dyn LeaseIds>) {
+        self.ledger.set_ids(ids);
+    }
+
+    /// Live leases held by `client`.
+    pub fn leases_held_by(&self, client: &ClientId) -> usize {
+        self.ledger.held_by(client)
     }
 
     /// The configuration.
@@ -300,23 +324,59 @@ impl Scheduler {
         &self.operator
     }
 
-    /// Extends lease `id` by the TTL from `now`; returns the TTL.
+    /// Extends lease `id` by the TTL from `now`; returns the TTL. Whoever holds it.
     pub fn keep_alive(&mut self, now: Time, id: &LeaseId) -> Result<Duration, Error> {
+        self.keep_alive_by(now, id, None)
+    }
+
+    /// Extends lease `id` by the TTL from `now` for `holder`; returns the TTL. With a
+    /// holder, a lease somebody else holds is refused with [`Error::NotHolder`]; `None`
+    /// (no identities: the open mode) skips the check.
+    pub fn keep_alive_by(
+        &mut self,
+        now: Time,
+        id: &LeaseId,
+        holder: Option<&ClientId>,
+    ) -> Result<Duration, Error> {
         self.expire(now);
+        self.check_holder(id, holder)?;
         let ttl = self.config.lease_ttl;
         self.ledger.keep_alive(now, id, ttl)?;
         Ok(ttl)
     }
 
-    /// Ends lease `id`. Returns `true` when it had already ended (a repeated release, or an
-    /// expiry), `Err(UnknownLease)` when it is not known at all.
+    /// Refuses a live lease that `holder` (when given) does not hold.
+    fn check_holder(&self, id: &LeaseId, holder: Option<&ClientId>) -> Result<(), Error> {
+        match (self.ledger.get(id), holder) {
+            (Some(lease), Some(holder)) if lease.client != *holder => Err(Error::NotHolder {
+                lease_id: id.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Ends lease `id`, whoever holds it. Returns `true` when it had already ended (a
+    /// repeated release, or an expiry), `Err(UnknownLease)` when it is not known at all.
     pub fn release(
         &mut self,
         now: Time,
         id: &LeaseId,
         outcome: BuildOutcome,
     ) -> Result<bool, Error> {
+        self.release_by(now, id, None, outcome)
+    }
+
+    /// [`Self::release`] for `holder`: with a holder, a live lease somebody else holds is
+    /// refused with [`Error::NotHolder`] and stays as it is.
+    pub fn release_by(
+        &mut self,
+        now: Time,
+        id: &LeaseId,
+        holder: Option<&ClientId>,
+        outcome: BuildOutcome,
+    ) -> Result<bool, Error> {
         self.expire(now);
+        self.check_holder(id, holder)?;
         if let Some(lease) = self.ledger.get(id) {
             if outcome == BuildOutcome::HostUnreachable {
                 let until = now.after(self.config.unreachable_cooldown);

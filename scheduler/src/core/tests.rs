@@ -1127,7 +1127,7 @@ fn waiters_learn_their_position_and_an_estimate() {
 fn leases_re_attach_after_a_restart() {
     let mut s = sched();
     s.connect(t(0), spec("a", &["x86_64-linux"], 1));
-    let old = LeaseId::new("00000000000000ff-7");
+    let old = LeaseId::new("0123456789abcdef0123456789abcdef");
     let (h, c, sys) = (
         HostId::new("a"),
         ClientId::new("m"),

@@ -6,7 +6,9 @@ use nixdispatch::proto::{self, admin_service_server};
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
+use super::trust::off_runtime;
 use super::{Shared, convert, metrics};
+use crate::auth::Caller;
 use crate::core::HostId;
 
 /// Lets operators inspect and steer the scheduler.
@@ -71,8 +73,9 @@ impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
     async fn list_hosts(
         &self,
-        _request: Request<proto::ListHostsRequest>,
+        request: Request<proto::ListHostsRequest>,
     ) -> Result<Response<proto::ListHostsResponse>, Status> {
+        Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "list hosts")?;
         // In pages, letting go of the core between them: an operator's listing of a large
         // fleet must not hold up members' requests for the whole of it. Each host's view is
         // consistent; the list as a whole is as of the moments its pages were read.
@@ -98,8 +101,9 @@ impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
     async fn get_capacity(
         &self,
-        _request: Request<proto::GetCapacityRequest>,
+        request: Request<proto::GetCapacityRequest>,
     ) -> Result<Response<proto::GetCapacityResponse>, Status> {
+        Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "read capacity")?;
         let now = self.shared.now();
         let systems = self.shared.core().capacity(now);
         Ok(Response::new(proto::GetCapacityResponse {
@@ -110,14 +114,16 @@ impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
     async fn list_leases(
         &self,
-        _request: Request<proto::ListLeasesRequest>,
+        request: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
+        let only = Caller::of(&request)?.lease_view()?;
         let now = self.shared.now();
-        let leases = {
+        let mut leases = {
             let mut core = self.shared.core();
             core.expire(now);
             core.leases(now)
         };
+        leases.retain(|l| only.as_ref().is_none_or(|m| l.client == *m));
         Ok(Response::new(proto::ListLeasesResponse {
             leases: leases.into_iter().map(Into::into).collect(),
         }))
@@ -128,6 +134,7 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::DrainHostRequest>,
     ) -> Result<Response<proto::HostStatus>, Status> {
+        Caller::of(&request)?.require_operator("drain a host")?;
         self.set_draining(&request.get_ref().host_id, true)
             .await
             .map(Response::new)
@@ -138,6 +145,7 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::UndrainHostRequest>,
     ) -> Result<Response<proto::HostStatus>, Status> {
+        Caller::of(&request)?.require_operator("undrain a host")?;
         self.set_draining(&request.get_ref().host_id, false)
             .await
             .map(Response::new)
@@ -148,6 +156,7 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::ExplainPlacementRequest>,
     ) -> Result<Response<proto::ExplainPlacementResponse>, Status> {
+        Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "explain placement")?;
         let (system, features) = convert::explain(request.get_ref()).map_err(|e| {
             metrics::rejected("admin");
             Status::from(e)
@@ -164,8 +173,9 @@ impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
     async fn get_quotas(
         &self,
-        _request: Request<proto::GetQuotasRequest>,
+        request: Request<proto::GetQuotasRequest>,
     ) -> Result<Response<proto::Quotas>, Status> {
+        Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "read quotas")?;
         Ok(Response::new(self.shared.core().quotas().into()))
     }
 
@@ -174,6 +184,7 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::SetQuotaRequest>,
     ) -> Result<Response<proto::Quotas>, Status> {
+        Caller::of(&request)?.require_operator("set a quota")?;
         // The store commits to disk: off the runtime's workers, like drains.
         let write = {
             let (shared, r) = (self.shared.clone(), request.get_ref().clone());
@@ -197,11 +208,46 @@ impl admin_service_server::AdminService for AdminService {
     #[instrument(level = "debug", skip_all)]
     async fn get_usage(
         &self,
-        _request: Request<proto::GetUsageRequest>,
+        request: Request<proto::GetUsageRequest>,
     ) -> Result<Response<proto::GetUsageResponse>, Status> {
+        Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "read usage")?;
         let members = self.shared.core().members();
         Ok(Response::new(proto::GetUsageResponse {
             members: members.into_iter().map(Into::into).collect(),
         }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(host))]
+    async fn provision_host(
+        &self,
+        request: Request<proto::ProvisionHostRequest>,
+    ) -> Result<Response<proto::ProvisionHostResponse>, Status> {
+        Caller::of(&request)?.require_operator("provision a builder")?;
+        let entry = convert::provision(request.get_ref()).map_err(|e| {
+            metrics::rejected("admin");
+            Status::from(e)
+        })?;
+        tracing::Span::current().record("host", entry.id.as_str());
+        let shared = self.shared.clone();
+        let (id, uri) = (entry.id.clone(), entry.store_uri.clone());
+        off_runtime(move || shared.provision(entry)).await?;
+        info!(host = %id, store_uri = %uri, "builder provisioned by an operator");
+        Ok(Response::new(proto::ProvisionHostResponse {}))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(host))]
+    async fn unprovision_host(
+        &self,
+        request: Request<proto::UnprovisionHostRequest>,
+    ) -> Result<Response<proto::UnprovisionHostResponse>, Status> {
+        Caller::of(&request)?.require_operator("unprovision a builder")?;
+        let id = convert::admin_host_id(&request.get_ref().host_id).map_err(|e| {
+            metrics::rejected("admin");
+            Status::from(e)
+        })?;
+        let (shared, target) = (self.shared.clone(), id.clone());
+        let removed = off_runtime(move || shared.unprovision(&target)).await?;
+        info!(host = %id, removed, "builder unprovisioned by an operator");
+        Ok(Response::new(proto::UnprovisionHostResponse { removed }))
     }
 }

@@ -16,6 +16,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::{AgentLink, Shared, metrics};
 use crate::Error;
+use crate::auth::Caller;
 use crate::core::{HostReport, HostSpec};
 
 /// Answers per stream that may wait for the agent to read them. Each answer supersedes the
@@ -46,13 +47,14 @@ impl agent_service_server::AgentService for AgentService {
         request: Request<Streaming<proto::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
+        let caller = Caller::of(&request)?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOX);
         let shared = self.shared.clone();
         let span = info_span!("agent", peer = ?peer, host = tracing::field::Empty);
         tokio::spawn(
             async move {
-                if let Err(e) = run_session(&shared, inbound, &tx).await {
+                if let Err(e) = run_session(&shared, &caller, inbound, &tx).await {
                     warn!(error = %e, "agent stream closed with an error");
                     // Bounded: an agent that does not read gets its stream closed without
                     // the status rather than pinning this task.
@@ -79,7 +81,8 @@ async fn register(
                 timeout.as_millis()
             )));
         }
-        Ok(Err(_)) | Ok(Ok(None)) => return Ok(None),
+        Ok(Err(status)) => return Err(crate::limits::broken_stream(status)),
+        Ok(Ok(None)) => return Ok(None),
         Ok(Ok(Some(m))) => m,
     };
     match first.message {
@@ -95,6 +98,7 @@ async fn register(
 
 async fn run_session(
     shared: &Shared,
+    caller: &Caller,
     mut inbound: Streaming<proto::AgentMessage>,
     tx: &Outbox,
 ) -> Result<(), Error> {
@@ -103,6 +107,12 @@ async fn run_session(
     };
     let id = spec.id.clone();
     tracing::Span::current().record("host", id.as_str());
+    // Before `connect`: a refused registration never supersedes the connected agent.
+    if let Err(e) = shared.auth.check_registration(caller, &spec) {
+        warn!(identity = %caller.identity, store_uri = %spec.store_uri, error = %e, "registration refused");
+        metrics::rejected("agent");
+        return Err(e);
+    }
     let (systems, slots) = (spec.systems.len(), spec.max_jobs);
     let generation = shared.core().connect(shared.now(), spec);
     shared.deliver();
@@ -132,7 +142,7 @@ async fn run_session(
                     }
                     Err(status) => {
                         info!(%status, "agent stream broke");
-                        break Ok(());
+                        break Err(crate::limits::broken_stream(status));
                     }
                 };
                 match message.message {

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use base64::Engine as _;
-use nixdispatch::proto;
+use nixdispatch::{proto, validate};
 
 use crate::Error;
 use crate::core::{
@@ -24,7 +24,7 @@ const MAX_EXCLUDED: usize = 64;
 /// Most builds a report may claim: far above any real host, low enough to catch garbage.
 const MAX_RUNNING_BUILDS: u32 = 100_000;
 
-/// Checks that `v` is 1 to `max` characters, all accepted by `ok`.
+/// Checks that `v` is 1 to `max` characters, all accepted by `ok` (the shared rule).
 fn token(
     field: &str,
     v: &str,
@@ -32,32 +32,11 @@ fn token(
     ok: fn(char) -> bool,
     allowed: &str,
 ) -> Result<(), Error> {
-    if v.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
-    }
-    if v.len() > max {
-        return Err(Error::invalid(
-            field,
-            format!("is {} bytes long, at most {max} allowed", v.len()),
-        ));
-    }
-    if let Some(c) = v.chars().find(|c| !ok(*c)) {
-        return Err(Error::invalid(
-            field,
-            format!("contains {c:?}; only {allowed} are allowed"),
-        ));
-    }
-    Ok(())
+    validate::word(v, max, ok, allowed).map_err(|e| Error::invalid(field, e.0))
 }
 
 fn host_id(field: &str, v: &str) -> Result<HostId, Error> {
-    token(
-        field,
-        v,
-        128,
-        |c| c.is_ascii_alphanumeric() || "._-".contains(c),
-        "letters, digits and ._-",
-    )?;
+    validate::host_id(v).map_err(|e| Error::invalid(field, e.0))?;
     Ok(HostId::new(v))
 }
 
@@ -116,73 +95,16 @@ fn finite(field: &str, v: f64, lo: f64, hi: f64) -> Result<f64, Error> {
     }
 }
 
-/// Key types OpenSSH writes into host key files.
-const KEY_TYPES: [&str; 7] = [
-    "ssh-ed25519",
-    "ssh-rsa",
-    "ecdsa-sha2-nistp256",
-    "ecdsa-sha2-nistp384",
-    "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com",
-    "sk-ecdsa-sha2-nistp256@openssh.com",
-];
-
-/// Validates an OpenSSH public key line and returns it as `<type> <base64>`, without the
-/// comment (the comment is the host's business and would end up in clients' known_hosts).
-fn public_key(field: &str, v: &str) -> Result<String, Error> {
-    if v.len() > 16 * 1024 {
-        return Err(Error::invalid(field, "is longer than 16 KiB"));
-    }
-    let mut parts = v.split_whitespace();
-    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
-        return Err(Error::invalid(
-            field,
-            "must be an OpenSSH public key line `<type> <base64> [comment]`",
-        ));
-    };
-    if !KEY_TYPES.contains(&kind) {
-        return Err(Error::invalid(
-            field,
-            format!("key type `{kind}` is not one of {}", KEY_TYPES.join(", ")),
-        ));
-    }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(blob)
-        .map_err(|e| Error::invalid(field, format!("key data is not base64: {e}")))?;
-    // The blob starts with the key type as an SSH string: u32 big-endian length, bytes.
-    let inner = bytes
-        .get(..4)
-        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
-        .and_then(|n| bytes.get(4..4 + n));
-    if inner != Some(kind.as_bytes()) {
-        return Err(Error::invalid(
-            field,
-            format!("key data does not hold a `{kind}` key"),
-        ));
-    }
-    Ok(format!("{kind} {blob}"))
+/// Validates an OpenSSH public key line and returns it as `<type> <base64>` (the shared
+/// rule in `nixdispatch::validate`).
+pub(crate) fn public_key(field: &str, v: &str) -> Result<String, Error> {
+    validate::host_key(v).map_err(|e| Error::invalid(field, e.0))
 }
 
-fn store_uri(field: &str, v: &str) -> Result<String, Error> {
-    if v.len() > 1024 {
-        return Err(Error::invalid(field, "is longer than 1024 bytes"));
-    }
-    if v.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::invalid(
-            field,
-            "must not contain whitespace or control characters",
-        ));
-    }
-    let rest = v
-        .strip_prefix("ssh://")
-        .or_else(|| v.strip_prefix("ssh-ng://"))
-        .ok_or_else(|| {
-            Error::invalid(field, format!("`{v}` must start with ssh:// or ssh-ng://"))
-        })?;
-    let host = rest.split(['?', '/']).next().unwrap_or_default();
-    if host.is_empty() || host.ends_with('@') {
-        return Err(Error::invalid(field, format!("`{v}` names no host")));
-    }
+/// Validates a store URI (the shared rule in `nixdispatch::validate`, which the hook
+/// applies to every grant too).
+pub(crate) fn store_uri(field: &str, v: &str) -> Result<String, Error> {
+    validate::store_uri(v).map_err(|e| Error::invalid(field, e.0))?;
     Ok(v.to_owned())
 }
 
@@ -598,6 +520,25 @@ pub(crate) fn release(r: &proto::ReleaseRequest) -> Result<(LeaseId, BuildOutcom
 /// A validated host id for the admin calls.
 pub(crate) fn admin_host_id(v: &str) -> Result<HostId, Error> {
     host_id("host_id", v)
+}
+
+/// The validated builder of `ProvisionHost` (each field named in `INVALID_ARGUMENT`).
+pub(crate) fn provision(r: &proto::ProvisionHostRequest) -> Result<crate::auth::HostEntry, Error> {
+    host_id("host_id", &r.host_id)?;
+    store_uri("store_uri", &r.store_uri)?;
+    public_key("host_public_key", &r.host_public_key)?;
+    if crate::auth::Digest::from_hex(&r.token_sha256).is_none() {
+        return Err(Error::invalid(
+            "token_sha256",
+            "must be the SHA-256 of the token, 64 hex digits, never the token itself",
+        ));
+    }
+    Ok(crate::auth::HostEntry {
+        id: r.host_id.clone(),
+        store_uri: r.store_uri.clone(),
+        public_key: r.host_public_key.clone(),
+        token_sha256: r.token_sha256.to_ascii_lowercase(),
+    })
 }
 
 /// The validated system and features of `ExplainPlacement`.

@@ -10,7 +10,8 @@ use tracing::{debug, instrument};
 
 use super::{Shared, WaitStream, convert, metrics};
 use crate::Error;
-use crate::core::{Decision, LeaseRequest, WaitAnswer};
+use crate::auth::{Caller, Identity};
+use crate::core::{Decision, Error as CoreError, LeaseRequest, WaitAnswer};
 
 /// Serves leases to build hooks.
 #[derive(Debug, Clone)]
@@ -39,7 +40,14 @@ impl lease_service_server::LeaseService for LeaseService {
         &self,
         request: Request<proto::WaitForLeaseRequest>,
     ) -> Result<Response<WaitStream>, Status> {
-        let (req, pin) = convert::wait(request.into_inner()).map_err(rejected)?;
+        let caller = Caller::of(&request)?;
+        let (mut req, pin) = convert::wait(request.into_inner()).map_err(rejected)?;
+        // A member waits as itself; a builder-side gate (a host's credential) waits for a
+        // member only on its own host.
+        req.client = match (&caller.identity, &pin) {
+            (Identity::Host(_), Some(on)) => caller.member_on_host(on, &req.client)?,
+            _ => self.shared.auth.member(&caller, &req.client)?,
+        };
         let span = tracing::Span::current();
         span.record("system", req.system.as_str());
         span.record("client", req.client.as_str());
@@ -87,13 +95,15 @@ impl lease_service_server::LeaseService for LeaseService {
         request: Request<proto::AcquireRequest>,
     ) -> Result<Response<proto::AcquireResponse>, Status> {
         let started = Instant::now();
-        let req = LeaseRequest::try_from(request.into_inner()).map_err(rejected)?;
+        let caller = Caller::of(&request)?;
+        let mut req = LeaseRequest::try_from(request.into_inner()).map_err(rejected)?;
+        req.client = self.shared.auth.member(&caller, &req.client)?;
         let span = tracing::Span::current();
         span.record("system", req.system.as_str());
         span.record("client", req.client.as_str());
         span.record("drv", req.drv_path.as_str());
         let now = self.shared.now();
-        let decision = self.shared.core().acquire(now, &req);
+        let decision = self.shared.acquire_capped(now, &req);
         self.shared.deliver();
         let outcome = match &decision {
             Decision::Granted(g) => {
@@ -124,13 +134,19 @@ impl lease_service_server::LeaseService for LeaseService {
         &self,
         request: Request<proto::KeepAliveRequest>,
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
+        let holder = Caller::of(&request)?.holder("keep a lease alive")?;
         let (id, details) = convert::keep_alive(request.get_ref()).map_err(rejected)?;
         let now = self.shared.now();
         let ttl = {
             let mut core = self.shared.core();
-            match &details {
-                Some(d) => core.reattach(now, &id, &d.host, &d.client, &d.system, &d.drv_path),
-                None => core.keep_alive(now, &id),
+            match (core.keep_alive_by(now, &id, holder.as_ref()), &details) {
+                // Unknown here (a restart): re-attached with the details, for the caller's
+                // own member when credentials are on (the details' client id is a label).
+                (Err(CoreError::UnknownLease { .. }), Some(d)) => {
+                    let client = holder.clone().unwrap_or_else(|| d.client.clone());
+                    core.reattach(now, &id, &d.host, &client, &d.system, &d.drv_path)
+                }
+                (result, _) => result,
             }
         };
         self.shared.deliver();
@@ -145,6 +161,7 @@ impl lease_service_server::LeaseService for LeaseService {
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let holder = Caller::of(&request)?.holder("release a lease")?;
         let (id, outcome) = convert::release(request.get_ref()).map_err(rejected)?;
         let span = tracing::Span::current();
         span.record("lease", id.as_str());
@@ -153,7 +170,7 @@ impl lease_service_server::LeaseService for LeaseService {
         let already_released = self
             .shared
             .core()
-            .release(now, &id, outcome)
+            .release_by(now, &id, holder.as_ref(), outcome)
             .map_err(Error::from)?;
         self.shared.deliver();
         if !already_released {

@@ -10,6 +10,7 @@ mod agent;
 pub(crate) mod convert;
 mod lease;
 pub mod metrics;
+mod trust;
 mod wait;
 
 use std::collections::HashMap;
@@ -85,6 +86,8 @@ pub struct Shared {
     /// the call that queues the waiter, so a grant never finds its waiter unregistered.
     /// Lock order: the core, then this; never the other way round.
     streams: Mutex<HashMap<WaiterId, oneshot::Sender<proto::WaitForLeaseResponse>>>,
+    /// Credentials, roles and provisioned builders (see `crate::auth`).
+    pub(crate) auth: Arc<crate::auth::Authority>,
     /// Becomes `true` when the server shuts down: agent streams end.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -112,6 +115,8 @@ impl Shared {
                 .unwrap_or(0)
         });
         let mut core = Scheduler::new(config.core(), config.placement.policy.build(), seed);
+        core.set_lease_ids(Box::new(trust::OsLeaseIds::new()));
+        let auth = Arc::new(trust::authority(&config, &store)?);
         let drains = store.drains()?;
         if !drains.is_empty() {
             tracing::info!(
@@ -141,6 +146,7 @@ impl Shared {
             config,
             agents: DashMap::new(),
             streams: Mutex::new(HashMap::new()),
+            auth,
             shutdown,
         }))
     }

@@ -25,6 +25,7 @@
 //! dependency and a thread of its own for a handful of writes a day.
 
 mod drains;
+mod hosts;
 mod queue;
 mod schema;
 

@@ -39,6 +39,22 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
+        name: "provisioned_hosts",
+        sql: "CREATE TABLE provisioned_hosts (
+              -- The host id its agent must register with.
+              host_id TEXT PRIMARY KEY NOT NULL,
+              -- The store URI members will use (validated when loaded).
+              store_uri TEXT NOT NULL,
+              -- The pinned SSH host key line.
+              public_key TEXT NOT NULL,
+              -- SHA-256 of the agent's token, hex; never the token.
+              token_sha256 TEXT NOT NULL,
+              -- When an operator provisioned it, Unix time in milliseconds.
+              provisioned_at_unix_millis INTEGER NOT NULL
+          ) STRICT, WITHOUT ROWID;",
+    },
+    Migration {
+        version: 3,
         name: "queue",
         sql: "-- Quotas as an operator last set them. The one row exists once an operator
           -- changed any quota; from then on these tables, not the configuration, hold the

@@ -1,0 +1,833 @@
+//! Trust over real gRPC on 127.0.0.1:0: every attack of issue 9's first paragraph, tried
+//! against a scheduler with `[auth]` configured, through the shared client module a real
+//! hook, agent or operator uses, and refused with the code the contract names
+//! (`UNAUTHENTICATED` without a known credential, `PERMISSION_DENIED` for a wrong role or
+//! owner).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nixdispatch::client::{self, AuthChannel, ClientConfig};
+use nixdispatch::proto::{
+    self, AcquireRequest, AgentMessage, Register, Report, SchedulerMessage,
+    acquire_response::Outcome, admin_service_client::AdminServiceClient, agent_message::Message,
+    lease_service_client::LeaseServiceClient,
+};
+use nixdispatch_scheduler::auth::{AuthConfig, HostEntry, PrincipalEntry, digest_of};
+use nixdispatch_scheduler::config::Config;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+/// The real builder's host key.
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv root@b";
+/// The attacker's own key.
+const ATTACKER_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl evil";
+
+/// A scheduler served in-process; stopped on drop.
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<Result<(), nixdispatch_scheduler::Error>>>,
+    /// Token files: `<name>.token`.
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(nixdispatch_scheduler::server::run(
+            listener,
+            config,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["alice", "bob", "ops", "build01", "stranger"] {
+            std::fs::write(dir.path().join(format!("{name}.token")), token(name)).unwrap();
+        }
+        Server {
+            addr,
+            stop: Some(stop),
+            done: Some(done),
+            dir,
+        }
+    }
+
+    /// A channel carrying `who`'s token (`None`: no credential), made by the shared client.
+    async fn as_(&self, who: Option<&str>) -> AuthChannel {
+        let mut c = ClientConfig::new(format!("http://{}", self.addr));
+        c.credential_file = who.map(|w| self.token_file(w));
+        client::connect(&c).await.unwrap()
+    }
+
+    fn token_file(&self, who: &str) -> PathBuf {
+        self.dir.path().join(format!("{who}.token"))
+    }
+
+    async fn lease(&self, who: Option<&str>) -> LeaseServiceClient<AuthChannel> {
+        LeaseServiceClient::new(self.as_(who).await)
+    }
+
+    async fn admin(&self, who: Option<&str>) -> AdminServiceClient<AuthChannel> {
+        AdminServiceClient::new(self.as_(who).await)
+    }
+
+    /// `who`'s grant for `drv`, asked under `label`; panics unless granted.
+    async fn grant(&self, who: &str, label: &str, drv: &str) -> proto::Granted {
+        let answer = self
+            .lease(Some(who))
+            .await
+            .acquire(acquire(label, drv))
+            .await;
+        granted(answer.unwrap().into_inner())
+    }
+
+    /// The leases `who` may see.
+    async fn leases_of(&self, who: &str) -> Vec<proto::LeaseStatus> {
+        let answer = self
+            .admin(Some(who))
+            .await
+            .list_leases(proto::ListLeasesRequest {})
+            .await;
+        answer.unwrap().into_inner().leases
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        drop(self.done.take());
+    }
+}
+
+/// Each identity's token: long and random-looking in real life, only distinct here.
+fn token(name: &str) -> String {
+    format!("{name}-token-0123456789abcdef")
+}
+
+fn principal(name: &str) -> PrincipalEntry {
+    PrincipalEntry {
+        name: name.into(),
+        token_sha256: digest_of(&token(name)).to_hex(),
+    }
+}
+
+/// Members alice and bob, operator ops, builder build01 provisioned with KEY.
+fn auth_config() -> Config {
+    let mut c = Config::default();
+    c.agents.report_interval_millis = 200;
+    c.agents.grace_millis = 200;
+    c.auth = Some(AuthConfig {
+        members: vec![principal("alice"), principal("bob")],
+        operators: vec![principal("ops")],
+        hosts: vec![HostEntry {
+            id: "build01".into(),
+            store_uri: "ssh-ng://build01".into(),
+            public_key: KEY.into(),
+            token_sha256: digest_of(&token("build01")).to_hex(),
+        }],
+        ..AuthConfig::default()
+    });
+    c
+}
+
+fn register(id: &str, uri: &str, key: &str, slots: u32) -> Register {
+    Register {
+        host_id: id.into(),
+        store_uri: uri.into(),
+        host_public_key: key.into(),
+        systems: vec!["x86_64-linux".into()],
+        supported_features: vec![],
+        mandatory_features: vec![],
+        max_jobs: slots,
+        speed_factor: 1000.0,
+        cpu_count: 8,
+        total_memory_bytes: 16 << 30,
+        agent_version: "test".into(),
+    }
+}
+
+/// One agent stream driven by hand.
+struct Agent {
+    tx: mpsc::Sender<AgentMessage>,
+    rx: Streaming<SchedulerMessage>,
+}
+
+impl Agent {
+    /// Opens a session and sends the registration; the first answer (or the refusal) is
+    /// read with [`Agent::next`].
+    async fn open(channel: AuthChannel, r: Register) -> Result<Self, tonic::Status> {
+        let (tx, out) = mpsc::channel(8);
+        tx.send(AgentMessage {
+            message: Some(Message::Register(r)),
+        })
+        .await
+        .unwrap();
+        let rx = client::agent_client(channel)
+            .session(ReceiverStream::new(out))
+            .await?
+            .into_inner();
+        Ok(Agent { tx, rx })
+    }
+
+    async fn next(&mut self) -> Result<SchedulerMessage, tonic::Status> {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("the scheduler answers within 10 s")
+            .and_then(|m| m.ok_or_else(|| tonic::Status::cancelled("stream ended")))
+    }
+
+    async fn report(&mut self) -> Result<SchedulerMessage, tonic::Status> {
+        self.tx
+            .send(AgentMessage {
+                message: Some(Message::Report(Report {
+                    running_builds: Some(0),
+                    ..Report::default()
+                })),
+            })
+            .await
+            .map_err(|_| tonic::Status::cancelled("stream closed"))?;
+        self.next().await
+    }
+}
+
+/// The real build01 agent, registered with its own token.
+async fn real_agent(server: &Server) -> Agent {
+    let mut a = Agent::open(
+        server.as_(Some("build01")).await,
+        register("build01", "ssh-ng://build01", KEY, 4),
+    )
+    .await
+    .unwrap();
+    a.next().await.unwrap();
+    a
+}
+
+/// A registration attempt's final status code.
+async fn registration_code(channel: AuthChannel, r: Register) -> Code {
+    match Agent::open(channel, r).await {
+        Err(status) => status.code(),
+        Ok(mut a) => a
+            .next()
+            .await
+            .expect_err("the registration must be refused")
+            .code(),
+    }
+}
+
+fn acquire(client_id: &str, drv: &str) -> AcquireRequest {
+    AcquireRequest {
+        system: "x86_64-linux".into(),
+        required_features: vec![],
+        drv_path: format!("/nix/store/{drv}.drv"),
+        client_id: client_id.into(),
+        can_build_locally: false,
+        exclude_hosts: vec![],
+    }
+}
+
+fn granted(r: proto::AcquireResponse) -> proto::Granted {
+    match r.outcome {
+        Some(Outcome::Granted(g)) => g,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+/// A made-up builder (its own URI and key, 1,024 slots, speed 1000) cannot register, with no
+/// credential, a member's, or another builder's; members' builds never go to it.
+#[tokio::test]
+async fn made_up_builder_is_refused() {
+    let server = Server::start(auth_config()).await;
+    let evil = || register("evil", "ssh-ng://attacker.example", ATTACKER_KEY, 1024);
+    assert_eq!(
+        registration_code(server.as_(None).await, evil()).await,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        registration_code(server.as_(Some("stranger")).await, evil()).await,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        registration_code(server.as_(Some("alice")).await, evil()).await,
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        registration_code(server.as_(Some("build01")).await, evil()).await,
+        Code::PermissionDenied
+    );
+    let _real = real_agent(&server).await;
+    let mut alice = server.lease(Some("alice")).await;
+    for i in 0..4 {
+        let g = granted(
+            alice
+                .acquire(acquire("alice", &format!("d{i}")))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert_eq!(g.store_uri, "ssh-ng://build01");
+        assert_eq!(
+            String::from_utf8(base64_decode(&g.host_public_key_base64)).unwrap(),
+            KEY.rsplit_once(' ').unwrap().0
+        );
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+/// Re-registering build01 with the attacker's URI or key is refused, even with build01's own
+/// token, and the connected agent keeps its stream; grants keep the provisioned URI.
+#[tokio::test]
+async fn reregistration_with_another_uri_or_key_never_supersedes() {
+    let server = Server::start(auth_config()).await;
+    let mut real = real_agent(&server).await;
+    let with_token = || async { server.as_(Some("build01")).await };
+    assert_eq!(
+        registration_code(
+            with_token().await,
+            register("build01", "ssh-ng://attacker.example", KEY, 1024)
+        )
+        .await,
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        registration_code(
+            with_token().await,
+            register("build01", "ssh-ng://build01", ATTACKER_KEY, 1024)
+        )
+        .await,
+        Code::PermissionDenied
+    );
+    // Without the token an impostor cannot even open the stream to say goodbye or report.
+    assert_eq!(
+        registration_code(
+            server.as_(None).await,
+            register("build01", "ssh-ng://build01", KEY, 4)
+        )
+        .await,
+        Code::Unauthenticated
+    );
+    real.report()
+        .await
+        .expect("the real agent's stream is untouched");
+    let g = server.grant("alice", "alice", "d").await;
+    assert_eq!(g.store_uri, "ssh-ng://build01");
+    assert_eq!(g.slots_total, 4);
+}
+
+/// Draining and undraining need the operator role: no credential is unauthenticated, a
+/// member or a builder is denied, an operator may.
+#[tokio::test]
+async fn drain_and_undrain_need_an_operator() {
+    let server = Server::start(auth_config()).await;
+    let drain = || proto::DrainHostRequest {
+        host_id: "build01".into(),
+    };
+    let e = server
+        .admin(None)
+        .await
+        .drain_host(drain())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    for who in ["alice", "build01"] {
+        let e = server
+            .admin(Some(who))
+            .await
+            .drain_host(drain())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}");
+        let e = server
+            .admin(Some(who))
+            .await
+            .undrain_host(proto::UndrainHostRequest {
+                host_id: "build01".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}");
+    }
+    let status = server
+        .admin(Some("ops"))
+        .await
+        .drain_host(drain())
+        .await
+        .unwrap();
+    assert!(status.into_inner().draining);
+}
+
+/// A member cannot acquire under another member's `client_id`; its own label is fine, and
+/// the lease is held under the member the credential proves.
+#[tokio::test]
+async fn acquire_under_another_member_is_denied() {
+    let server = Server::start(auth_config()).await;
+    let _real = real_agent(&server).await;
+    let mut alice = server.lease(Some("alice")).await;
+    let e = alice.acquire(acquire("bob", "d")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = server
+        .lease(None)
+        .await
+        .acquire(acquire("alice", "d"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = server
+        .lease(Some("ops"))
+        .await
+        .acquire(acquire("ops", "d"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    granted(
+        alice
+            .acquire(acquire("alice-laptop", "d"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let leases = server.leases_of("ops").await;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].client_id, "alice");
+}
+
+/// One member reporting a builder unreachable under two made-up client ids counts once: the
+/// builder is held back for that member only, and another member still gets it.
+#[tokio::test]
+async fn unreachable_quorum_counts_members_not_labels() {
+    let server = Server::start(auth_config()).await;
+    let _real = real_agent(&server).await;
+    let mut alice = server.lease(Some("alice")).await;
+    let g = granted(
+        alice
+            .acquire(acquire("x", "d1"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    alice
+        .release(proto::ReleaseRequest {
+            lease_id: g.lease_id,
+            outcome: proto::BuildOutcome::HostUnreachable as i32,
+            duration_millis: 0,
+        })
+        .await
+        .unwrap();
+    let second = alice
+        .acquire(acquire("y", "d2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !matches!(second.outcome, Some(Outcome::Granted(_))),
+        "a second label is the same member: {second:?}"
+    );
+    let g = server.grant("bob", "bob", "d3").await;
+    assert_eq!(g.host_id, "build01");
+}
+
+/// Another member's keep-alive or release of a lease is denied and leaves it live; lease
+/// ids are 128 random bits, so one's own reveals nothing of the neighbours'.
+#[tokio::test]
+async fn another_members_lease_cannot_be_touched() {
+    let server = Server::start(auth_config()).await;
+    let _real = real_agent(&server).await;
+    let mut alice = server.lease(Some("alice")).await;
+    let mut bob = server.lease(Some("bob")).await;
+    let a = granted(
+        alice
+            .acquire(acquire("alice", "a"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let b = granted(bob.acquire(acquire("bob", "b")).await.unwrap().into_inner());
+    for id in [&a.lease_id, &b.lease_id] {
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+    }
+    let differing = a
+        .lease_id
+        .bytes()
+        .zip(b.lease_id.bytes())
+        .filter(|(x, y)| x != y)
+        .count();
+    assert!(differing > 8, "{} vs {}", a.lease_id, b.lease_id);
+    let e = bob
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: a.lease_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = bob
+        .release(proto::ReleaseRequest {
+            lease_id: a.lease_id.clone(),
+            outcome: proto::BuildOutcome::Succeeded as i32,
+            duration_millis: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = server
+        .lease(None)
+        .await
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: a.lease_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    alice
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: a.lease_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("the holder still has its lease");
+    let r = alice
+        .release(proto::ReleaseRequest {
+            lease_id: a.lease_id,
+            outcome: proto::BuildOutcome::Succeeded as i32,
+            duration_millis: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.already_released);
+}
+
+/// A member lists only its own leases (never another member's derivation paths); the
+/// read-only admin calls are operators' unless `open_reads`; an operator sees everything.
+#[tokio::test]
+async fn members_see_only_their_own_leases() {
+    let server = Server::start(auth_config()).await;
+    let _real = real_agent(&server).await;
+    server.grant("alice", "alice", "alice-secret").await;
+    server.grant("bob", "bob", "bob-secret").await;
+    let mine = server.leases_of("bob").await;
+    assert_eq!(mine.len(), 1);
+    assert!(
+        mine.iter()
+            .all(|l| l.client_id == "bob" && !l.drv_path.contains("alice"))
+    );
+    let e = server
+        .admin(None)
+        .await
+        .list_leases(proto::ListLeasesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut bob = server.admin(Some("bob")).await;
+    assert_eq!(
+        bob.list_hosts(proto::ListHostsRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        bob.get_capacity(proto::GetCapacityRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        bob.explain_placement(proto::ExplainPlacementRequest {
+            system: "x86_64-linux".into(),
+            required_features: vec![],
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::PermissionDenied
+    );
+    let all = server.leases_of("ops").await;
+    assert_eq!(all.len(), 2);
+    server
+        .admin(Some("ops"))
+        .await
+        .list_hosts(proto::ListHostsRequest {})
+        .await
+        .unwrap();
+}
+
+/// With `open_reads`, members may list hosts and capacity, but still only their own leases.
+#[tokio::test]
+async fn open_reads_open_the_read_only_calls_to_members() {
+    let mut config = auth_config();
+    config.auth.as_mut().unwrap().open_reads = true;
+    let server = Server::start(config).await;
+    let mut bob = server.admin(Some("bob")).await;
+    bob.list_hosts(proto::ListHostsRequest {}).await.unwrap();
+    bob.get_capacity(proto::GetCapacityRequest {})
+        .await
+        .unwrap();
+    let e = bob
+        .drain_host(proto::DrainHostRequest {
+            host_id: "build01".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+}
+
+/// One member cannot hold every slot: past its cap of live leases it is postponed while
+/// another member is still granted.
+#[tokio::test]
+async fn one_member_cannot_hold_every_slot() {
+    let mut config = auth_config();
+    config
+        .auth
+        .as_mut()
+        .unwrap()
+        .limits
+        .max_live_leases_per_member = Some(2);
+    let server = Server::start(config).await;
+    let _real = real_agent(&server).await;
+    let mut alice = server.lease(Some("alice")).await;
+    for i in 0..2 {
+        granted(
+            alice
+                .acquire(acquire("alice", &format!("d{i}")))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let third = alice
+        .acquire(acquire("alice", "d2"))
+        .await
+        .unwrap()
+        .into_inner();
+    match third.outcome {
+        Some(Outcome::Postpone(p)) => assert!(p.reason.contains("limit"), "{}", p.reason),
+        other => panic!("expected a postponement, got {other:?}"),
+    }
+    server.grant("bob", "bob", "b").await;
+}
+
+/// Store URIs the hook could not use (`;`, a leading `-`, `?remote-program=`) are refused at
+/// registration, even in the open mode.
+#[tokio::test]
+async fn unusable_store_uris_are_refused_at_registration() {
+    let server = Server::start(Config::default()).await;
+    for uri in [
+        "ssh-ng://b;x",
+        "ssh://-oProxyCommand=x",
+        "ssh-ng://b?remote-program=/tmp/evil",
+    ] {
+        assert_eq!(
+            registration_code(server.as_(None).await, register("b", uri, KEY, 4)).await,
+            Code::InvalidArgument,
+            "{uri}"
+        );
+    }
+}
+
+/// Without `[auth]` the scheduler will not serve on an address that is not loopback.
+#[tokio::test]
+async fn open_mode_is_refused_off_loopback() {
+    // Bound, never served: `run` refuses before accepting anything.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let e = nixdispatch_scheduler::server::run(listener, Config::default(), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("auth"), "{e}");
+}
+
+/// A message over `limits.max_message_bytes` is answered `RESOURCE_EXHAUSTED`, on a unary
+/// call and on an agent stream (which ends with that status, not OK).
+#[tokio::test]
+async fn oversize_messages_are_resource_exhausted() {
+    let server = Server::start(Config::default()).await;
+    let mut big = acquire("c", "d");
+    big.drv_path = format!("/nix/store/{}.drv", "x".repeat(128 * 1024));
+    let e = server.lease(None).await.acquire(big).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    let mut r = register("b", "ssh-ng://b", KEY, 4);
+    r.agent_version = "v".repeat(128 * 1024);
+    assert_eq!(
+        registration_code(server.as_(None).await, r).await,
+        Code::ResourceExhausted
+    );
+    let mut agent = Agent::open(server.as_(None).await, register("b", "ssh-ng://b", KEY, 4))
+        .await
+        .unwrap();
+    agent.next().await.unwrap();
+    agent
+        .tx
+        .send(AgentMessage {
+            message: Some(Message::Goodbye(proto::Goodbye {
+                reason: "r".repeat(128 * 1024),
+            })),
+        })
+        .await
+        .unwrap();
+    let e = agent.next().await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+}
+
+/// A CA and a server certificate for `localhost`, written as PEM files into `dir`.
+fn make_pki(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}-key.pem")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// With `[tls]` the scheduler speaks TLS only: a client pinning its CA gets in (and is
+/// authenticated as before), one pinning another CA or speaking plaintext does not.
+#[tokio::test]
+async fn tls_with_a_pinned_ca() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = make_pki(pki.path(), "ours");
+    let (other_ca, _, _) = make_pki(pki.path(), "theirs");
+    let mut config = auth_config();
+    config.tls.certificate = Some(cert);
+    config.tls.private_key = Some(key);
+    let server = Server::start(config).await;
+    let client_config = |ca: &PathBuf| {
+        let mut c = ClientConfig::new(format!("https://127.0.0.1:{}", server.addr.port()));
+        c.ca_file = Some(ca.clone());
+        c.tls_domain = Some("localhost".into());
+        c.credential_file = Some(server.token_file("ops"));
+        c
+    };
+    let channel = client::connect(&client_config(&ca)).await.unwrap();
+    AdminServiceClient::new(channel)
+        .list_hosts(proto::ListHostsRequest {})
+        .await
+        .expect("an operator over TLS with the pinned CA");
+    assert!(client::connect(&client_config(&other_ca)).await.is_err());
+    let plain = server
+        .admin(Some("ops"))
+        .await
+        .list_hosts(proto::ListHostsRequest {})
+        .await;
+    assert!(plain.is_err(), "plaintext must not be served: {plain:?}");
+}
+
+fn provision(id: &str, uri: &str, token_of: &str) -> proto::ProvisionHostRequest {
+    proto::ProvisionHostRequest {
+        host_id: id.into(),
+        store_uri: uri.into(),
+        host_public_key: KEY.into(),
+        token_sha256: digest_of(&token(token_of)).to_hex(),
+    }
+}
+
+/// Operators provision builders through the API (members may not); the entry survives a
+/// restart through the state database; re-provisioning closes the connected agent's stream
+/// and holds its next registration to the new entry.
+#[tokio::test]
+async fn operators_provision_builders_through_the_api() {
+    let db = tempfile::tempdir().unwrap();
+    let mut config = auth_config();
+    config.state.database = Some(db.path().join("state.sqlite3"));
+    let server = Server::start(config.clone()).await;
+    let e = server
+        .admin(Some("alice"))
+        .await
+        .provision_host(provision("stranger", "ssh-ng://b2", "stranger"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = server
+        .admin(Some("ops"))
+        .await
+        .provision_host(provision("stranger", "ssh-ng://b2;x", "stranger"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = server
+        .admin(Some("ops"))
+        .await
+        .provision_host(provision("build01", "ssh-ng://b2", "stranger"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::FailedPrecondition,
+        "configured hosts stay the configuration's"
+    );
+    server
+        .admin(Some("ops"))
+        .await
+        .provision_host(provision("stranger", "ssh-ng://b2", "stranger"))
+        .await
+        .unwrap();
+    drop(server);
+
+    let server = Server::start(config).await;
+    let mut agent = Agent::open(
+        server.as_(Some("stranger")).await,
+        register("stranger", "ssh-ng://b2", KEY, 2),
+    )
+    .await
+    .unwrap();
+    agent.next().await.expect("provisioned before the restart");
+    server
+        .admin(Some("ops"))
+        .await
+        .provision_host(provision("stranger", "ssh-ng://b3", "stranger"))
+        .await
+        .unwrap();
+    let e = agent.next().await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    assert_eq!(
+        registration_code(
+            server.as_(Some("stranger")).await,
+            register("stranger", "ssh-ng://b2", KEY, 2)
+        )
+        .await,
+        Code::PermissionDenied
+    );
+    let r = server
+        .admin(Some("ops"))
+        .await
+        .unprovision_host(proto::UnprovisionHostRequest {
+            host_id: "stranger".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.removed);
+    assert_eq!(
+        registration_code(
+            server.as_(Some("stranger")).await,
+            register("stranger", "ssh-ng://b3", KEY, 2)
+        )
+        .await,
+        Code::Unauthenticated
+    );
+}
