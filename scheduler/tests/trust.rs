@@ -831,3 +831,48 @@ async fn operators_provision_builders_through_the_api() {
         Code::Unauthenticated
     );
 }
+
+/// The queue under credentials: a member waits as itself (another member's name is
+/// denied), a builder's credential may wait for a member only pinned to its own host (the
+/// gate), and a keep-alive re-attaching an unknown lease makes it the caller's, whatever
+/// `client_id` the details name.
+#[tokio::test]
+async fn waiting_and_re_attaching_follow_the_credential() {
+    let server = Server::start(auth_config()).await;
+    let mut real = real_agent(&server).await;
+    real.report().await.unwrap();
+    let wait = |client: &str, pin: &str| proto::WaitForLeaseRequest {
+        system: "x86_64-linux".into(),
+        drv_path: "/nix/store/w.drv".into(),
+        client_id: client.into(),
+        pin_host_id: pin.into(),
+        ..Default::default()
+    };
+    let mut alice = server.lease(Some("alice")).await;
+    let e = alice.wait_for_lease(wait("bob", "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut gate = server.lease(Some("build01")).await;
+    let e = gate.wait_for_lease(wait("bob", "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = gate
+        .wait_for_lease(wait("bob", "another-host"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    gate.wait_for_lease(wait("bob", "build01")).await.unwrap();
+
+    let foreign = "00112233445566778899aabbccddeeff".to_owned();
+    alice
+        .keep_alive(proto::KeepAliveRequest {
+            lease_id: foreign.clone(),
+            host_id: "build01".into(),
+            client_id: "bob".into(),
+            system: "x86_64-linux".into(),
+            drv_path: "/nix/store/old.drv".into(),
+        })
+        .await
+        .unwrap();
+    let leases = server.leases_of("ops").await;
+    let reattached = leases.iter().find(|l| l.lease_id == foreign).unwrap();
+    assert_eq!(reattached.client_id, "alice");
+}
