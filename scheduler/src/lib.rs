@@ -6,11 +6,13 @@
 //! - [`server`]: wires the services, health and reflection into one tonic server.
 //! - [`store`]: the operator state database (drains), written through by the service.
 //! - [`config`]: the TOML configuration and its embedded defaults.
+//! - [`probe`]: the scheduler's own SSH probe of one builder (the service decides when).
 
 pub mod config;
 pub mod core;
 mod error;
 mod incoming;
+pub mod probe;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -16,6 +16,7 @@ use tracing::info;
 
 use crate::Error;
 use crate::config::Config;
+use crate::probe::Prober;
 use crate::service::{AdminService, AgentService, LeaseService, Shared, TokioClock, metrics};
 use crate::store::Store;
 
@@ -67,6 +68,7 @@ pub async fn serve(
     let max_message = config.limits.max_message_bytes;
     let limits = config.limits.clone();
     let (down_tx, down_rx) = watch::channel(false);
+    let prober = Arc::new(Prober::new(&config.probe)?);
     let shared = Shared::new(config, store, Arc::new(TokioClock::new()), down_rx)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -104,6 +106,8 @@ pub async fn serve(
             }
         })
     };
+
+    let prober = tokio::spawn(crate::service::probe::run(shared.clone(), prober));
 
     let local = listener.local_addr().map_err(|source| Error::Io {
         what: "reading the listener's address".into(),
@@ -167,6 +171,7 @@ pub async fn serve(
         }
     };
     ticker.abort();
+    prober.abort();
     info!("scheduler stopped");
     result
 }

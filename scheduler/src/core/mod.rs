@@ -342,6 +342,12 @@ impl Scheduler {
         due
     }
 
+    /// When the next probe may be due (an entry may turn out superseded: waking for it
+    /// early costs one look).
+    pub fn next_probe_due(&self) -> Option<Time> {
+        self.probes.next()
+    }
+
     /// Records the verdict of a probe of `target` made at `now`: the host's breaker moves
     /// (see `probe`), its next probe is scheduled, and the index learns whether it takes
     /// leases. A verdict about a host that is gone or registers another key now is dropped.

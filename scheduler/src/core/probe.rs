@@ -231,6 +231,11 @@ impl ProbeQueue {
         self.due.insert((at, id));
     }
 
+    /// When the earliest entry is due.
+    pub(super) fn next(&self) -> Option<Time> {
+        self.due.first().map(|(t, _)| *t)
+    }
+
     /// The earliest entry due at `now`, if any.
     pub(super) fn pop_due(&mut self, now: Time) -> Option<(Time, HostId)> {
         let first = self.due.first()?;

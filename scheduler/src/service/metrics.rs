@@ -36,6 +36,19 @@ pub fn describe() {
         "nixdispatch_connection_dropped_total",
         "Connections closed by the scheduler's bounds, by reason (over_cap, handshake_timeout)."
     );
+    describe_counter!(
+        "nixdispatch_probe_total",
+        "SSH probes of builders, by result (ok, connect, host_key, login, command, timeout)."
+    );
+    describe_histogram!(
+        "nixdispatch_probe_seconds",
+        Unit::Seconds,
+        "Time one SSH probe took, connect to verdict."
+    );
+    describe_counter!(
+        "nixdispatch_probe_breaker_changes_total",
+        "Builders taken out of placement (opened) or let back in (closed) by their probes."
+    );
 }
 
 pub(crate) fn acquire(outcome: &'static str, seconds: f64) {
@@ -69,4 +82,13 @@ pub(crate) fn rejected(service: &'static str) {
 
 pub(crate) fn connection_dropped(reason: &'static str) {
     counter!("nixdispatch_connection_dropped_total", "reason" => reason).increment(1);
+}
+
+pub(crate) fn probe(result: &'static str, seconds: f64) {
+    counter!("nixdispatch_probe_total", "result" => result).increment(1);
+    histogram!("nixdispatch_probe_seconds").record(seconds);
+}
+
+pub(crate) fn breaker_change(change: &'static str) {
+    counter!("nixdispatch_probe_breaker_changes_total", "change" => change).increment(1);
 }

@@ -10,6 +10,7 @@ mod agent;
 pub(crate) mod convert;
 mod lease;
 pub mod metrics;
+pub(crate) mod probe;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -75,6 +76,8 @@ pub struct Shared {
     clock: Arc<dyn Clock>,
     config: Config,
     agents: DashMap<HostId, AgentLink>,
+    /// Wakes the probe task: an agent registered, or a probe ended.
+    pub(crate) probe_wake: Notify,
     /// Becomes `true` when the server shuts down: agent streams end.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -118,6 +121,7 @@ impl Shared {
             clock,
             config,
             agents: DashMap::new(),
+            probe_wake: Notify::new(),
             shutdown,
         }))
     }
