@@ -108,6 +108,19 @@ pub async fn serve(
     };
 
     let prober = tokio::spawn(crate::service::probe::run(shared.clone(), prober));
+    // The fleet's gauges, as fresh as the agents' reports they come from.
+    let gauges = {
+        let shared = shared.clone();
+        let every = Duration::from_millis(shared.config().agents.report_interval_millis);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(every);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                shared.fleet_metrics().await;
+            }
+        })
+    };
 
     let local = listener.local_addr().map_err(|source| Error::Io {
         what: "reading the listener's address".into(),
@@ -172,6 +185,7 @@ pub async fn serve(
     };
     ticker.abort();
     prober.abort();
+    gauges.abort();
     info!("scheduler stopped");
     result
 }

@@ -6,6 +6,8 @@ use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 
+use crate::core::{Breaker, CapacityView, HostState, HostView};
+
 /// Describes every metric once, at start.
 pub fn describe() {
     describe_counter!(
@@ -44,6 +46,54 @@ pub fn describe() {
         "nixdispatch_probe_seconds",
         Unit::Seconds,
         "Time one SSH probe took, connect to verdict."
+    );
+    describe_gauge!(
+        "nixdispatch_system_hosts",
+        "Hosts building the system, by whether they take leases now (available)."
+    );
+    describe_gauge!(
+        "nixdispatch_system_slots",
+        "Build slots of the system's available hosts."
+    );
+    describe_gauge!(
+        "nixdispatch_system_slots_free",
+        "Free build slots of the system's available hosts."
+    );
+    describe_gauge!(
+        "nixdispatch_system_leases",
+        "Live leases on hosts building the system (slots in use by the scheduler's builds)."
+    );
+    describe_gauge!(
+        "nixdispatch_system_waiting",
+        "Requests for the system waiting (postponed) now."
+    );
+    describe_gauge!(
+        "nixdispatch_host_state",
+        "1 for the host's liveness state (ready, stale, disconnected, gone), 0 for the others. \
+         One series per host and state: bounded by the fleet."
+    );
+    describe_gauge!(
+        "nixdispatch_host_available",
+        "1 when the host would take a lease now, 0 when not (drained, probe failing, gates, \
+         full, not ready)."
+    );
+    describe_gauge!(
+        "nixdispatch_host_draining",
+        "1 when an operator drained the host."
+    );
+    describe_gauge!(
+        "nixdispatch_host_probe_failing",
+        "1 when the host's SSH probe breaker is open or half-open (out of placement)."
+    );
+    describe_gauge!("nixdispatch_host_slots", "The host's build slots.");
+    describe_gauge!(
+        "nixdispatch_host_slots_used",
+        "The host's slots counted as busy (leases and builds seen beyond them)."
+    );
+    describe_gauge!(
+        "nixdispatch_host_report_age_seconds",
+        Unit::Seconds,
+        "Time since the host's agent last registered or reported."
     );
     describe_counter!(
         "nixdispatch_probe_breaker_changes_total",
@@ -91,4 +141,49 @@ pub(crate) fn probe(result: &'static str, seconds: f64) {
 
 pub(crate) fn breaker_change(change: &'static str) {
     counter!("nixdispatch_probe_breaker_changes_total", "change" => change).increment(1);
+}
+
+/// The fleet's gauges from one look at the capacity and one page of hosts. Hosts that the
+/// scheduler forgot keep their last values until the exporter's idle timeout drops them.
+pub(crate) fn systems(capacity: &[CapacityView]) {
+    for c in capacity {
+        let system = c.system.clone();
+        gauge!("nixdispatch_system_hosts", "system" => system.clone(), "available" => "true")
+            .set(f64::from(c.hosts_available));
+        gauge!("nixdispatch_system_hosts", "system" => system.clone(), "available" => "false")
+            .set(f64::from(c.hosts - c.hosts_available));
+        gauge!("nixdispatch_system_slots", "system" => system.clone())
+            .set(f64::from(c.slots_total));
+        gauge!("nixdispatch_system_slots_free", "system" => system.clone())
+            .set(f64::from(c.slots_free));
+        gauge!("nixdispatch_system_leases", "system" => system.clone()).set(f64::from(c.leases));
+        gauge!("nixdispatch_system_waiting", "system" => system).set(f64::from(c.waiting));
+    }
+}
+
+/// See [`systems`].
+pub(crate) fn hosts(hosts: &[HostView]) {
+    const STATES: [(HostState, &str); 4] = [
+        (HostState::Ready, "ready"),
+        (HostState::Stale, "stale"),
+        (HostState::Disconnected, "disconnected"),
+        (HostState::Gone, "gone"),
+    ];
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    for h in hosts {
+        let host = h.spec.id.to_string();
+        for (state, name) in STATES {
+            gauge!("nixdispatch_host_state", "host" => host.clone(), "state" => name)
+                .set(flag(h.state == state));
+        }
+        gauge!("nixdispatch_host_available", "host" => host.clone())
+            .set(flag(h.unavailable_reason.is_none()));
+        gauge!("nixdispatch_host_draining", "host" => host.clone()).set(flag(h.draining));
+        gauge!("nixdispatch_host_probe_failing", "host" => host.clone())
+            .set(flag(h.probe != Breaker::Closed));
+        gauge!("nixdispatch_host_slots", "host" => host.clone()).set(f64::from(h.spec.max_jobs));
+        gauge!("nixdispatch_host_slots_used", "host" => host.clone()).set(f64::from(h.slots_used));
+        gauge!("nixdispatch_host_report_age_seconds", "host" => host)
+            .set(h.since_last_report.as_secs_f64());
+    }
 }

@@ -126,6 +126,11 @@ impl Shared {
         }))
     }
 
+    /// The configuration.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Now, on the injected clock.
     pub fn now(&self) -> Time {
         self.clock.now()
@@ -174,6 +179,30 @@ impl Shared {
             metrics::lease_expired(expired);
         }
         metrics::leases_active(active);
+    }
+
+    /// Publishes the fleet's gauges (capacity per system, every host's state, availability,
+    /// probe breaker and report age). Reads the hosts in pages like `ListHosts`, letting go
+    /// of the core between them.
+    pub(crate) async fn fleet_metrics(&self) {
+        let capacity = {
+            let now = self.now();
+            self.core().capacity(now)
+        };
+        metrics::systems(&capacity);
+        let mut after: Option<HostId> = None;
+        loop {
+            let now = self.now();
+            let page = self
+                .core()
+                .hosts_page(now, after.as_ref(), admin::HOSTS_PAGE);
+            metrics::hosts(&page);
+            if page.len() < admin::HOSTS_PAGE {
+                break;
+            }
+            after = page.last().map(|h| h.spec.id.clone());
+            tokio::task::yield_now().await;
+        }
     }
 
     /// The message that tells host `id`'s agent its deadline and drain state.

@@ -1,0 +1,91 @@
+//! The fleet's gauges and the probe metrics, rendered by the real Prometheus exporter. Its
+//! own test binary, so that it may own the process-wide metrics recorder.
+
+use std::time::Duration;
+
+use nixdispatch::proto::{
+    AgentMessage, Register, agent_message::Message, agent_service_client::AgentServiceClient,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv";
+
+/// Per-system capacity, per-host state, availability and report age, and the probe's
+/// result and breaker appear under their documented names for a builder whose sshd never
+/// answers (a listener that accepts and stays silent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_and_probe_gauges() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).unwrap();
+
+    // Connections complete in the kernel's backlog and then hear nothing: probes time out.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+
+    let mut config = nixdispatch_scheduler::config::Config::default();
+    config.agents.report_interval_millis = 100;
+    config.probe.enabled = true;
+    config.probe.timeout_millis = 200;
+    config.probe.failures_to_open = 1;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(nixdispatch_scheduler::server::run(
+        listener,
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(AgentMessage {
+        message: Some(Message::Register(Register {
+            host_id: "b1".into(),
+            store_uri: format!("ssh-ng://root@127.0.0.1:{port}"),
+            host_public_key: KEY.into(),
+            systems: vec!["x86_64-linux".into()],
+            max_jobs: 6,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut answers = AgentServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    answers.message().await.unwrap().unwrap();
+
+    let want = r#"nixdispatch_host_probe_failing{host="b1"} 1"#;
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = handle.render();
+        if text.contains(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for expected in [
+        want,
+        r#"nixdispatch_probe_total{result="timeout"}"#,
+        r#"nixdispatch_probe_breaker_changes_total{change="opened"} 1"#,
+        r#"nixdispatch_host_state{host="b1",state="ready"} 1"#,
+        r#"nixdispatch_host_state{host="b1",state="gone"} 0"#,
+        r#"nixdispatch_host_slots{host="b1"} 6"#,
+        r#"nixdispatch_host_report_age_seconds{host="b1"}"#,
+        r#"nixdispatch_system_hosts{system="x86_64-linux",available="true"}"#,
+        r#"nixdispatch_system_waiting{system="x86_64-linux"} 0"#,
+        "# HELP nixdispatch_host_probe_failing",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    let _ = stop.send(());
+    drop(tx);
+    server.await.unwrap().unwrap();
+}
