@@ -27,7 +27,7 @@
     host_id = "build01";
     store_uri = "ssh-ng://nix-remote@build01.example.org";
     host_key_file = "/etc/ssh/ssh_host_ed25519_key.pub";
-    speed_factor = 2;
+    speed_factor = 2.0;
     credential_file = "/run/credentials/nixdispatch-agent.service/token";
     timing = {
       reconnect_max_millis = 30000;
