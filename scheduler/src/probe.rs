@@ -3,7 +3,7 @@
 //! members pin), and, with a probe key, log in and run a command (`nix-store --version`).
 //!
 //! A probe never returns an error: whatever happens becomes a
-//! [`ProbeVerdict`](crate::core::ProbeVerdict) for the core's breaker. The task that decides
+//! [`ProbeVerdict`] for the core's breaker. The task that decides
 //! when to probe is `crate::service::probe`.
 
 use std::borrow::Cow;
