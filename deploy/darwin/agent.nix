@@ -16,23 +16,16 @@
 }:
 let
   cfg = config.services.nixdispatch.agent;
-  toml = pkgs.formats.toml { };
-  configFile = toml.generate "nixdispatch-agent.toml" cfg.settings;
+  opts = import ../nix/options.nix { inherit lib pkgs; };
+  configFile = opts.toml.generate "nixdispatch-agent.toml" cfg.settings;
 in
 {
   options.services.nixdispatch.agent = {
     enable = lib.mkEnableOption "the nixdispatch agent, which reports this builder's capacity";
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.nixdispatch;
-      defaultText = lib.literalExpression "pkgs.nixdispatch";
-      description = "The package providing nixdispatch-agent.";
-    };
-    settings = lib.mkOption {
-      type = toml.type;
-      default = { };
-      example = (import ../nixos/examples.nix).agent;
-      description = "The agent's configuration (agent.toml), rendered to TOML.";
+    package = opts.package "nixdispatch-agent";
+    settings = opts.settings {
+      role = "agent";
+      file = "agent's (agent.toml)";
     };
   };
 

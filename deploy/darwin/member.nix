@@ -17,48 +17,33 @@
 }:
 let
   cfg = config.services.nixdispatch.member;
-  toml = pkgs.formats.toml { };
-  configFile = toml.generate "nixdispatch-hook.toml" cfg.settings;
+  opts = import ../nix/options.nix { inherit lib pkgs; };
+  configFile = opts.toml.generate "nixdispatch-hook.toml" cfg.settings;
   hook = lib.getExe' cfg.package "nixdispatch-hook";
   nix = config.nix.package;
-  placement = import ../nixos/hook-placement.nix {
-    pname = lib.getName nix;
-    version = lib.getVersion nix;
-  };
+  member = opts.member nix;
 in
 {
   options.services.nixdispatch.member = {
     enable = lib.mkEnableOption "offloading this machine's builds through nixdispatch";
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.nixdispatch;
-      defaultText = lib.literalExpression "pkgs.nixdispatch";
-      description = "The package providing nixdispatch-hook and nixdispatch.";
-    };
-    settings = lib.mkOption {
-      type = toml.type;
-      default = { };
-      example = (import ../nixos/examples.nix).hook;
-      description = "The hook's configuration (docs/hook.md), rendered to TOML.";
+    package = opts.package "nixdispatch-hook and nixdispatch";
+    settings = opts.settings {
+      role = "hook";
+      file = "hook's (docs/hook.md)";
     };
   };
 
   config = lib.mkIf cfg.enable (
     lib.mkMerge [
       {
-        assertions = [
-          {
-            assertion = placement != "unsupported";
-            message = "nixdispatch-hook does not support ${lib.getName nix} ${lib.getVersion nix} (see docs/hook.md).";
-          }
-        ];
+        inherit (member) assertions;
         environment.systemPackages = [ cfg.package ];
         launchd.daemons.nix-daemon.serviceConfig.EnvironmentVariables.NIXDISPATCH_HOOK_CONFIG = "${configFile}";
       }
-      (lib.mkIf (placement == "nix.conf") {
+      (lib.mkIf (member.placement == "nix.conf") {
         nix.settings.build-hook = hook;
       })
-      (lib.mkIf (placement == "daemon-command-line") {
+      (lib.mkIf (member.placement == "daemon-command-line") {
         launchd.daemons.nix-daemon.command = lib.mkForce "${lib.getExe' nix "nix-daemon"} --option build-hook ${hook}";
       })
     ]

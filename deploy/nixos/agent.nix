@@ -18,38 +18,24 @@
 }:
 let
   cfg = config.services.nixdispatch.agent;
-  toml = pkgs.formats.toml { };
-  configFile = toml.generate "nixdispatch-agent.toml" cfg.settings;
+  opts = import ../nix/options.nix { inherit lib pkgs; };
+  configFile = opts.toml.generate "nixdispatch-agent.toml" cfg.settings;
   units = import ./units.nix {
     agentExec = "${lib.getExe' cfg.package "nixdispatch-agent"} --config ${configFile}";
-    agentCredentials = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.credentials;
+    agentCredentials = opts.loadCredential cfg.credentials;
   };
 in
 {
   options.services.nixdispatch.agent = {
     enable = lib.mkEnableOption "the nixdispatch agent, which reports this builder's capacity";
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.nixdispatch;
-      defaultText = lib.literalExpression "pkgs.nixdispatch";
-      description = "The package providing nixdispatch-agent.";
+    package = opts.package "nixdispatch-agent";
+    settings = opts.settings {
+      role = "agent";
+      file = "agent's (agent.toml)";
     };
-    settings = lib.mkOption {
-      type = toml.type;
-      default = { };
-      example = (import ./examples.nix).agent;
-      description = "The agent's configuration (agent.toml), rendered to TOML.";
-    };
-    credentials = lib.mkOption {
-      type = lib.types.attrsOf lib.types.path;
-      default = { };
-      example = {
-        token = "/var/lib/secrets/nixdispatch-agent.token";
-      };
-      description = ''
-        Secret files handed to the agent with LoadCredential=, as
-        /run/credentials/nixdispatch-agent.service/<name> (e.g. its credential_file).
-      '';
+    credentials = opts.credentials {
+      unit = "nixdispatch-agent.service";
+      example.token = "/var/lib/secrets/nixdispatch-agent.token";
     };
   };
 

@@ -18,19 +18,14 @@
 }:
 let
   cfg = config.services.nixdispatch.gate;
-  toml = pkgs.formats.toml { };
-  configFile = toml.generate "nixdispatch-gate.toml" cfg.settings;
+  opts = import ../nix/options.nix { inherit lib pkgs; };
+  configFile = opts.toml.generate "nixdispatch-gate.toml" cfg.settings;
   logDir = "/var/log/nixdispatch";
 in
 {
   options.services.nixdispatch.gate = {
     enable = lib.mkEnableOption "the nixdispatch gate as sshd's forced command for members";
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.nixdispatch;
-      defaultText = lib.literalExpression "pkgs.nixdispatch";
-      description = "The package providing nixdispatch-gate.";
-    };
+    package = opts.package "nixdispatch-gate";
     group = lib.mkOption {
       type = lib.types.str;
       default = "nix-members";
@@ -44,11 +39,9 @@ in
         build-remote to import members' closures without signatures.
       '';
     };
-    settings = lib.mkOption {
-      type = toml.type;
-      default = { };
-      example = (import ./examples.nix).gate;
-      description = "The gate's configuration (gate.toml), rendered to TOML.";
+    settings = opts.settings {
+      role = "gate";
+      file = "gate's (gate.toml)";
     };
   };
 

@@ -20,62 +20,40 @@
 }:
 let
   cfg = config.services.nixdispatch.member;
-  toml = pkgs.formats.toml { };
-  configFile = toml.generate "nixdispatch-hook.toml" cfg.settings;
+  opts = import ../nix/options.nix { inherit lib pkgs; };
+  configFile = opts.toml.generate "nixdispatch-hook.toml" cfg.settings;
   hook = lib.getExe' cfg.package "nixdispatch-hook";
   nix = config.nix.package;
-  placement = import ./hook-placement.nix {
-    pname = lib.getName nix;
-    version = lib.getVersion nix;
-  };
+  member = opts.member nix;
 in
 {
   options.services.nixdispatch.member = {
     enable = lib.mkEnableOption "offloading this machine's builds through nixdispatch";
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.nixdispatch;
-      defaultText = lib.literalExpression "pkgs.nixdispatch";
-      description = "The package providing nixdispatch-hook and nixdispatch.";
+    package = opts.package "nixdispatch-hook and nixdispatch";
+    settings = opts.settings {
+      role = "hook";
+      file = "hook's (docs/hook.md)";
     };
-    settings = lib.mkOption {
-      type = toml.type;
-      default = { };
-      example = (import ./examples.nix).hook;
-      description = "The hook's configuration (docs/hook.md), rendered to TOML.";
-    };
-    credentials = lib.mkOption {
-      type = lib.types.attrsOf lib.types.path;
-      default = { };
-      example = {
-        nixdispatch-token = "/var/lib/secrets/nixdispatch-member.token";
-      };
-      description = ''
-        Secret files handed to nix-daemon (which runs the hook) with LoadCredential=, as
-        /run/credentials/nix-daemon.service/<name>.
-      '';
+    credentials = opts.credentials {
+      unit = "nix-daemon.service";
+      example.nixdispatch-token = "/var/lib/secrets/nixdispatch-member.token";
     };
   };
 
   config = lib.mkIf cfg.enable (
     lib.mkMerge [
       {
-        assertions = [
-          {
-            assertion = placement != "unsupported";
-            message = "nixdispatch-hook does not support ${lib.getName nix} ${lib.getVersion nix} (Lix 2.94+ and Nix before 2.8 speak another hook protocol; see docs/hook.md).";
-          }
-        ];
+        inherit (member) assertions;
         environment.systemPackages = [ cfg.package ];
         systemd.services.nix-daemon = {
           environment.NIXDISPATCH_HOOK_CONFIG = "${configFile}";
-          serviceConfig.LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.credentials;
+          serviceConfig.LoadCredential = opts.loadCredential cfg.credentials;
         };
       }
-      (lib.mkIf (placement == "nix.conf") {
+      (lib.mkIf (member.placement == "nix.conf") {
         nix.settings.build-hook = hook;
       })
-      (lib.mkIf (placement == "daemon-command-line") {
+      (lib.mkIf (member.placement == "daemon-command-line") {
         # Replaces the ExecStart of the unit that Nix ships (the empty string clears it).
         systemd.services.nix-daemon.serviceConfig.ExecStart = [
           ""

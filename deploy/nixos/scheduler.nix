@@ -19,11 +19,11 @@
 }:
 let
   cfg = config.services.nixdispatch.scheduler;
-  toml = pkgs.formats.toml { };
-  configFile = toml.generate "nixdispatch-scheduler.toml" cfg.settings;
+  opts = import ../nix/options.nix { inherit lib pkgs; };
+  configFile = opts.toml.generate "nixdispatch-scheduler.toml" cfg.settings;
   units = import ./units.nix {
     schedulerExec = "${lib.getExe' cfg.package "nixdispatch-scheduler"} --config ${configFile} --log-format json";
-    schedulerCredentials = lib.mapAttrsToList (name: path: "${name}:${path}") cfg.credentials;
+    schedulerCredentials = opts.loadCredential cfg.credentials;
   };
   listen = cfg.settings.listen or "127.0.0.1:50051";
   port = lib.toInt (lib.last (lib.splitString ":" listen));
@@ -32,29 +32,14 @@ in
 {
   options.services.nixdispatch.scheduler = {
     enable = lib.mkEnableOption "the nixdispatch remote-build scheduler";
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.nixdispatch;
-      defaultText = lib.literalExpression "pkgs.nixdispatch";
-      description = "The package providing nixdispatch-scheduler.";
+    package = opts.package "nixdispatch-scheduler";
+    settings = opts.settings {
+      role = "scheduler";
+      file = "scheduler's (scheduler.toml)";
     };
-    settings = lib.mkOption {
-      type = toml.type;
-      default = { };
-      example = (import ./examples.nix).scheduler;
-      description = "The scheduler's configuration (scheduler.toml), rendered to TOML.";
-    };
-    credentials = lib.mkOption {
-      type = lib.types.attrsOf lib.types.path;
-      default = { };
-      example = {
-        probe-key = "/var/lib/secrets/nixdispatch-probe-key";
-      };
-      description = ''
-        Secret files handed to the scheduler with systemd's LoadCredential=, as
-        /run/credentials/nixdispatch-scheduler.service/<name>. Give paths as strings outside
-        the Nix store.
-      '';
+    credentials = opts.credentials {
+      unit = "nixdispatch-scheduler.service";
+      example.probe-key = "/var/lib/secrets/nixdispatch-probe-key";
     };
     openFirewall = lib.mkOption {
       type = lib.types.bool;

@@ -51,7 +51,6 @@ let
       "AF_INET6"
       "AF_UNIX"
     ];
-    IPAddressDeny = "";
     KillSignal = "SIGTERM";
   };
 in
