@@ -3,14 +3,9 @@
 
 use std::time::Duration;
 
-use nixdispatch::proto::{
-    AgentMessage, Register, agent_message::Message, agent_service_client::AgentServiceClient,
-};
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+mod common;
 
-const KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv";
+use tokio::sync::oneshot;
 
 /// Per-system capacity, per-host state, availability and report age, and the probe's
 /// result and breaker appear under their documented names for a builder whose sshd never
@@ -40,27 +35,12 @@ async fn fleet_and_probe_gauges() {
             let _ = stopped.await;
         },
     ));
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(AgentMessage {
-        message: Some(Message::Register(Register {
-            host_id: "b1".into(),
-            store_uri: format!("ssh-ng://root@127.0.0.1:{port}"),
-            host_public_key: KEY.into(),
-            systems: vec!["x86_64-linux".into()],
-            max_jobs: 6,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut answers = AgentServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-        .session(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    answers.message().await.unwrap().unwrap();
+    let uri = format!("ssh-ng://root@127.0.0.1:{port}");
+    let agent = common::agent(
+        common::channel(&addr.to_string()).await,
+        common::register("b1", &uri, common::KEY, 6),
+    )
+    .await;
 
     let want = r#"nixdispatch_host_probe_failing{host="b1"} 1"#;
     let mut text = String::new();
@@ -86,6 +66,6 @@ async fn fleet_and_probe_gauges() {
         assert!(text.contains(expected), "{expected} missing from:\n{text}");
     }
     let _ = stop.send(());
-    drop(tx);
+    drop(agent);
     server.await.unwrap().unwrap();
 }

@@ -6,15 +6,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nixdispatch::proto::{
-    AgentMessage, Register, agent_message::Message, agent_service_client::AgentServiceClient,
-};
-use tokio_stream::wrappers::ReceiverStream;
+mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nixdispatch-scheduler");
-
-const KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHdzrOYYsx97jgJC4raQrLvbWQfJI3Wj8wIeg0F7/qlv";
 
 /// Kills the scheduler when the test ends.
 struct Guard(Child);
@@ -84,28 +78,9 @@ async fn every_grpcurl_example_runs() {
     let addr = addr.expect("the scheduler writes its address file within 10 s");
 
     // One builder, so that the examples naming build01 have a host to act on.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(AgentMessage {
-        message: Some(Message::Register(Register {
-            host_id: "build01".into(),
-            store_uri: "ssh-ng://build01".into(),
-            host_public_key: KEY.into(),
-            systems: vec!["x86_64-linux".into()],
-            supported_features: vec!["kvm".into()],
-            max_jobs: 4,
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut answers = AgentServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-        .session(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    answers.message().await.unwrap().unwrap();
+    let mut build01 = common::register("build01", "ssh-ng://build01", common::KEY, 4);
+    build01.supported_features = vec!["kvm".into()];
+    let _agent = common::agent(common::channel(&addr).await, build01).await;
 
     let doc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/OPERATIONS.md");
     let doc = std::fs::read_to_string(doc).unwrap();

@@ -17,14 +17,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+
 use nixdispatch::proto::{
-    self, AcquireRequest, AgentMessage, Register, acquire_response::Outcome,
-    admin_service_client::AdminServiceClient, agent_message::Message,
-    agent_service_client::AgentServiceClient, lease_service_client::LeaseServiceClient,
+    self, AcquireRequest, acquire_response::Outcome, admin_service_client::AdminServiceClient,
+    lease_service_client::LeaseServiceClient,
 };
 use nixdispatch_scheduler::config::Config;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 fn keygen(path: &Path) -> String {
@@ -202,46 +202,18 @@ impl Server {
                 let _ = stopped.await;
             },
         ));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = common::channel(&addr.to_string()).await;
         Server {
             channel,
             _stop: stop,
         }
     }
 
-    /// Registers a builder at `port` pinning `key`; the stream stays open while the
-    /// returned sender lives.
-    async fn register(&self, id: &str, port: u16, key: &str, slots: u32) -> Held {
-        let (tx, out) = mpsc::channel(8);
-        tx.send(AgentMessage {
-            message: Some(Message::Register(Register {
-                host_id: id.into(),
-                store_uri: format!("ssh-ng://root@127.0.0.1:{port}"),
-                host_public_key: key.trim().into(),
-                systems: vec!["x86_64-linux".into()],
-                supported_features: vec![],
-                mandatory_features: vec![],
-                max_jobs: slots,
-                speed_factor: 1.0,
-                cpu_count: 8,
-                total_memory_bytes: 16 << 30,
-                agent_version: "test".into(),
-            })),
-        })
-        .await
-        .unwrap();
-        let mut rx = AgentServiceClient::new(self.channel.clone())
-            .session(ReceiverStream::new(out))
-            .await
-            .unwrap()
-            .into_inner();
-        // The first directive answers the registration: the host is known from here on.
-        rx.message().await.unwrap().unwrap();
-        Held(tx, rx)
+    /// Registers a builder at `port` pinning `key`; it stays registered while the returned
+    /// stream lives.
+    async fn register(&self, id: &str, port: u16, key: &str, slots: u32) -> common::Agent {
+        let uri = format!("ssh-ng://root@127.0.0.1:{port}");
+        common::agent(self.channel.clone(), common::register(id, &uri, key, slots)).await
     }
 
     async fn host(&self, id: &str) -> proto::HostStatus {
@@ -270,28 +242,25 @@ impl Server {
     }
 
     async fn acquire(&self, client: &str, drv: &str) -> Outcome {
-        LeaseServiceClient::new(self.channel.clone())
-            .acquire(AcquireRequest {
-                system: "x86_64-linux".into(),
-                required_features: vec![],
-                drv_path: format!("/nix/store/{drv}.drv"),
-                client_id: client.into(),
-                can_build_locally: false,
-                exclude_hosts: vec![],
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .outcome
-            .unwrap()
+        acquire(self.channel.clone(), client, drv).await
     }
 }
 
-/// Keeps an agent stream open while it lives.
-struct Held(
-    #[allow(dead_code)] mpsc::Sender<AgentMessage>,
-    #[allow(dead_code)] tonic::Streaming<proto::SchedulerMessage>,
-);
+/// Asks for an x86_64-linux slot for `client`'s `drv`, as a hook that cannot build locally.
+async fn acquire(channel: Channel, client: &str, drv: &str) -> Outcome {
+    LeaseServiceClient::new(channel)
+        .acquire(AcquireRequest {
+            system: "x86_64-linux".into(),
+            drv_path: format!("/nix/store/{drv}.drv"),
+            client_id: client.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+        .unwrap()
+}
 
 fn granted_host(o: &Outcome) -> Option<&str> {
     match o {
@@ -417,23 +386,8 @@ async fn concurrent_requests_never_get_a_host_whose_probe_failed() {
         .await;
     let mut asks = tokio::task::JoinSet::new();
     for i in 0..40 {
-        let server_channel = server.channel.clone();
-        asks.spawn(async move {
-            LeaseServiceClient::new(server_channel)
-                .acquire(AcquireRequest {
-                    system: "x86_64-linux".into(),
-                    required_features: vec![],
-                    drv_path: format!("/nix/store/d{i}.drv"),
-                    client_id: format!("m{}", i % 5),
-                    can_build_locally: false,
-                    exclude_hosts: vec![],
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .outcome
-                .unwrap()
-        });
+        let channel = server.channel.clone();
+        asks.spawn(async move { acquire(channel, &format!("m{}", i % 5), &format!("d{i}")).await });
     }
     let mut on_live = 0;
     while let Some(o) = asks.join_next().await {
