@@ -399,3 +399,29 @@ async fn concurrent_requests_never_get_a_host_whose_probe_failed() {
     }
     assert_eq!(on_live, 8, "the live builder's slots are all used");
 }
+
+/// With one probe at a time allowed, builders whose probes queue behind each other are all
+/// probed in turn: three dead builders are all taken out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_queue_behind_the_concurrency_bound() {
+    let mut f = Fixture::new();
+    f.config.probe.concurrency = 1;
+    let sshds: Vec<Sshd> = (0..3).map(|i| f.sshd(&format!("b{i}"))).collect();
+    let server = Server::start(f.config.clone()).await;
+    let mut agents = Vec::new();
+    for (i, sshd) in sshds.iter().enumerate() {
+        sshd.set_down(true);
+        agents.push(
+            server
+                .register(&format!("b{i}"), sshd.port, &sshd.host_key_line, 2)
+                .await,
+        );
+    }
+    for i in 0..3 {
+        server
+            .reason_until(&format!("b{i}"), "taken out", |r| {
+                r.contains("SSH probe failed")
+            })
+            .await;
+    }
+}

@@ -65,7 +65,12 @@ pub(crate) async fn run(shared: Arc<Shared>, prober: Arc<Prober>) {
                 shared.probe_wake.notify_one();
             });
         }
-        let sleep = next.map_or(MAX_SLEEP, |t| t.since(shared.now()).min(MAX_SLEEP));
+        // With every permit taken, due hosts wait for a probe to end (it wakes the loop);
+        // sleeping until their due time, already past, would spin.
+        let sleep = match next {
+            Some(t) if permits.available_permits() > 0 => t.since(shared.now()).min(MAX_SLEEP),
+            _ => MAX_SLEEP,
+        };
         tokio::select! {
             () = tokio::time::sleep(sleep) => {}
             () = shared.probe_wake.notified() => {}
