@@ -192,6 +192,19 @@ async fn drain_wait_returns_when_the_builds_have_finished() {
         String::from_utf8_lossy(&out.stdout),
         "build01: drained, nothing running\n"
     );
+
+    // Nothing runs any more: with --json, the answer says so once a report confirms it.
+    let out = s
+        .cli()
+        .args(["--json", "drain", "build01", "--wait", "--poll", "0.05"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&v["drained"], &v["caveat"]),
+        (&true.into(), &serde_json::Value::Null)
+    );
 }
 
 /// Ends the tmux server of one test.

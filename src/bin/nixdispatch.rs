@@ -175,20 +175,20 @@ async fn drain_and_wait(
         let elapsed = start.elapsed();
         match watch.observe(elapsed, host.as_ref()) {
             DrainStep::Done { caveat } => {
-                let mut out = format!("{host_id}: drained, nothing running");
-                if let Some(c) = caveat {
-                    out.push_str(&format!(" ({c})"));
-                }
                 if json {
                     let v = serde_json::json!({
                         "host_id": host_id,
                         "drained": true,
-                        "caveat": out.split_once(" (").map(|(_, c)| c.trim_end_matches(')')),
+                        "caveat": caveat,
                         "waited_seconds": elapsed.as_secs_f64(),
                     });
                     return Ok((serde_json::to_string_pretty(&v)? + "\n", true));
                 }
-                return Ok((out + "\n", true));
+                let caveat = caveat.map(|c| format!(" ({c})")).unwrap_or_default();
+                return Ok((
+                    format!("{host_id}: drained, nothing running{caveat}\n"),
+                    true,
+                ));
             }
             DrainStep::Waiting { progress } => {
                 if progress != last {
