@@ -6,7 +6,19 @@ use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 
+use std::time::Duration;
+
 use crate::core::{Breaker, CapacityView, HostState, HostView};
+
+/// How long a gauge may stay unchanged before the exporter drops its series, for agents
+/// that report every `report_interval`. Every gauge is written at least once per report
+/// interval (the fleet gauges, and the agent stream gauge touched with them) or per second
+/// (the lease gauge); a host the scheduler forgot (an hour after its agent left, by default)
+/// stops being written, and its series go after this. Ten minutes, or three report
+/// intervals if that is longer: no live series ever blinks.
+pub fn gauge_idle_timeout(report_interval: Duration) -> Duration {
+    Duration::from_secs(600).max(report_interval * 3)
+}
 
 /// Describes every metric once, at start.
 pub fn describe() {
@@ -143,8 +155,15 @@ pub(crate) fn breaker_change(change: &'static str) {
     counter!("nixdispatch_probe_breaker_changes_total", "change" => change).increment(1);
 }
 
+/// Marks the agent stream gauge as alive without changing it (it moves by increments), so
+/// that the idle timeout never drops it.
+pub(crate) fn touch_agent_streams() {
+    gauge!("nixdispatch_agent_streams").increment(0.0);
+}
+
 /// The fleet's gauges from one look at the capacity and one page of hosts. Hosts that the
-/// scheduler forgot keep their last values until the exporter's idle timeout drops them.
+/// scheduler forgot keep their last values until the exporter's idle timeout drops them
+/// ([`gauge_idle_timeout`]).
 pub(crate) fn systems(capacity: &[CapacityView]) {
     for c in capacity {
         let system = c.system.clone();

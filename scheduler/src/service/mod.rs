@@ -190,6 +190,7 @@ impl Shared {
             self.core().capacity(now)
         };
         metrics::systems(&capacity);
+        metrics::touch_agent_streams();
         let mut after: Option<HostId> = None;
         loop {
             let now = self.now();
