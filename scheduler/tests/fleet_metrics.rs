@@ -7,9 +7,9 @@ mod common;
 
 use tokio::sync::oneshot;
 
-/// Per-system capacity, per-host state, availability and report age, and the probe's
-/// result and breaker appear under their documented names for a builder whose sshd never
-/// answers (a listener that accepts and stays silent).
+/// Per-system capacity, per-host state, availability and report age, the probe's result and
+/// breaker, and the cause of a refused request appear under their documented names for a
+/// builder whose sshd never answers (a listener that accepts and stays silent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_and_probe_gauges() {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
@@ -43,15 +43,30 @@ async fn fleet_and_probe_gauges() {
     .await;
 
     let want = r#"nixdispatch_host_probe_failing{host="b1"} 1"#;
-    let mut text = String::new();
     for _ in 0..500 {
-        text = handle.render();
-        if text.contains(want) {
+        if handle.render().contains(want) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // A request now finds the only builder out because of its probe.
+    let mut leases = nixdispatch::proto::lease_service_client::LeaseServiceClient::connect(
+        format!("http://{addr}"),
+    )
+    .await
+    .unwrap();
+    leases
+        .acquire(nixdispatch::proto::AcquireRequest {
+            system: "x86_64-linux".into(),
+            drv_path: "/nix/store/a.drv".into(),
+            client_id: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let text = handle.render();
     for expected in [
+        r#"nixdispatch_lease_refused_total{outcome="postpone",cause="probe_failed"} 1"#,
         want,
         r#"nixdispatch_probe_total{result="timeout"}"#,
         r#"nixdispatch_probe_breaker_changes_total{change="opened"} 1"#,

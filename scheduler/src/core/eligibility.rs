@@ -123,6 +123,26 @@ pub(super) enum Unfit {
     NoSlot,
 }
 
+impl Unfit {
+    /// A short stable name, for metrics labels.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Unfit::System => "system",
+            Unfit::Features => "features",
+            Unfit::Excluded => "excluded",
+            Unfit::Late => "late",
+            Unfit::Disconnected => "disconnected",
+            Unfit::Gone => "gone",
+            Unfit::Draining => "draining",
+            Unfit::ProbeFailed => "probe_failed",
+            Unfit::Gate => "gate",
+            Unfit::UnreachableForClient => "unreachable_for_client",
+            Unfit::Unreachable => "unreachable",
+            Unfit::NoSlot => "no_slot",
+        }
+    }
+}
+
 /// What one request asks of a host, as [`assess`] needs it.
 #[derive(Copy, Clone, Debug)]
 pub(super) struct Ask<'a> {

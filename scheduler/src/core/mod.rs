@@ -131,6 +131,9 @@ pub struct Scheduler {
     waiters: Waiters,
     /// Hosts by the time their next SSH probe is due.
     probes: ProbeQueue,
+    /// Why the last request that was not granted found no host (see
+    /// [`Self::refusal_cause`]).
+    refusal_cause: &'static str,
     policy: Box<dyn Policy>,
     rng: SplitMix64,
 }
@@ -148,6 +151,7 @@ impl Scheduler {
             operator: OperatorState::default(),
             waiters: Waiters::default(),
             probes: ProbeQueue::default(),
+            refusal_cause: "none",
             policy,
             rng,
         }
@@ -313,6 +317,15 @@ impl Scheduler {
             self.index.remove(&id);
         }
         n
+    }
+
+    /// Why the last [`Self::acquire`] that was not granted found no host, as a short stable
+    /// name for metrics: `no_builder` (no live host could ever build it), else why one host
+    /// that builds it could not take it (`no_slot`, `draining`, `probe_failed`, `late`,
+    /// `gate`, `unreachable`, …; `none` when no host serves it at all). Read it under the
+    /// same hold of the scheduler as the `acquire`.
+    pub fn refusal_cause(&self) -> &'static str {
+        self.refusal_cause
     }
 
     /// Up to `limit` probes due at `now`, each marked as running until its verdict comes

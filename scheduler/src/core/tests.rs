@@ -912,7 +912,8 @@ fn target(h: &HostSpec) -> ProbeTarget {
 }
 
 /// A host whose probe failed gets no lease, whoever asks and however many ask, and
-/// `ExplainPlacement` and the host list say why; a successful probe brings it back.
+/// `ExplainPlacement`, the host list and the refusal cause say why; a successful probe brings
+/// it back.
 #[test]
 fn failed_probe_takes_host_out_until_it_answers() {
     let cfg = CoreConfig {
@@ -941,6 +942,17 @@ fn failed_probe_takes_host_out_until_it_answers() {
         why.contains("SSH probe failed (connect: connection refused)"),
         "{why}"
     );
+    // One host's reason: the live one is full, the dead one out.
+    assert!(
+        ["no_slot", "probe_failed"].contains(&s.refusal_cause()),
+        "{}",
+        s.refusal_cause()
+    );
+    assert!(matches!(
+        s.acquire(t(20), &req("riscv64-linux", "c9", "r")),
+        Decision::DeclinePermanently { .. }
+    ));
+    assert_eq!(s.refusal_cause(), "no_builder");
     let view = s.host(t(20), &dead.id).unwrap();
     assert_eq!(view.probe, Breaker::Open);
     assert!(

@@ -26,6 +26,13 @@ pub fn describe() {
         "nixdispatch_lease_acquire_total",
         "Acquire answers, by outcome (granted, postpone, decline, decline_permanently)."
     );
+    describe_counter!(
+        "nixdispatch_lease_refused_total",
+        "Acquire answers other than a grant, by outcome (postpone, decline, \
+         decline_permanently) and cause: no_builder, or why a host that builds the system \
+         could not take it (no_slot, draining, probe_failed, late, disconnected, gone, gate, \
+         unreachable, unreachable_for_client, excluded, features, system, none)."
+    );
     describe_histogram!(
         "nixdispatch_lease_acquire_seconds",
         Unit::Seconds,
@@ -116,6 +123,11 @@ pub fn describe() {
 pub(crate) fn acquire(outcome: &'static str, seconds: f64) {
     counter!("nixdispatch_lease_acquire_total", "outcome" => outcome).increment(1);
     histogram!("nixdispatch_lease_acquire_seconds").record(seconds);
+}
+
+pub(crate) fn refused(outcome: &'static str, cause: &'static str) {
+    counter!("nixdispatch_lease_refused_total", "outcome" => outcome, "cause" => cause)
+        .increment(1);
 }
 
 pub(crate) fn release(outcome: &'static str) {
