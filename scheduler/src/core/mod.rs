@@ -12,6 +12,8 @@
 //! - `ledger`: live leases, their expiry, recently ended ones;
 //! - [`OperatorState`] (`operator`): what operators decided (drains), keyed by host id;
 //! - `waiters`: the requests that were postponed;
+//! - `probe`: the verdicts of the scheduler's SSH probes and each host's circuit breaker
+//!   (the probing is the service's; it tells the core each verdict with its time);
 //! - `placement`: find candidates → admit → choose, with the [`Policy`] in `policy`;
 //! - `views`: the read models operators see.
 //!
@@ -32,6 +34,7 @@ mod ledger;
 mod operator;
 mod placement;
 mod policy;
+mod probe;
 mod registry;
 mod rng;
 mod types;
@@ -48,12 +51,14 @@ pub use operator::OperatorState;
 pub use policy::{
     Candidate, FirstFit, LeastLoaded, Policy, PolicyKind, PowerOfTwo, Random, RoundRobin, StockNix,
 };
+pub use probe::{Breaker, BreakerChange, ProbeFailure, ProbePolicy, ProbeTarget, ProbeVerdict};
 pub use rng::SplitMix64;
 pub use types::*;
 pub use views::{CapacityView, Explanation, HostView, LeaseView, Verdict};
 
 use index::HostIndex;
 use ledger::Ledger;
+use probe::ProbeQueue;
 use registry::Registry;
 use waiters::Waiters;
 
@@ -103,6 +108,8 @@ pub struct CoreConfig {
     pub unreachable_cooldown: Duration,
     /// A host whose agent has been gone this long, and that holds no lease, is forgotten.
     pub forget_gone_after: Duration,
+    /// The scheduler's SSH probes of builders.
+    pub probe: ProbePolicy,
 }
 
 /// How many distinct clients must report a host unreachable before it is held back for
@@ -121,6 +128,7 @@ impl Default for CoreConfig {
             remembered_leases: 65_536,
             unreachable_cooldown: Duration::from_secs(60),
             forget_gone_after: Duration::from_secs(3600),
+            probe: ProbePolicy::default(),
         }
     }
 }
@@ -135,6 +143,11 @@ pub struct Scheduler {
     ledger: Ledger,
     operator: OperatorState,
     waiters: Waiters,
+    /// Hosts by the time their next SSH probe is due.
+    probes: ProbeQueue,
+    /// Why the last request that was not granted found no host (see
+    /// [`Self::refusal_cause`]).
+    refusal_cause: &'static str,
     policy: Box<dyn Policy>,
     rng: SplitMix64,
 }
@@ -151,6 +164,8 @@ impl Scheduler {
             index: HostIndex::default(),
             operator: OperatorState::default(),
             waiters: Waiters::default(),
+            probes: ProbeQueue::default(),
+            refusal_cause: "none",
             policy,
             rng,
         }
@@ -183,6 +198,15 @@ impl Scheduler {
         let draining = self.operator.is_draining(&spec.id);
         let id = spec.id.clone();
         let generation = self.registry.connect(now, spec, draining);
+        if self.config.probe.enabled
+            && let Some(host) = self.registry.get_mut(&id)
+            && host.probe.due.is_none_or(|due| due > now)
+        {
+            // A host that (re)connects is probed at once: a builder must not wait a whole
+            // interval before its SSH endpoint is known to work or not.
+            host.probe.due = Some(now);
+            self.probes.push(now, id.clone());
+        }
         self.reindex(&id);
         generation
     }
@@ -353,6 +377,69 @@ impl Scheduler {
             self.index.remove(&id);
         }
         n
+    }
+
+    /// Why the last [`Self::acquire`] that was not granted found no host, as a short stable
+    /// name for metrics: `no_builder` (no live host could ever build it), else why one host
+    /// that builds it could not take it (`no_slot`, `draining`, `probe_failed`, `late`,
+    /// `gate`, `unreachable`, …; `none` when no host serves it at all). Read it under the
+    /// same hold of the scheduler as the `acquire`.
+    pub fn refusal_cause(&self) -> &'static str {
+        self.refusal_cause
+    }
+
+    /// Up to `limit` probes due at `now`, each marked as running until its verdict comes
+    /// through [`Self::probe_result`]. Only hosts whose agent is connected are probed; a host
+    /// that reconnects is due at once again.
+    pub fn probes_due(&mut self, now: Time, limit: usize) -> Vec<ProbeTarget> {
+        let mut due = Vec::new();
+        while due.len() < limit {
+            let Some((at, id)) = self.probes.pop_due(now) else {
+                break;
+            };
+            let Some(host) = self.registry.get_mut(&id) else {
+                continue;
+            };
+            if host.probe.due != Some(at) {
+                continue; // superseded by a later schedule
+            }
+            host.probe.due = None;
+            if matches!(host.link, registry::Link::Connected(_)) {
+                due.push(ProbeTarget {
+                    id,
+                    store_uri: host.spec.store_uri.clone(),
+                    public_key: host.spec.public_key.clone(),
+                });
+            }
+        }
+        due
+    }
+
+    /// When the next probe may be due (an entry may turn out superseded: waking for it
+    /// early costs one look).
+    pub fn next_probe_due(&self) -> Option<Time> {
+        self.probes.next()
+    }
+
+    /// Records the verdict of a probe of `target` made at `now`: the host's breaker moves
+    /// (see `probe`), its next probe is scheduled, and the index learns whether it takes
+    /// leases. A verdict about a host that is gone or registers another key now is dropped.
+    pub fn probe_result(
+        &mut self,
+        now: Time,
+        target: &ProbeTarget,
+        verdict: ProbeVerdict,
+    ) -> Option<BreakerChange> {
+        let host = self.registry.get_mut(&target.id)?;
+        if host.spec.public_key != target.public_key {
+            return None;
+        }
+        let change = host.probe.record(now, verdict, &self.config.probe);
+        if let Some(due) = host.probe.due {
+            self.probes.push(due, target.id.clone());
+        }
+        self.reindex(&target.id);
+        change
     }
 
     /// How a remembered lease ended.

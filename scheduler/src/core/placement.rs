@@ -70,8 +70,9 @@ impl Scheduler {
             return match self.choose_indexed(now, req) {
                 Some(id) => self.granted(now, &id, req),
                 None => {
-                    let reason = self.example_unfit(now, req);
-                    self.no_host(now, req, reason)
+                    let example = self.example_unfit(now, req);
+                    self.refusal_cause = example.as_ref().map_or("none", |(u, _)| u.as_str());
+                    self.no_host(now, req, example.map(|(_, why)| why))
                 }
             };
         }
@@ -81,6 +82,7 @@ impl Scheduler {
             find_candidates(now, &self.config, global, &self.registry, req),
         );
         if found.candidates.is_empty() {
+            self.refusal_cause = found.example.map_or("none", |(_, u)| u.as_str());
             let reason = found.example.map(|(host, unfit)| {
                 format!(
                     "{}: {}",
@@ -163,7 +165,7 @@ impl Scheduler {
 
     /// Why a host that serves `req` cannot take it now, as `"<host>: <reason>"`, for the
     /// user's message when nothing is free; looks at the serving classes' hosts only.
-    fn example_unfit(&self, now: Time, req: &LeaseRequest) -> Option<String> {
+    fn example_unfit(&self, now: Time, req: &LeaseRequest) -> Option<(Unfit, String)> {
         let ask = Ask {
             system: &req.system,
             mask: self.registry.system_bits().request_mask(&req.system),
@@ -191,7 +193,7 @@ impl Scheduler {
             }
         }
         example.map(|(host, unfit)| {
-            format!(
+            let why = format!(
                 "{}: {}",
                 host.spec.id,
                 eligibility::describe(
@@ -202,7 +204,8 @@ impl Scheduler {
                     &req.system,
                     &req.required_features
                 )
-            )
+            );
+            (unfit, why)
         })
     }
 
@@ -215,6 +218,7 @@ impl Scheduler {
     /// The answer when no host can take `req` now.
     fn no_host(&mut self, now: Time, req: &LeaseRequest, example: Option<String>) -> Decision {
         if !self.could_ever_build(now, &req.system, &req.required_features) {
+            self.refusal_cause = "no_builder";
             self.waiters.remove(&req.client, &req.drv_path);
             let mut reason = format!("no live builder builds {}", req.system);
             if !req.required_features.is_empty() {
