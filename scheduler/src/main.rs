@@ -77,6 +77,15 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = config.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
+            // Every gauge is set at least once per report interval (see
+            // `service::metrics`), so one that stops changing belongs to a host the scheduler
+            // forgot: drop its series, or a retired builder would alert forever.
+            .idle_timeout(
+                metrics_util::MetricKindMask::GAUGE,
+                Some(nixdispatch_scheduler::service::metrics::gauge_idle_timeout(
+                    std::time::Duration::from_millis(config.agents.report_interval_millis),
+                )),
+            )
             .install()
             .with_context(|| format!("starting the metrics endpoint on {addr}"))?;
         info!(%addr, "serving Prometheus metrics");

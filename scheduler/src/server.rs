@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::Error;
 use crate::config::Config;
+use crate::probe::Prober;
 use crate::service::{AdminService, AgentService, LeaseService, Shared, TokioClock, metrics};
 use crate::store::Store;
 
@@ -74,6 +75,7 @@ pub async fn serve(
     let limits = config.limits.clone();
     let config_tls = config.tls.clone();
     let (down_tx, down_rx) = watch::channel(false);
+    let prober = Arc::new(Prober::new(&config.probe)?);
     let shared = Shared::new(config, store, Arc::new(TokioClock::new()), down_rx)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -116,6 +118,21 @@ pub async fn serve(
                     }
                     () = &mut down => break,
                 }
+            }
+        })
+    };
+
+    let prober = tokio::spawn(crate::service::probe::run(shared.clone(), prober));
+    // The fleet's gauges, as fresh as the agents' reports they come from.
+    let gauges = {
+        let shared = shared.clone();
+        let every = Duration::from_millis(shared.config().agents.report_interval_millis);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(every);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                shared.fleet_metrics().await;
             }
         })
     };
@@ -201,6 +218,8 @@ pub async fn serve(
         }
     };
     ticker.abort();
+    prober.abort();
+    gauges.abort();
     // What was learned since the last interval.
     let last = shared.clone();
     let _ = tokio::task::spawn_blocking(move || last.save_queue_changes()).await;

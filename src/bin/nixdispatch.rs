@@ -7,9 +7,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nixdispatch::cli::{Confirmation, Render};
+use std::io::{IsTerminal as _, Write as _};
+
+use nixdispatch::cli::{self, Confirmation, Render};
 use nixdispatch::client::{self, ClientConfig};
-use nixdispatch::proto;
+use nixdispatch::drain::{DrainStep, DrainWatch};
+use nixdispatch::{proto, status};
+
+/// The admin client the CLI uses.
+type Admin = proto::admin_service_client::AdminServiceClient<client::AuthChannel>;
 
 /// Inspect and steer a nixdispatch scheduler.
 #[derive(Debug, Parser)]
@@ -51,6 +57,26 @@ enum Command {
     Drain {
         /// The host's id.
         host_id: String,
+        /// Then wait until the host's builds have finished: its leases, and the builds its
+        /// agent reports running (read from ListHosts every --poll seconds; progress on
+        /// stderr). Exits 1 when --timeout passes first.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds.
+        #[arg(long, default_value_t = 3600, requires = "wait")]
+        timeout: u64,
+        /// With --wait: seconds between two looks.
+        #[arg(long, default_value_t = 2.0, requires = "wait")]
+        poll: f64,
+    },
+    /// One screen: capacity per system, hosts, and builds per member.
+    Status {
+        /// Redraw every --interval seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: seconds between two redraws.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
     },
     /// Let a drained host take leases again.
     Undrain {
@@ -154,6 +180,100 @@ async fn doctor(hook: Option<PathBuf>, json: bool) -> anyhow::Result<(String, bo
     Ok((out, report.healthy()))
 }
 
+/// A positive number of seconds from a flag.
+fn secs(v: f64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(
+        v > 0.0 && v.is_finite(),
+        "{v} is not a positive number of seconds"
+    );
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// The three answers `status` shows.
+async fn snapshot(admin: &mut Admin) -> anyhow::Result<status::Snapshot> {
+    Ok(status::Snapshot {
+        hosts: admin
+            .list_hosts(proto::ListHostsRequest {})
+            .await?
+            .into_inner()
+            .hosts,
+        capacity: admin
+            .get_capacity(proto::GetCapacityRequest {})
+            .await?
+            .into_inner()
+            .systems,
+        leases: admin
+            .list_leases(proto::ListLeasesRequest {})
+            .await?
+            .into_inner()
+            .leases,
+    })
+}
+
+/// `drain --wait`: drains, then reads ListHosts every `poll` until the host's builds have
+/// finished (see `nixdispatch::drain`), printing progress to stderr when it changes.
+async fn drain_and_wait(
+    admin: &mut Admin,
+    host_id: String,
+    timeout: Duration,
+    poll: Duration,
+    json: bool,
+) -> anyhow::Result<(String, bool)> {
+    let drained = admin
+        .drain_host(proto::DrainHostRequest {
+            host_id: host_id.clone(),
+        })
+        .await?
+        .into_inner();
+    eprint!("{}", cli::host_line(&drained));
+    let start = tokio::time::Instant::now();
+    let mut watch = DrainWatch::new();
+    let mut last = String::new();
+    loop {
+        let hosts = admin
+            .list_hosts(proto::ListHostsRequest {})
+            .await?
+            .into_inner()
+            .hosts;
+        let host = hosts.into_iter().find(|h| h.host_id == host_id);
+        let elapsed = start.elapsed();
+        match watch.observe(elapsed, host.as_ref()) {
+            DrainStep::Done { caveat } => {
+                if json {
+                    let v = serde_json::json!({
+                        "host_id": host_id,
+                        "drained": true,
+                        "caveat": caveat,
+                        "waited_seconds": elapsed.as_secs_f64(),
+                    });
+                    return Ok((serde_json::to_string_pretty(&v)? + "\n", true));
+                }
+                let caveat = caveat.map(|c| format!(" ({c})")).unwrap_or_default();
+                return Ok((
+                    format!("{host_id}: drained, nothing running{caveat}\n"),
+                    true,
+                ));
+            }
+            DrainStep::Waiting { progress } => {
+                if progress != last {
+                    eprintln!("[{:>4}s] {host_id}: {progress}", elapsed.as_secs());
+                    last = progress;
+                }
+                if elapsed >= timeout {
+                    return Ok((
+                        format!(
+                            "{host_id}: still busy after {}s: {last}\n",
+                            timeout.as_secs()
+                        ),
+                        false,
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(poll.min(timeout.saturating_sub(elapsed))).await;
+    }
+}
+
 /// Runs the command; returns what to print and whether all is well.
 async fn run(args: Args) -> anyhow::Result<(String, bool)> {
     if let Command::Doctor { hook } = args.command {
@@ -166,6 +286,46 @@ async fn run(args: Args) -> anyhow::Result<(String, bool)> {
     config.connect_timeout = Duration::from_secs(5);
     config.request_timeout = Some(Duration::from_secs(30));
     let mut admin = client::admin_client(client::connect(&config).await?);
+    match args.command {
+        Command::Drain {
+            host_id,
+            wait: true,
+            timeout,
+            poll,
+        } => {
+            return drain_and_wait(
+                &mut admin,
+                host_id,
+                secs(timeout as f64)?,
+                secs(poll)?,
+                args.json,
+            )
+            .await;
+        }
+        Command::Status { watch, interval } => {
+            let interval = secs(interval)?;
+            loop {
+                let shot = snapshot(&mut admin).await?;
+                let out = if args.json {
+                    serde_json::to_string_pretty(&status::json(&shot))? + "\n"
+                } else {
+                    status::render(&shot)
+                };
+                if !watch {
+                    return Ok((out, true));
+                }
+                if std::io::stdout().is_terminal() {
+                    // Home and clear, then the new screen: a terminal shows one frame.
+                    print!("\x1b[H\x1b[2J{out}");
+                } else {
+                    println!("{out}");
+                }
+                std::io::stdout().flush()?;
+                tokio::time::sleep(interval).await;
+            }
+        }
+        _ => {}
+    }
     let answer: Box<dyn Render> = match args.command {
         Command::Hosts => Box::new(
             admin
@@ -188,7 +348,7 @@ async fn run(args: Args) -> anyhow::Result<(String, bool)> {
                 .into_inner()
                 .leases,
         ),
-        Command::Drain { host_id } => Box::new(
+        Command::Drain { host_id, .. } => Box::new(
             admin
                 .drain_host(proto::DrainHostRequest { host_id })
                 .await?
@@ -289,7 +449,7 @@ async fn run(args: Args) -> anyhow::Result<(String, bool)> {
                 json: serde_json::json!({ "host_id": host_id, "removed": removed }),
             })
         }
-        Command::Doctor { .. } => unreachable!("answered above"),
+        Command::Doctor { .. } | Command::Status { .. } => unreachable!("answered above"),
     };
     Ok((
         if args.json {

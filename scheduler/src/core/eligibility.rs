@@ -1,6 +1,6 @@
 //! Eligibility: whether one host can take one request now, and why not. Systems (as bits),
-//! features (supported and mandatory), liveness, drain, clients' unreachable reports, the
-//! admission gates (free disk, pressure) and free slots.
+//! features (supported and mandatory), liveness, drain, the scheduler's SSH probe, clients'
+//! unreachable reports, the admission gates (free disk, pressure) and free slots.
 //!
 //! Everything here is a pure function of one host, the request and the configuration, and
 //! allocation-free on the hot path: a refusal is an [`Unfit`] code, put into words by
@@ -111,6 +111,8 @@ pub(super) enum Unfit {
     Gone,
     /// Drained by an operator.
     Draining,
+    /// The scheduler's SSH probe of it failed: its breaker is open (see `super::probe`).
+    ProbeFailed,
     /// An admission gate is closed.
     Gate,
     /// The asking client reported it unreachable recently.
@@ -119,6 +121,26 @@ pub(super) enum Unfit {
     Unreachable,
     /// No free slot.
     NoSlot,
+}
+
+impl Unfit {
+    /// A short stable name, for metrics labels.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Unfit::System => "system",
+            Unfit::Features => "features",
+            Unfit::Excluded => "excluded",
+            Unfit::Late => "late",
+            Unfit::Disconnected => "disconnected",
+            Unfit::Gone => "gone",
+            Unfit::Draining => "draining",
+            Unfit::ProbeFailed => "probe_failed",
+            Unfit::Gate => "gate",
+            Unfit::UnreachableForClient => "unreachable_for_client",
+            Unfit::Unreachable => "unreachable",
+            Unfit::NoSlot => "no_slot",
+        }
+    }
 }
 
 /// What one request asks of a host, as [`assess`] needs it.
@@ -266,6 +288,9 @@ pub(super) fn open(now: Time, cfg: &CoreConfig, host: &Host) -> Result<(), Unfit
     if host.draining {
         return Err(Unfit::Draining);
     }
+    if host.probe.open {
+        return Err(Unfit::ProbeFailed);
+    }
     if host.unreachable_for_all(now) {
         return Err(Unfit::Unreachable);
     }
@@ -331,6 +356,7 @@ pub(super) fn describe(
         Unfit::Disconnected => "agent disconnected".into(),
         Unfit::Gone => "agent gone".into(),
         Unfit::Draining => "draining".into(),
+        Unfit::ProbeFailed => host.probe.describe(now),
         Unfit::Gate => host.gate(&cfg.admission).unwrap_or_default(),
         Unfit::UnreachableForClient => "unreachable from this client recently".into(),
         Unfit::Unreachable => format!(

@@ -82,12 +82,13 @@ pub(super) struct HostIndex {
     entries: HashMap<HostId, Entry>,
 }
 
-/// Whether `host` takes leases as far as events tell: connected, not drained, gates open, a
-/// free slot. What changes with time alone (lateness, clients' unreachable reports ageing
+/// Whether `host` takes leases as far as events tell: connected, not drained, its SSH probe's
+/// breaker closed, gates open, a free slot. What changes with time alone (lateness, clients' unreachable reports ageing
 /// out) is left to `eligibility::assess` at lookup.
 fn takes_leases(host: &Host) -> bool {
     matches!(host.link, Link::Connected(_))
         && !host.draining
+        && !host.probe.open
         && !host.gate_closed
         && host.used() < host.spec.max_jobs
 }

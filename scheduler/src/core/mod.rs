@@ -17,6 +17,8 @@
 //!   `durations`: expected build durations learned per derivation name;
 //! - `placement`: find candidates → admit (quotas, pin) → choose, with the [`Policy`] in
 //!   `policy`;
+//! - `probe`: the verdicts of the scheduler's SSH probes and each host's circuit breaker
+//!   (the probing is the service's; it tells the core each verdict with its time);
 //! - `views`: the read models operators see.
 //!
 //! Accounting rules:
@@ -39,6 +41,7 @@ mod ledger;
 mod operator;
 mod placement;
 mod policy;
+mod probe;
 mod ranked;
 mod registry;
 mod rng;
@@ -60,6 +63,7 @@ pub use operator::OperatorState;
 pub use policy::{
     Candidate, FirstFit, LeastLoaded, Policy, PolicyKind, PowerOfTwo, Random, RoundRobin, StockNix,
 };
+pub use probe::{Breaker, BreakerChange, ProbeFailure, ProbePolicy, ProbeTarget, ProbeVerdict};
 pub use rng::SplitMix64;
 pub use types::*;
 pub use views::{CapacityView, Explanation, HostView, LeaseView, Verdict};
@@ -69,6 +73,7 @@ use accounts::Accounts;
 use durations::Durations;
 use index::HostIndex;
 use ledger::Ledger;
+use probe::ProbeQueue;
 use registry::Registry;
 use waiters::Waiters;
 
@@ -133,6 +138,8 @@ pub struct CoreConfig {
     pub unreachable_cooldown: Duration,
     /// A host whose agent has been gone this long, and that holds no lease, is forgotten.
     pub forget_gone_after: Duration,
+    /// The scheduler's SSH probes of builders.
+    pub probe: ProbePolicy,
 }
 
 /// How many distinct clients must report a host unreachable before it is held back for
@@ -155,6 +162,7 @@ impl Default for CoreConfig {
             remembered_leases: 65_536,
             unreachable_cooldown: Duration::from_secs(60),
             forget_gone_after: Duration::from_secs(3600),
+            probe: ProbePolicy::default(),
         }
     }
 }
@@ -173,6 +181,11 @@ pub struct Scheduler {
     durations: Durations,
     /// Hosts that registered within the startup window and have not reported since.
     unreported: HashSet<HostId>,
+    /// Hosts by the time their next SSH probe is due.
+    probes: ProbeQueue,
+    /// Why the last request that was not granted found no host (see
+    /// [`Self::refusal_cause`]).
+    refusal_cause: &'static str,
     policy: Box<dyn Policy>,
     rng: SplitMix64,
     /// Picks that differ from the brute-force oracle (tests only).
@@ -207,6 +220,8 @@ impl Scheduler {
             waiters: Waiters::default(),
             durations: Durations::default(),
             unreported: HashSet::new(),
+            probes: ProbeQueue::default(),
+            refusal_cause: "none",
             policy,
             rng,
             #[cfg(test)]
@@ -241,6 +256,15 @@ impl Scheduler {
         let draining = self.operator.is_draining(&spec.id);
         let id = spec.id.clone();
         let generation = self.registry.connect(now, spec, draining);
+        if self.config.probe.enabled
+            && let Some(host) = self.registry.get_mut(&id)
+            && host.probe.due.is_none_or(|due| due > now)
+        {
+            // A host that (re)connects is probed at once: a builder must not wait a whole
+            // interval before its SSH endpoint is known to work or not.
+            host.probe.due = Some(now);
+            self.probes.push(now, id.clone());
+        }
         self.reindex(&id);
         self.waiters.hosts_changed();
         // Right after a start, a host may still run builds granted before it, which only its
@@ -556,6 +580,71 @@ impl Scheduler {
         self.accounts.set_quotas(snapshot.quotas);
         self.accounts.restore_usage(snapshot.usage);
         self.durations.restore(snapshot.durations);
+    }
+
+    /// Why the last [`Self::acquire`] that was not granted found no host, as a short stable
+    /// name for metrics: `no_builder` (no live host could ever build it), else why one host
+    /// that builds it could not take it (`no_slot`, `draining`, `probe_failed`, `late`,
+    /// `gate`, `unreachable`, …; `none` when no host serves it at all). Read it under the
+    /// same hold of the scheduler as the `acquire`.
+    pub fn refusal_cause(&self) -> &'static str {
+        self.refusal_cause
+    }
+
+    /// Up to `limit` probes due at `now`, each marked as running until its verdict comes
+    /// through [`Self::probe_result`]. Only hosts whose agent is connected are probed; a host
+    /// that reconnects is due at once again.
+    pub fn probes_due(&mut self, now: Time, limit: usize) -> Vec<ProbeTarget> {
+        let mut due = Vec::new();
+        while due.len() < limit {
+            let Some((at, id)) = self.probes.pop_due(now) else {
+                break;
+            };
+            let Some(host) = self.registry.get_mut(&id) else {
+                continue;
+            };
+            if host.probe.due != Some(at) {
+                continue; // superseded by a later schedule
+            }
+            host.probe.due = None;
+            if matches!(host.link, registry::Link::Connected(_)) {
+                due.push(ProbeTarget {
+                    id,
+                    store_uri: host.spec.store_uri.clone(),
+                    public_key: host.spec.public_key.clone(),
+                });
+            }
+        }
+        due
+    }
+
+    /// When the next probe may be due (an entry may turn out superseded: waking for it
+    /// early costs one look).
+    pub fn next_probe_due(&self) -> Option<Time> {
+        self.probes.next()
+    }
+
+    /// Records the verdict of a probe of `target` made at `now`: the host's breaker moves
+    /// (see `probe`), its next probe is scheduled, and the index learns whether it takes
+    /// leases. A verdict about a host that is gone or registers another key now is dropped.
+    pub fn probe_result(
+        &mut self,
+        now: Time,
+        target: &ProbeTarget,
+        verdict: ProbeVerdict,
+    ) -> Option<BreakerChange> {
+        let host = self.registry.get_mut(&target.id)?;
+        if host.spec.public_key != target.public_key {
+            return None;
+        }
+        let change = host.probe.record(now, verdict, &self.config.probe);
+        if let Some(due) = host.probe.due {
+            self.probes.push(due, target.id.clone());
+        }
+        self.reindex(&target.id);
+        // A breaker that closes again opens the host's slots to waiters.
+        self.dispatch_host(now, &target.id);
+        change
     }
 
     /// How a remembered lease ended.

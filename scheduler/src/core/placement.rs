@@ -131,7 +131,10 @@ impl Scheduler {
         req: &LeaseRequest,
         pin: Option<&HostId>,
     ) -> Result<Grant, Option<String>> {
-        admit(&self.accounts, req).map_err(Some)?;
+        if let Err(refusal) = admit(&self.accounts, req) {
+            self.refusal_cause = "quota";
+            return Err(Some(refusal));
+        }
         let global = self.policy.sees_global_load();
         if let Some(pin) = pin {
             // One host to look at: no index, no scan.
@@ -141,7 +144,10 @@ impl Scheduler {
             let ask = ask(&self.registry, req);
             return match eligibility::assess(now, &self.config, global, host, &ask) {
                 Ok(_) => Ok(self.grant(now, pin, req)),
-                Err(unfit) => Err(Some(unfit_reason(now, &self.config, host, unfit, req))),
+                Err(unfit) => {
+                    self.refusal_cause = unfit.as_str();
+                    Err(Some(unfit_reason(now, &self.config, host, unfit, req)))
+                }
             };
         }
         // The index serves the common case. Only when the host it offers is one whose last
@@ -151,7 +157,11 @@ impl Scheduler {
             match self.choose_indexed(now, req) {
                 Some(id) if !self.last_slot_kept(&id, req) => return Ok(self.grant(now, &id, req)),
                 Some(_) => {}
-                None => return Err(self.example_unfit(now, req)),
+                None => {
+                    let example = self.example_unfit(now, req);
+                    self.refusal_cause = example.as_ref().map_or("none", |(u, _)| u.as_str());
+                    return Err(example.map(|(_, why)| why));
+                }
             }
         }
         let mut found = find_candidates(now, &self.config, global, &self.registry, req);
@@ -172,6 +182,7 @@ impl Scheduler {
             });
         }
         if found.candidates.is_empty() {
+            self.refusal_cause = found.example.map_or("none", |(_, u)| u.as_str());
             return Err(found
                 .example
                 .map(|(host, unfit)| unfit_reason(now, &self.config, host, unfit, req)));
@@ -271,7 +282,7 @@ impl Scheduler {
 
     /// Why a host that serves `req` cannot take it now, as `"<host>: <reason>"`, for the
     /// user's message when nothing is free; looks at the serving classes' hosts only.
-    fn example_unfit(&self, now: Time, req: &LeaseRequest) -> Option<String> {
+    fn example_unfit(&self, now: Time, req: &LeaseRequest) -> Option<(Unfit, String)> {
         let ask = ask(&self.registry, req);
         let global = self.policy.sees_global_load();
         let mut example = None;
@@ -292,12 +303,13 @@ impl Scheduler {
                 }
             }
         }
-        example.map(|(host, unfit)| unfit_reason(now, &self.config, host, unfit, req))
+        example.map(|(host, unfit)| (unfit, unfit_reason(now, &self.config, host, unfit, req)))
     }
 
     /// The answer when no host can take `req` now.
     fn no_host(&mut self, now: Time, req: &LeaseRequest, example: Option<String>) -> Decision {
         if !self.could_ever_build(now, &req.system, &req.required_features) {
+            self.refusal_cause = "no_builder";
             self.waiters.remove_request(&req.client, &req.drv_path);
             let mut reason = format!("no live builder builds {}", req.system);
             if !req.required_features.is_empty() {

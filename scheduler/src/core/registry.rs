@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use super::eligibility::SystemBits;
+use super::probe::ProbeState;
 use super::{
     ClientId, CoreConfig, Error, Generation, HostId, HostReport, HostSpec, HostState, Time,
     UNREACHABLE_QUORUM,
@@ -43,6 +44,8 @@ pub(super) struct Host {
     pub(super) gate_closed: bool,
     /// The host's systems as bits of [`SystemBits`]: a cheap first test on the hot path.
     pub(super) system_mask: u64,
+    /// What the scheduler's own SSH probes found, and the circuit breaker.
+    pub(super) probe: ProbeState,
 }
 
 impl Host {
@@ -156,6 +159,10 @@ impl Registry {
         match self.hosts.get_mut(&id) {
             Some(host) => {
                 host.system_mask = system_mask;
+                if host.spec.public_key != spec.public_key {
+                    // Verdicts about another key say nothing about this one.
+                    host.probe = ProbeState::default();
+                }
                 host.spec = spec;
                 host.last_seen = now;
                 host.link = Link::Connected(generation);
@@ -176,6 +183,7 @@ impl Registry {
                         unreachable_until: HashMap::new(),
                         gate_closed: false,
                         system_mask,
+                        probe: ProbeState::default(),
                     },
                 );
             }

@@ -1404,6 +1404,7 @@ enum IndexOp {
     Reconnect(usize),
     Goodbye(usize),
     Advance(u64),
+    Probe(usize, bool),
 }
 
 /// Request shapes: plain and featured, on systems some hosts share.
@@ -1429,6 +1430,7 @@ fn index_op() -> impl Strategy<Value = IndexOp> {
         1 => (0usize..8).prop_map(IndexOp::Reconnect),
         1 => (0usize..8).prop_map(IndexOp::Goodbye),
         1 => (0u64..40_000).prop_map(IndexOp::Advance),
+        1 => (0usize..8, any::<bool>()).prop_map(|(h, ok)| IndexOp::Probe(h, ok)),
     ]
 }
 
@@ -1464,7 +1466,8 @@ proptest! {
     /// leases.
     #[test]
     fn index_agrees_with_a_full_scan(ops in proptest::collection::vec(index_op(), 1..200), seed in any::<u64>()) {
-        let mut s = Scheduler::new(CoreConfig::default(), PolicyKind::LeastLoaded.build(), seed);
+        let cfg = CoreConfig { probe: probing(), ..CoreConfig::default() };
+        let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), seed);
         let specs = index_fleet();
         let mut gens: Vec<Generation> = specs.iter().map(|h| s.connect(Time::ZERO, h.clone())).collect();
         let mut now = 0u64;
@@ -1507,6 +1510,10 @@ proptest! {
                 IndexOp::Reconnect(h) => gens[h] = s.connect(t(now), specs[h].clone()),
                 IndexOp::Goodbye(h) => { let _ = s.goodbye(&specs[h].id, gens[h]); }
                 IndexOp::Advance(ms) => now += ms,
+                IndexOp::Probe(h, ok) => {
+                    let verdict = if ok { ProbeVerdict::Ok } else { probe_failed(ProbeFailure::Connect) };
+                    s.probe_result(t(now), &target(&specs[h]), verdict);
+                }
                 _ => {}
             }
             prop_assert!(s.expiry_entries() <= s.lease_count());
@@ -1580,4 +1587,149 @@ fn host_pages_add_up_to_the_whole_list() {
         }
     }
     assert_eq!(paged, s.hosts(t(1)));
+}
+
+/// Probes on, a breaker that opens at the first failure.
+fn probing() -> ProbePolicy {
+    ProbePolicy {
+        enabled: true,
+        failures_to_open: 1,
+        ..ProbePolicy::default()
+    }
+}
+
+fn probe_failed(kind: ProbeFailure) -> ProbeVerdict {
+    ProbeVerdict::Failed {
+        kind,
+        detail: "connection refused".into(),
+    }
+}
+
+fn target(h: &HostSpec) -> ProbeTarget {
+    ProbeTarget {
+        id: h.id.clone(),
+        store_uri: h.store_uri.clone(),
+        public_key: h.public_key.clone(),
+    }
+}
+
+/// A host whose probe failed gets no lease, whoever asks and however many ask, and
+/// `ExplainPlacement`, the host list and the refusal cause say why; a successful probe brings
+/// it back.
+#[test]
+fn failed_probe_takes_host_out_until_it_answers() {
+    let cfg = CoreConfig {
+        probe: probing(),
+        ..CoreConfig::default()
+    };
+    let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
+    let dead = spec("dead", &["x86_64-linux"], 8);
+    s.connect(t(0), dead.clone());
+    s.connect(t(0), spec("live", &["x86_64-linux"], 2));
+    s.probe_result(t(10), &target(&dead), probe_failed(ProbeFailure::Connect));
+    for i in 0..2 {
+        let g = granted(s.acquire(
+            t(20),
+            &req("x86_64-linux", &format!("c{i}"), &format!("d{i}")),
+        ));
+        assert_eq!(g.host.id.as_str(), "live");
+    }
+    assert!(matches!(
+        s.acquire(t(20), &req("x86_64-linux", "c9", "d9")),
+        Decision::Postpone { .. }
+    ));
+    let e = s.explain(t(20), &System::new("x86_64-linux"), &BTreeSet::new());
+    let why = e.verdicts[0].result.clone().unwrap_err();
+    assert!(
+        why.contains("SSH probe failed (connect: connection refused)"),
+        "{why}"
+    );
+    // One host's reason: the live one is full, the dead one out.
+    assert!(
+        ["no_slot", "probe_failed"].contains(&s.refusal_cause()),
+        "{}",
+        s.refusal_cause()
+    );
+    assert!(matches!(
+        s.acquire(t(20), &req("riscv64-linux", "c9", "r")),
+        Decision::DeclinePermanently { .. }
+    ));
+    assert_eq!(s.refusal_cause(), "no_builder");
+    let view = s.host(t(20), &dead.id).unwrap();
+    assert_eq!(view.probe, Breaker::Open);
+    assert!(
+        view.unavailable_reason
+            .unwrap()
+            .contains("SSH probe failed")
+    );
+    assert_eq!(
+        s.probe_result(t(30), &target(&dead), ProbeVerdict::Ok),
+        Some(BreakerChange::Closed)
+    );
+    let g = granted(s.acquire(t(40), &req("x86_64-linux", "c9", "d9")));
+    assert_eq!(g.host.id.as_str(), "dead");
+}
+
+/// A host is due for a probe when it connects, again after the interval when healthy and
+/// after the back-off when not; disconnected hosts are not probed, and a verdict about a key
+/// the host no longer registers is dropped.
+#[test]
+fn probes_are_scheduled_by_connect_interval_and_backoff() {
+    let policy = probing();
+    let cfg = CoreConfig {
+        probe: policy.clone(),
+        ..CoreConfig::default()
+    };
+    let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
+    let h = spec("a", &["x86_64-linux"], 1);
+    let g = s.connect(t(0), h.clone());
+    let due = s.probes_due(t(0), 10);
+    assert_eq!(due, vec![target(&h)]);
+    assert!(
+        s.probes_due(t(0), 10).is_empty(),
+        "a running probe is not due again"
+    );
+    s.probe_result(t(5), &due[0], ProbeVerdict::Ok);
+    let interval = policy.interval.as_millis() as u64;
+    assert!(s.probes_due(t(5 + interval - 1), 10).is_empty());
+    let due = s.probes_due(t(5 + interval), 10);
+    assert_eq!(due.len(), 1);
+    let failed_at = 5 + interval;
+    s.probe_result(t(failed_at), &due[0], probe_failed(ProbeFailure::Timeout));
+    let backoff = policy.backoff_initial.as_millis() as u64;
+    assert!(s.probes_due(t(failed_at + backoff - 1), 10).is_empty());
+    assert_eq!(
+        s.host(t(failed_at + backoff), &h.id).unwrap().probe,
+        Breaker::HalfOpen
+    );
+    s.disconnect(t(failed_at + 1), &h.id, g);
+    assert!(s.probes_due(t(failed_at + backoff), 10).is_empty());
+    // The host comes back with another key: the old breaker says nothing about it.
+    let mut rekeyed = h.clone();
+    rekeyed.public_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther".into();
+    s.connect(t(failed_at + backoff + 1), rekeyed.clone());
+    assert_eq!(
+        s.host(t(failed_at + backoff + 1), &h.id).unwrap().probe,
+        Breaker::Closed
+    );
+    assert_eq!(
+        s.probe_result(
+            t(failed_at + backoff + 2),
+            &target(&h),
+            probe_failed(ProbeFailure::HostKey)
+        ),
+        None
+    );
+    assert_eq!(
+        s.probes_due(t(failed_at + backoff + 2), 10),
+        vec![target(&rekeyed)]
+    );
+}
+
+/// With probes off (the default) nothing is ever due and breakers stay closed.
+#[test]
+fn probes_off_schedule_nothing() {
+    let mut s = sched();
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    assert!(s.probes_due(t(1_000_000), 10).is_empty());
 }

@@ -32,6 +32,8 @@ pub struct HostView {
     pub since_last_report: Duration,
     /// Why it would not take a lease for a system it builds now (`None`: it would).
     pub unavailable_reason: Option<String>,
+    /// The breaker of the scheduler's SSH probe of it.
+    pub probe: super::Breaker,
 }
 
 /// A lease as operators see it.
@@ -130,6 +132,7 @@ impl Scheduler {
                 self.policy.sees_global_load(),
                 h,
             ),
+            probe: h.probe.breaker(now),
         }
     }
 

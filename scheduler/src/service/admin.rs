@@ -66,7 +66,7 @@ impl AdminService {
 
 /// Hosts read per hold of the core's lock by `ListHosts`: about a quarter of a millisecond
 /// of work, the most a member's request waits behind an operator's listing.
-const HOSTS_PAGE: usize = 256;
+pub(super) const HOSTS_PAGE: usize = 256;
 
 #[tonic::async_trait]
 impl admin_service_server::AdminService for AdminService {

@@ -116,6 +116,7 @@ async fn run_session(
     let (systems, slots) = (spec.systems.len(), spec.max_jobs);
     let generation = shared.core().connect(shared.now(), spec);
     shared.deliver();
+    shared.probe_wake.notify_one();
     let superseded = Arc::new(Notify::new());
     let link = AgentLink {
         generation,

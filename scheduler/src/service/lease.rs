@@ -103,7 +103,7 @@ impl lease_service_server::LeaseService for LeaseService {
         span.record("client", req.client.as_str());
         span.record("drv", req.drv_path.as_str());
         let now = self.shared.now();
-        let decision = self.shared.acquire_capped(now, &req);
+        let (decision, cause) = self.shared.acquire_capped(now, &req);
         self.shared.deliver();
         let outcome = match &decision {
             Decision::Granted(g) => {
@@ -126,6 +126,9 @@ impl lease_service_server::LeaseService for LeaseService {
             }
         };
         metrics::acquire(outcome, started.elapsed().as_secs_f64());
+        if !matches!(decision, Decision::Granted(_)) {
+            metrics::refused(outcome, cause);
+        }
         Ok(Response::new(decision.into()))
     }
 

@@ -10,6 +10,7 @@ mod agent;
 pub(crate) mod convert;
 mod lease;
 pub mod metrics;
+pub(crate) mod probe;
 mod trust;
 mod wait;
 
@@ -88,6 +89,8 @@ pub struct Shared {
     streams: Mutex<HashMap<WaiterId, oneshot::Sender<proto::WaitForLeaseResponse>>>,
     /// Credentials, roles and provisioned builders (see `crate::auth`).
     pub(crate) auth: Arc<crate::auth::Authority>,
+    /// Wakes the probe task: an agent registered, or a probe ended.
+    pub(crate) probe_wake: Notify,
     /// Becomes `true` when the server shuts down: agent streams end.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
@@ -147,8 +150,14 @@ impl Shared {
             agents: DashMap::new(),
             streams: Mutex::new(HashMap::new()),
             auth,
+            probe_wake: Notify::new(),
             shutdown,
         }))
+    }
+
+    /// The configuration.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Now, on the injected clock.
@@ -304,6 +313,31 @@ impl Shared {
         }
         metrics::queue_abandoned();
         self.deliver();
+    }
+
+    /// Publishes the fleet's gauges (capacity per system, every host's state, availability,
+    /// probe breaker and report age). Reads the hosts in pages like `ListHosts`, letting go
+    /// of the core between them.
+    pub(crate) async fn fleet_metrics(&self) {
+        let capacity = {
+            let now = self.now();
+            self.core().capacity(now)
+        };
+        metrics::systems(&capacity);
+        metrics::touch_agent_streams();
+        let mut after: Option<HostId> = None;
+        loop {
+            let now = self.now();
+            let page = self
+                .core()
+                .hosts_page(now, after.as_ref(), admin::HOSTS_PAGE);
+            metrics::hosts(&page);
+            if page.len() < admin::HOSTS_PAGE {
+                break;
+            }
+            after = page.last().map(|h| h.spec.id.clone());
+            tokio::task::yield_now().await;
+        }
     }
 
     /// The message that tells host `id`'s agent its deadline and drain state.

@@ -57,7 +57,7 @@ impl Shared {
     /// cap on live leases it is postponed, or declined when it can build locally, without
     /// reaching placement; otherwise the core decides. One hold of the core's lock, so the
     /// cap cannot be raced.
-    pub(crate) fn acquire_capped(&self, now: Time, req: &LeaseRequest) -> Decision {
+    pub(crate) fn acquire_capped(&self, now: Time, req: &LeaseRequest) -> (Decision, &'static str) {
         let mut core = self.core();
         if self.auth.enforced()
             && let Some(cap) = self.auth.max_leases_per_member()
@@ -67,7 +67,7 @@ impl Shared {
                 "member {} holds {cap} live leases, its limit (auth.limits.max_live_leases_per_member)",
                 req.client
             );
-            return if req.can_build_locally {
+            let decision = if req.can_build_locally {
                 Decision::Decline { reason }
             } else {
                 Decision::Postpone {
@@ -76,8 +76,11 @@ impl Shared {
                     reason,
                 }
             };
+            return (decision, "member_lease_cap");
         }
-        core.acquire(now, req)
+        // The refusal cause is read under the same hold of the core as the decision.
+        let decision = core.acquire(now, req);
+        (decision, core.refusal_cause())
     }
 }
 
