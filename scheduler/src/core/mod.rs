@@ -512,13 +512,14 @@ impl Scheduler {
                 lease_id: id.to_string(),
             });
         }
+        let per_client = !self.policy.sees_global_load();
         let h = self
             .registry
             .get_mut(host)
             .ok_or_else(|| Error::UnknownHost {
                 host_id: host.to_string(),
             })?;
-        h.count_lease(client);
+        h.count_lease(client, per_client);
         // The build ran before this run; a report since the host registered counted it.
         if h.report.running_builds.is_some() {
             h.leases_at_report += 1;

@@ -388,11 +388,12 @@ impl Scheduler {
             drv_path.to_owned(),
         );
         self.accounts.count_grant(now, client, system, waited);
+        let per_client = !self.policy.sees_global_load();
         let host = self
             .registry
             .get_mut(host_id)
             .expect("candidate hosts exist");
-        host.count_lease(client);
+        host.count_lease(client, per_client);
         let grant = Grant {
             lease_id,
             host: host.spec.clone(),

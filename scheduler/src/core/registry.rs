@@ -88,16 +88,22 @@ impl Host {
             .map_or(0, |n| n.saturating_sub(self.leases_at_report))
     }
 
-    /// Counts a new lease of `client` on this host.
-    pub(super) fn count_lease(&mut self, client: &ClientId) {
+    /// Counts a new lease of `client` on this host; per client too when `per_client` (only
+    /// a policy blind to other clients' load reads those counts, so the others skip the
+    /// hashing and the memory).
+    pub(super) fn count_lease(&mut self, client: &ClientId, per_client: bool) {
         self.leases += 1;
-        *self.leases_by_client.entry(client.clone()).or_default() += 1;
+        if per_client {
+            *self.leases_by_client.entry(client.clone()).or_default() += 1;
+        }
     }
 
     /// Stops counting an ended lease of `client`.
     pub(super) fn uncount_lease(&mut self, client: &ClientId) {
         self.leases -= 1;
-        if let Some(n) = self.leases_by_client.get_mut(client) {
+        if !self.leases_by_client.is_empty()
+            && let Some(n) = self.leases_by_client.get_mut(client)
+        {
             *n -= 1;
             if *n == 0 {
                 self.leases_by_client.remove(client);
