@@ -4,7 +4,7 @@
 //! The ledger knows nothing of hosts' slot counts: the scheduler counts a lease on its host
 //! when the ledger grants it and uncounts it when the ledger ends it.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use super::{BuildOutcome, ClientId, Error, HostId, LeaseId, LeaseIds, System, Time};
@@ -37,14 +37,8 @@ pub(super) struct Ledger {
     /// keep-alive moves it, an end removes it), so its size is bounded by the live leases
     /// and not by the rate of grants and keep-alives.
     expiries: BTreeSet<(Time, LeaseId)>,
-    /// Recently ended leases, for idempotent release, bounded by `remembered`. Keyed by a
-    /// 64-bit fingerprint of the id (its low half; the ids are random) rather than the id
-    /// string, so that the default 65,536 remembered leases cost about 2.5 MiB, not ten: a
-    /// false "already released" for an id never granted needs a 64-bit collision among
-    /// them (odds about 2^-48).
-    ended: HashMap<u64, LeaseEnd>,
-    ended_order: VecDeque<u64>,
-    remembered: usize,
+    /// Recently ended leases, for idempotent release (see [`Ended`]).
+    ended: Ended,
     /// Where lease ids come from: the operating system's random source in the server, so
     /// that an id cannot be guessed from another (one's own lease reveals nothing about the
     /// neighbours'), and unique across restarts without a counter; a seeded generator in
@@ -60,9 +54,7 @@ impl Ledger {
         Self {
             leases: HashMap::new(),
             expiries: BTreeSet::new(),
-            ended: HashMap::new(),
-            ended_order: VecDeque::new(),
-            remembered,
+            ended: Ended::new(remembered),
             ids,
             per_client: HashMap::new(),
         }
@@ -174,14 +166,7 @@ impl Ledger {
             }
         }
         if let Some(bits) = Self::bits_of(id) {
-            let fingerprint = bits as u64;
-            self.ended.insert(fingerprint, end);
-            self.ended_order.push_back(fingerprint);
-        }
-        while self.ended_order.len() > self.remembered {
-            if let Some(old) = self.ended_order.pop_front() {
-                self.ended.remove(&old);
-            }
+            self.ended.insert(bits as u64, end);
         }
         Some(lease)
     }
@@ -203,7 +188,7 @@ impl Ledger {
 
     /// How a remembered lease ended.
     pub(super) fn ended(&self, id: &LeaseId) -> Option<LeaseEnd> {
-        self.ended.get(&(Self::bits_of(id)? as u64)).copied()
+        self.ended.get(Self::bits_of(id)? as u64)
     }
 
     /// The 128 bits of a lease id this ledger could have issued (32 lowercase hex digits);
@@ -225,5 +210,116 @@ impl Ledger {
     /// Every live lease, in no order.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&LeaseId, &Lease)> {
         self.leases.iter()
+    }
+}
+
+/// How many entries of a set of [`Ended`] share one index.
+const WAYS: usize = 4;
+
+/// Recently ended leases: a 4-way set-associative table of fixed size, allocated once,
+/// holding each ended lease's outcome under a 64-bit fingerprint of its id (its low half;
+/// ids are random). A new entry replaces the oldest of its set, so an outcome is forgotten
+/// only after about `remembered` later ends (sooner only if four later ones land in its set
+/// of `remembered / 4`, which within a thousand ends has odds below one in a billion). Its
+/// memory is fixed, 16 bytes an entry (1 MiB at the default 65,536), however fast leases
+/// come and go; a false "already released" for an id never granted needs a 64-bit
+/// collision (odds about 2^-48).
+#[derive(Debug)]
+struct Ended {
+    slots: Vec<EndedSlot>,
+    /// Sets - 1 (a power of two minus one); unused when `slots` is empty.
+    mask: usize,
+    /// Stamps entries to find the oldest of a set (wrapping).
+    clock: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct EndedSlot {
+    fingerprint: u64,
+    stamp: u32,
+    end: Option<LeaseEnd>,
+}
+
+impl Ended {
+    /// Room for about `remembered` ended leases (none for 0).
+    fn new(remembered: usize) -> Self {
+        let sets = if remembered == 0 {
+            0
+        } else {
+            remembered.div_ceil(WAYS).next_power_of_two()
+        };
+        Ended {
+            slots: vec![EndedSlot::default(); sets * WAYS],
+            mask: sets.saturating_sub(1),
+            clock: 0,
+        }
+    }
+
+    fn set(&self, fingerprint: u64) -> std::ops::Range<usize> {
+        let base = (fingerprint as usize & self.mask) * WAYS;
+        base..base + WAYS
+    }
+
+    fn insert(&mut self, fingerprint: u64, end: LeaseEnd) {
+        if self.slots.is_empty() {
+            return;
+        }
+        self.clock = self.clock.wrapping_add(1);
+        let (clock, range) = (self.clock, self.set(fingerprint));
+        let set = &mut self.slots[range];
+        let way = set
+            .iter()
+            .position(|s| s.end.is_some() && s.fingerprint == fingerprint)
+            .or_else(|| set.iter().position(|s| s.end.is_none()))
+            .unwrap_or_else(|| {
+                (0..WAYS)
+                    .max_by_key(|w| clock.wrapping_sub(set[*w].stamp))
+                    .unwrap_or(0)
+            });
+        set[way] = EndedSlot {
+            fingerprint,
+            stamp: clock,
+            end: Some(end),
+        };
+    }
+
+    fn get(&self, fingerprint: u64) -> Option<LeaseEnd> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        self.slots[self.set(fingerprint)]
+            .iter()
+            .find(|s| s.end.is_some() && s.fingerprint == fingerprint)
+            .and_then(|s| s.end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table remembers the latest ends, replaces the oldest of a full set, keeps its
+    /// size whatever comes through, and remembers nothing at size zero.
+    #[test]
+    fn ended_leases_are_remembered_in_fixed_room() {
+        let mut e = Ended::new(8);
+        assert_eq!(e.slots.len(), 8);
+        // Fingerprints 0, 2, 4, ... all land in set 0 (two sets of four).
+        for k in 0..4u64 {
+            e.insert(k * 2, LeaseEnd::Expired);
+        }
+        assert!((0..4u64).all(|k| e.get(k * 2) == Some(LeaseEnd::Expired)));
+        e.insert(8, LeaseEnd::Released(BuildOutcome::Succeeded));
+        assert_eq!(e.get(0), None, "the oldest of the set made room");
+        assert_eq!(e.get(8), Some(LeaseEnd::Released(BuildOutcome::Succeeded)));
+        assert_eq!(e.get(2), Some(LeaseEnd::Expired));
+        assert_eq!(e.get(1), None, "never ended");
+        for k in 0..100_000u64 {
+            e.insert(k, LeaseEnd::Expired);
+        }
+        assert_eq!(e.slots.len(), 8);
+        let mut none = Ended::new(0);
+        none.insert(1, LeaseEnd::Expired);
+        assert_eq!(none.get(1), None);
     }
 }
