@@ -15,12 +15,19 @@ use crate::core::HostId;
 #[derive(Debug, Clone)]
 pub struct AdminService {
     shared: Arc<Shared>,
+    /// One `ListHosts` is built at a time: concurrent listings wait for each other instead of
+    /// taking every CPU from members' requests (a listing of a large fleet is the heaviest
+    /// call the scheduler answers).
+    listing: Arc<tokio::sync::Semaphore>,
 }
 
 impl AdminService {
     /// A service over `shared`.
     pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            listing: Arc::new(tokio::sync::Semaphore::new(1)),
+        }
     }
 
     /// Drains or undrains a host by id, whether or not its agent has registered, and tells
@@ -76,6 +83,11 @@ impl admin_service_server::AdminService for AdminService {
         request: Request<proto::ListHostsRequest>,
     ) -> Result<Response<proto::ListHostsResponse>, Status> {
         Caller::of(&request)?.require_reader(self.shared.auth.open_reads(), "list hosts")?;
+        let _turn = self
+            .listing
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the scheduler is shutting down"))?;
         // In pages, letting go of the core between them: an operator's listing of a large
         // fleet must not hold up members' requests for the whole of it. Each host's view is
         // consistent; the list as a whole is as of the moments its pages were read.
