@@ -61,7 +61,16 @@ fn host_id(field: &str, v: &str) -> Result<HostId, Error> {
     Ok(HostId::new(v))
 }
 
+/// A lone `-` is a valid token but means "unset" to Nix in a machines line.
+fn not_dash(field: &str, v: &str) -> Result<(), Error> {
+    if v == "-" {
+        return Err(Error::invalid(field, "`-` means \"unset\" to Nix"));
+    }
+    Ok(())
+}
+
 fn system(field: &str, v: &str) -> Result<System, Error> {
+    not_dash(field, v)?;
     token(
         field,
         v,
@@ -82,6 +91,7 @@ fn feature_set(field: &str, vs: &[String]) -> Result<BTreeSet<Feature>, Error> {
     vs.iter()
         .enumerate()
         .map(|(i, f)| {
+            not_dash(&format!("{field}[{i}]"), f)?;
             token(
                 &format!("{field}[{i}]"),
                 f,
@@ -172,6 +182,11 @@ fn store_uri(field: &str, v: &str) -> Result<String, Error> {
             field,
             "must not contain whitespace or control characters",
         ));
+    }
+    // The hook writes the URI into a Nix machines line, where `;` starts another machine and
+    // `#` a comment that would drop the pinned host key.
+    if v.contains([';', '#']) {
+        return Err(Error::invalid(field, "must not contain `;` or `#`"));
     }
     let rest = v
         .strip_prefix("ssh://")
@@ -697,6 +712,33 @@ mod tests {
             (
                 "register.agent_version",
                 Box::new(|r| r.agent_version = "v".repeat(65)),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut r = register();
+            mutate(&mut r);
+            assert_eq!(field_of(HostSpec::try_from(r).unwrap_err()), field);
+        }
+    }
+
+    /// What the `scheduler_convert` fuzz target checks (a registration accepted here gives a
+    /// grant the hook accepts and Nix reads back as that host): a store URI with `;` or `#`,
+    /// or a system or feature that is just `-`, broke that, so they are refused here.
+    #[test]
+    fn register_refuses_what_a_machines_line_cannot_carry() {
+        let cases: Cases<proto::Register> = vec![
+            (
+                "register.store_uri",
+                Box::new(|r| r.store_uri = "ssh://b1;ssh://evil".into()),
+            ),
+            (
+                "register.store_uri",
+                Box::new(|r| r.store_uri = "ssh://b1#".into()),
+            ),
+            ("register.systems[0]", Box::new(|r| r.systems = vec!["-".into()])),
+            (
+                "register.supported_features[0]",
+                Box::new(|r| r.supported_features = vec!["-".into()]),
             ),
         ];
         for (field, mutate) in cases {
