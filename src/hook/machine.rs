@@ -238,10 +238,11 @@ mod tests {
         assert!(Grant::try_from(g).is_err());
     }
 
-    /// Found by the `hook_machine` fuzz target: a `#` (Nix cuts the line there), a field
-    /// that is just `-` (Nix reads "unset"), a store URI starting with `@` (Nix reads that
-    /// file) and an SSH identity with `;` (Nix starts a new machine there) changed which host
-    /// Nix saw, or dropped its pinned key; grants with them are refused and such an identity
+    /// Nix must read a machines line back as the granted host (the `hook_machine` fuzz
+    /// target's property; it found the identity with `;`): a `#` (Nix cuts the line there),
+    /// a field that is just `-` (Nix reads "unset"), a store URI starting with `@` (Nix reads
+    /// that file) and an SSH identity with `;` (Nix starts a new machine there) changed which
+    /// host Nix saw or dropped its pinned key; such grants are refused and such an identity
     /// is left out of the line.
     #[test]
     fn refuses_what_nix_would_read_differently() {
