@@ -40,7 +40,8 @@ fuzz_target!(|data: &[u8]| {
         speed_factor: 1.0,
         supported_features: vec![],
         mandatory_features: vec![],
-        host_public_key_base64: "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUV4YW1wbGU=".into(),
+        host_public_key_base64: "c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUV4YW1wbGU="
+            .into(),
         lease_ttl: std::time::Duration::from_secs(60),
         slots_used: 1,
         slots_total: 2,

@@ -150,7 +150,12 @@ fn check_register(r: proto::Register) {
     assert!(!spec.systems.is_empty() && spec.systems.len() <= 16);
     assert!(spec.systems.iter().all(|s| !s.is_builtin()));
     assert!(spec.store_uri.starts_with("ssh://") || spec.store_uri.starts_with("ssh-ng://"));
-    assert_eq!(spec.public_key.split(' ').count(), 2, "{:?}", spec.public_key);
+    assert_eq!(
+        spec.public_key.split(' ').count(),
+        2,
+        "{:?}",
+        spec.public_key
+    );
     // What the scheduler accepts, the hook must be able to use: the grant of this host
     // converts on the hook's side and Nix reads its machines line as this very host.
     let granted = proto::Granted::from(Grant {
@@ -178,9 +183,15 @@ fn check_report(r: proto::Report) {
         }
     }
     if let Some(p) = report.pressure {
-        for v in [p.cpu_some, p.memory_some, p.memory_full, p.io_some, p.io_full]
-            .into_iter()
-            .flatten()
+        for v in [
+            p.cpu_some,
+            p.memory_some,
+            p.memory_full,
+            p.io_some,
+            p.io_full,
+        ]
+        .into_iter()
+        .flatten()
         {
             assert!((0.0..=100.0).contains(&v));
         }

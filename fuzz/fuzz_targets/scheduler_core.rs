@@ -266,13 +266,14 @@ impl Model {
 /// Whether `h` (as the views show it at `now`) could take `req` now.
 fn eligible(model: &Model, global: bool, now: Time, h: &HostView, req: &LeaseRequest) -> bool {
     let builds = req.system.is_builtin() || h.spec.systems.contains(&req.system);
-    let fit = req.required_features.iter().all(|f| {
-        h.spec.supported_features.contains(f) || h.spec.mandatory_features.contains(f)
-    }) && h
-        .spec
-        .mandatory_features
+    let fit = req
+        .required_features
         .iter()
-        .all(|f| req.required_features.contains(f));
+        .all(|f| h.spec.supported_features.contains(f) || h.spec.mandatory_features.contains(f))
+        && h.spec
+            .mandatory_features
+            .iter()
+            .all(|f| req.required_features.contains(f));
     let held_off = model
         .unreachable
         .get(&h.spec.id)
@@ -301,8 +302,7 @@ fn could_ever(hosts: &[HostView], req: &LeaseRequest) -> bool {
             && req.required_features.iter().all(|f| {
                 h.spec.supported_features.contains(f) || h.spec.mandatory_features.contains(f)
             })
-            && h
-                .spec
+            && h.spec
                 .mandatory_features
                 .iter()
                 .all(|f| req.required_features.contains(f))
@@ -329,7 +329,11 @@ fn check_accounting(s: &Scheduler, m: &mut Model, global: bool) {
     }
     // A host only leaves the registry without leases; it comes back as new.
     for l in m.live.values() {
-        assert!(known.contains(&l.host), "a lease on forgotten host {}", l.host);
+        assert!(
+            known.contains(&l.host),
+            "a lease on forgotten host {}",
+            l.host
+        );
     }
     m.unreachable.retain(|h, _| known.contains(h));
     m.current.retain(|h, _| known.contains(h));
@@ -376,7 +380,11 @@ fuzz_target!(|input: Input| {
                 let view = s.host(now, &id).expect("a connected host is known");
                 assert_eq!(view.spec, spec);
                 assert_eq!(view.draining, m.drained.contains(&id), "drain of {id} lost");
-                assert_eq!(view.leases, m.count(&id), "leases of {id} lost on reconnect");
+                assert_eq!(
+                    view.leases,
+                    m.count(&id),
+                    "leases of {id} lost on reconnect"
+                );
                 if view.leases > slots {
                     m.shrunk.insert(id);
                 }

@@ -103,7 +103,11 @@ pub fn expected_machine(
 pub fn check_machines_line(grant: &nixdispatch::hook::machine::Grant, ssh_identity: Option<&str>) {
     let line = grant.machines_line(ssh_identity);
     let machines = parse_builders(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-    assert_eq!(machines.len(), 1, "{line:?} is not one machine: {machines:?}");
+    assert_eq!(
+        machines.len(),
+        1,
+        "{line:?} is not one machine: {machines:?}"
+    );
     let mut want = expected_machine(grant, ssh_identity);
     let got = &machines[0];
     if got.ssh_key.is_none() {

@@ -248,10 +248,19 @@ mod tests {
     fn refuses_what_nix_would_read_differently() {
         let bad: [(&str, Box<dyn Fn(&mut proto::Granted)>); 5] = [
             ("store_uri", Box::new(|g| g.store_uri = "ssh://b1#x".into())),
-            ("store_uri", Box::new(|g| g.store_uri = "@/etc/nix/machines".into())),
+            (
+                "store_uri",
+                Box::new(|g| g.store_uri = "@/etc/nix/machines".into()),
+            ),
             ("systems", Box::new(|g| g.systems = vec!["-".into()])),
-            ("features", Box::new(|g| g.supported_features = vec!["-".into()])),
-            ("features", Box::new(|g| g.mandatory_features = vec!["k#".into()])),
+            (
+                "features",
+                Box::new(|g| g.supported_features = vec!["-".into()]),
+            ),
+            (
+                "features",
+                Box::new(|g| g.mandatory_features = vec!["k#".into()]),
+            ),
         ];
         for (field, spoil) in bad {
             let mut g = granted();

@@ -735,7 +735,10 @@ mod tests {
                 "register.store_uri",
                 Box::new(|r| r.store_uri = "ssh://b1#".into()),
             ),
-            ("register.systems[0]", Box::new(|r| r.systems = vec!["-".into()])),
+            (
+                "register.systems[0]",
+                Box::new(|r| r.systems = vec!["-".into()]),
+            ),
             (
                 "register.supported_features[0]",
                 Box::new(|r| r.supported_features = vec!["-".into()]),
