@@ -246,7 +246,8 @@ mod tests {
     /// is left out of the line.
     #[test]
     fn refuses_what_nix_would_read_differently() {
-        let bad: [(&str, Box<dyn Fn(&mut proto::Granted)>); 5] = [
+        type Spoil = Box<dyn Fn(&mut proto::Granted)>;
+        let bad: [(&str, Spoil); 5] = [
             ("store_uri", Box::new(|g| g.store_uri = "ssh://b1#x".into())),
             (
                 "store_uri",
