@@ -106,7 +106,9 @@ for t in "${targets[@]}"; do
         echo "$t crashed; see $log and fuzz/artifacts/$t" >&2
         grep -m1 -E 'panicked at|ERROR: libFuzzer|SUMMARY' "$log" >&2 || true
     fi
-    elapsed=$(($(date +%s) - start))
+    # libFuzzer's own count of the seconds it fuzzed (the wall time includes any build).
+    elapsed=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -1)
+    elapsed=${elapsed:-$(($(date +%s) - start))}
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
     rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -1)
