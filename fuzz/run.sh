@@ -121,7 +121,11 @@ commit=$(git -C "$root" rev-parse --short HEAD)
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 # Rows of targets not run this time are kept from the published table.
 declare -A row
+# The hand-written findings at the end of the published file are kept as they are.
+findings=$logs/findings.md
+touch "$findings"
 if [ -f "$out" ]; then
+    sed -n '/^## Findings/,$p' "$out" >"$findings"
     while IFS= read -r line; do
         name=$(sed -n 's/^| `\([a-z_]*\)` |.*/\1/p' <<<"$line")
         if [ -n "$name" ]; then row[$name]=$line; fi
@@ -151,5 +155,9 @@ done
     for t in "${all[@]}"; do
         if [ -n "${row[$t]:-}" ]; then echo "${row[$t]}"; fi
     done
+    if [ -s "$findings" ]; then
+        echo
+        cat "$findings"
+    fi
 } >"$out"
 exit $status
