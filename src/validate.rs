@@ -118,17 +118,18 @@ const STORE_PARAMS: [&str; 4] = [
 
 /// A builder's store URI: `ssh://` or `ssh-ng://`, an optional `user@`, a host that does not
 /// start with `-` (it would reach ssh as an option), an optional port, and no whitespace,
-/// control characters, `;` or `,` (the separators of Nix's machines lists), no path, and
+/// control characters, `;` or `,` (the separators of Nix's machines lists), no `#` (a
+/// machines line's comment, which would cut off the pinned host key), no path, and
 /// only harmless query parameters (never `remote-program`).
 pub fn store_uri(v: &str) -> Result<(), Invalid> {
     if v.len() > 1024 {
         return Err(invalid("is longer than 1024 bytes"));
     }
     if v.chars()
-        .any(|c| c.is_whitespace() || c.is_control() || c == ';' || c == ',')
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ';' | ',' | '#'))
     {
         return Err(invalid(
-            "must not contain whitespace, control characters, `;` or `,`",
+            "must not contain whitespace, control characters, `;`, `,` or `#`",
         ));
     }
     let rest = v

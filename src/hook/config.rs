@@ -203,11 +203,14 @@ impl HookConfig {
             ));
         }
         if let Some(id) = &self.ssh_identity
-            && id.to_string_lossy().chars().any(char::is_whitespace)
+            && id
+                .to_string_lossy()
+                .chars()
+                .any(super::machine::breaks_machines_line)
         {
             return Err(invalid(
                 "ssh_identity",
-                "cannot contain whitespace (it is a machines-line field)",
+                "cannot contain whitespace, `;` or `#` (it is a machines-line field)",
             ));
         }
         if let Some(br) = &self.build_remote
@@ -315,6 +318,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_host_attempts"), "{e}");
+    }
+
+    /// Found by the `hook_machine` fuzz target: an SSH identity with `;` or `#` would end
+    /// the machines line or start a comment in it (dropping the pinned host key), so it is
+    /// refused like whitespace.
+    #[test]
+    fn ssh_identity_must_fit_a_machines_line() {
+        for bad in ["/k;ssh://evil", "/k#1", "/a b"] {
+            let e = HookConfig::from_toml(&format!("ssh_identity = '{bad}'"), Path::new("f"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`ssh_identity`"), "{e}");
+        }
     }
 
     /// A missing file is the defaults; the environment variable picks the file.

@@ -60,14 +60,22 @@ pub enum GrantError {
     BadHostKey,
 }
 
-/// A machines-line field must be one non-empty word without the separators of the format.
+/// Whether `c` ends a field (whitespace), a line (`;`) or all that follows (`#` starts a
+/// comment) when Nix reads a machines line.
+pub(crate) fn breaks_machines_line(c: char) -> bool {
+    c.is_whitespace() || c == ';' || c == '#'
+}
+
+/// A machines-line field must be one non-empty word without the separators of the format,
+/// and not `-`, which Nix reads as "unset" (a system `-` would become Nix's own system).
 fn check_word(field: &'static str, value: &str, allow_comma: bool) -> Result<(), GrantError> {
     if value.is_empty() {
         return Err(GrantError::Empty(field));
     }
-    if value
-        .chars()
-        .any(|c| c.is_whitespace() || c == ';' || (!allow_comma && c == ','))
+    if value == "-"
+        || value
+            .chars()
+            .any(|c| breaks_machines_line(c) || (!allow_comma && c == ','))
     {
         return Err(GrantError::Unrepresentable {
             field,
@@ -83,6 +91,13 @@ impl TryFrom<proto::Granted> for Grant {
     fn try_from(g: proto::Granted) -> Result<Self, GrantError> {
         check_word("lease_id", &g.lease_id, true)?;
         check_word("store_uri", &g.store_uri, true)?;
+        // A line that starts with `@` makes Nix read the machines file it names.
+        if g.store_uri.starts_with('@') {
+            return Err(GrantError::Unrepresentable {
+                field: "store_uri",
+                value: g.store_uri,
+            });
+        }
         if g.systems.is_empty() {
             return Err(GrantError::Empty("systems"));
         }
@@ -146,7 +161,8 @@ impl Grant {
     /// `ssh_identity` is the client's private key file (`-`: ssh's default).
     pub fn machines_line(&self, ssh_identity: Option<&str>) -> String {
         let identity = match ssh_identity {
-            Some(path) if !path.is_empty() && !path.chars().any(char::is_whitespace) => path,
+            // The configuration refuses such paths; this keeps the line intact regardless.
+            Some(path) if !path.is_empty() && !path.chars().any(breaks_machines_line) => path,
             _ => "-",
         };
         format!(
@@ -245,6 +261,45 @@ mod tests {
         }
     }
 
+    /// Nix must read a machines line back as the granted host (the `hook_machine` fuzz
+    /// target's property; it found the identity with `;`): a `#` (Nix cuts the line there),
+    /// a field that is just `-` (Nix reads "unset"), a store URI starting with `@` (Nix reads
+    /// that file) and an SSH identity with `;` (Nix starts a new machine there) changed which
+    /// host Nix saw or dropped its pinned key; such grants are refused and such an identity
+    /// is left out of the line.
+    #[test]
+    fn refuses_what_nix_would_read_differently() {
+        type Spoil = Box<dyn Fn(&mut proto::Granted)>;
+        let bad: [(&str, Spoil); 5] = [
+            ("store_uri", Box::new(|g| g.store_uri = "ssh://b1#x".into())),
+            (
+                "store_uri",
+                Box::new(|g| g.store_uri = "@/etc/nix/machines".into()),
+            ),
+            ("systems", Box::new(|g| g.systems = vec!["-".into()])),
+            (
+                "features",
+                Box::new(|g| g.supported_features = vec!["-".into()]),
+            ),
+            (
+                "features",
+                Box::new(|g| g.mandatory_features = vec!["k#".into()]),
+            ),
+        ];
+        for (field, spoil) in bad {
+            let mut g = granted();
+            spoil(&mut g);
+            assert!(
+                matches!(Grant::try_from(g), Err(GrantError::Unrepresentable { field: f, .. }) if f == field),
+                "{field}"
+            );
+        }
+        let g = Grant::try_from(granted()).unwrap();
+        for identity in ["/k;ssh://evil", "/k#1"] {
+            assert_eq!(g.machines_line(Some(identity)).split(' ').nth(2), Some("-"));
+        }
+    }
+
     proptest! {
         /// The speed factor field is an integer of at least 1 and at least the factor.
         #[test]
@@ -260,8 +315,8 @@ mod tests {
         /// A valid grant always renders exactly eight whitespace-free fields.
         #[test]
         fn always_eight_fields(
-            systems in proptest::collection::vec("[a-z0-9_-]{1,12}", 1..4),
-            feats in proptest::collection::vec("[a-z0-9-]{1,12}", 0..4),
+            systems in proptest::collection::vec("[a-z0-9_][a-z0-9_-]{0,11}", 1..4),
+            feats in proptest::collection::vec("[a-z0-9][a-z0-9-]{0,11}", 0..4),
             max_jobs in any::<u32>(),
             speed in any::<f64>(),
         ) {

@@ -164,9 +164,11 @@ pub struct DiskSpace {
 }
 
 impl DiskSpace {
-    /// Free space in percent of the total.
+    /// Free space in percent of the total, 0 to 100.
     pub fn free_percent(&self) -> f64 {
-        self.free_bytes as f64 * 100.0 / self.total_bytes as f64
+        // The ratio first: `free <= total` stays `<= 1.0` in floating point, whereas
+        // `free * 100.0 / total` can round to just above 100 (found by fuzzing).
+        100.0 * (self.free_bytes as f64 / self.total_bytes as f64)
     }
 }
 
@@ -287,3 +289,25 @@ pub enum HostState {
 /// one cannot change the host's state any more.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Generation(pub u64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `scheduler_convert` fuzz target: with free space equal (or nearly) to the
+    /// total, `free * 100 / total` rounded to just above 100 %.
+    #[test]
+    fn free_percent_never_exceeds_100() {
+        for (free_bytes, total_bytes) in [
+            (432_331_587_474_779, 432_331_587_474_779),
+            (26_569_479_694_355_079, 26_569_479_694_355_081),
+            (u64::MAX, u64::MAX),
+        ] {
+            let d = DiskSpace {
+                free_bytes,
+                total_bytes,
+            };
+            assert!((0.0..=100.0).contains(&d.free_percent()), "{d:?}");
+        }
+    }
+}

@@ -40,7 +40,16 @@ fn host_id(field: &str, v: &str) -> Result<HostId, Error> {
     Ok(HostId::new(v))
 }
 
+/// A lone `-` is a valid token but means "unset" to Nix in a machines line.
+fn not_dash(field: &str, v: &str) -> Result<(), Error> {
+    if v == "-" {
+        return Err(Error::invalid(field, "`-` means \"unset\" to Nix"));
+    }
+    Ok(())
+}
+
 fn system(field: &str, v: &str) -> Result<System, Error> {
+    not_dash(field, v)?;
     token(
         field,
         v,
@@ -61,6 +70,7 @@ fn feature_set(field: &str, vs: &[String]) -> Result<BTreeSet<Feature>, Error> {
     vs.iter()
         .enumerate()
         .map(|(i, f)| {
+            not_dash(&format!("{field}[{i}]"), f)?;
             token(
                 &format!("{field}[{i}]"),
                 f,
@@ -833,6 +843,36 @@ mod tests {
             (
                 "register.agent_version",
                 Box::new(|r| r.agent_version = "v".repeat(65)),
+            ),
+        ];
+        for (field, mutate) in cases {
+            let mut r = register();
+            mutate(&mut r);
+            assert_eq!(field_of(HostSpec::try_from(r).unwrap_err()), field);
+        }
+    }
+
+    /// What the `scheduler_convert` fuzz target checks (a registration accepted here gives a
+    /// grant the hook accepts and Nix reads back as that host): a store URI with `;` or `#`,
+    /// or a system or feature that is just `-`, broke that, so they are refused here.
+    #[test]
+    fn register_refuses_what_a_machines_line_cannot_carry() {
+        let cases: Cases<proto::Register> = vec![
+            (
+                "register.store_uri",
+                Box::new(|r| r.store_uri = "ssh://b1;ssh://evil".into()),
+            ),
+            (
+                "register.store_uri",
+                Box::new(|r| r.store_uri = "ssh://b1#".into()),
+            ),
+            (
+                "register.systems[0]",
+                Box::new(|r| r.systems = vec!["-".into()]),
+            ),
+            (
+                "register.supported_features[0]",
+                Box::new(|r| r.supported_features = vec!["-".into()]),
             ),
         ];
         for (field, mutate) in cases {

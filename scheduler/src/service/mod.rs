@@ -14,6 +14,41 @@ pub(crate) mod probe;
 mod trust;
 mod wait;
 
+/// The boundary's free-standing validators (those that are not `TryFrom` impls), reachable
+/// from the fuzz targets in `fuzz/` only: the crate keeps them private otherwise.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::collections::BTreeSet;
+
+    use nixdispatch::proto;
+
+    use crate::Error;
+    use crate::core::{BuildOutcome, Feature, HostId, LeaseId, System};
+
+    /// The validated lease id of a `KeepAlive`.
+    pub fn keep_alive(r: &proto::KeepAliveRequest) -> Result<LeaseId, Error> {
+        super::convert::keep_alive(r)
+    }
+
+    /// The validated lease id and outcome of a `Release`.
+    pub fn release(r: &proto::ReleaseRequest) -> Result<(LeaseId, BuildOutcome), Error> {
+        super::convert::release(r)
+    }
+
+    /// A validated host id of the admin calls.
+    pub fn admin_host_id(v: &str) -> Result<HostId, Error> {
+        super::convert::admin_host_id(v)
+    }
+
+    /// The validated system and features of `ExplainPlacement`.
+    pub fn explain(
+        r: &proto::ExplainPlacementRequest,
+    ) -> Result<(System, BTreeSet<Feature>), Error> {
+        super::convert::explain(r)
+    }
+}
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
