@@ -21,6 +21,43 @@ pub struct CoreBench {
     next: usize,
 }
 
+/// The systems of [`add_fleet`]'s hosts, alternating.
+pub const SYSTEMS: [&str; 2] = ["x86_64-linux", "aarch64-linux"];
+
+/// Registers `hosts` 8-slot hosts (`host00000`, ...; x86_64-linux and aarch64-linux
+/// alternating, speeds 1 to 4, `big-parallel`), each reporting `running(k)` builds.
+pub fn add_fleet(core: &mut Scheduler, hosts: usize, running: impl Fn(usize) -> Option<u32>) {
+    for k in 0..hosts {
+        let id = HostId::new(format!("host{k:05}"));
+        let g = core.connect(
+            Time::ZERO,
+            HostSpec {
+                id: id.clone(),
+                store_uri: format!("ssh-ng://host{k}"),
+                public_key: String::new(),
+                systems: [System::new(SYSTEMS[k % 2])].into(),
+                supported_features: [Feature::new("big-parallel")].into(),
+                mandatory_features: BTreeSet::new(),
+                max_jobs: 8,
+                speed_factor: 1.0 + (k % 4) as f64,
+                cpu_count: 16,
+                total_memory_bytes: 0,
+                agent_version: "bench".into(),
+            },
+        );
+        core.report(
+            Time::ZERO,
+            &id,
+            g,
+            HostReport {
+                running_builds: running(k),
+                ..HostReport::default()
+            },
+        )
+        .expect("a fresh host takes a report");
+    }
+}
+
 impl CoreBench {
     /// Sets up `hosts` hosts under `policy`.
     pub fn new(hosts: usize, policy: PolicyKind) -> CoreBench {
@@ -30,39 +67,10 @@ impl CoreBench {
             ..CoreConfig::default()
         };
         let mut core = Scheduler::new(cfg, policy.build(), 1);
-        let systems = ["x86_64-linux", "aarch64-linux"];
-        for k in 0..hosts {
-            let id = HostId::new(format!("host{k:05}"));
-            let g = core.connect(
-                Time::ZERO,
-                HostSpec {
-                    id: id.clone(),
-                    store_uri: format!("ssh-ng://host{k}"),
-                    public_key: String::new(),
-                    systems: [System::new(systems[k % 2])].into(),
-                    supported_features: [Feature::new("big-parallel")].into(),
-                    mandatory_features: BTreeSet::new(),
-                    max_jobs: 8,
-                    speed_factor: 1.0 + (k % 4) as f64,
-                    cpu_count: 16,
-                    total_memory_bytes: 0,
-                    agent_version: "bench".into(),
-                },
-            );
-            core.report(
-                Time::ZERO,
-                &id,
-                g,
-                HostReport {
-                    running_builds: Some((k % 5) as u32),
-                    ..HostReport::default()
-                },
-            )
-            .expect("a fresh host takes a report");
-        }
+        add_fleet(&mut core, hosts, |k| Some((k % 5) as u32));
         let requests = (0..64)
             .map(|i| LeaseRequest {
-                system: System::new(systems[i % 2]),
+                system: System::new(SYSTEMS[i % 2]),
                 required_features: BTreeSet::new(),
                 drv_path: format!("/nix/store/{i:032}-bench.drv"),
                 client: ClientId::new(format!("client{}", i % 8)),

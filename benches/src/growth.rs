@@ -8,11 +8,10 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use nixdispatch_scheduler::core::{
-    BuildOutcome, ClientId, CoreConfig, Decision, Feature, HostId, HostReport, HostSpec,
-    LeaseRequest, PolicyKind, Scheduler, System, Time,
+    BuildOutcome, ClientId, CoreConfig, Decision, LeaseRequest, PolicyKind, Scheduler, System, Time,
 };
 
-const SYSTEMS: [&str; 2] = ["x86_64-linux", "aarch64-linux"];
+use crate::corebench::SYSTEMS;
 
 /// A least-loaded core with `hosts` reported 8-slot hosts, half of each system, speeds 1
 /// to 4, and nothing going stale for a year of simulated time.
@@ -25,27 +24,7 @@ pub fn fleet(hosts: usize) -> Scheduler {
         ..CoreConfig::default()
     };
     let mut core = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
-    for k in 0..hosts {
-        let id = HostId::new(format!("host{k:05}"));
-        let g = core.connect(
-            Time::ZERO,
-            HostSpec {
-                id: id.clone(),
-                store_uri: format!("ssh-ng://host{k}"),
-                public_key: String::new(),
-                systems: [System::new(SYSTEMS[k % 2])].into(),
-                supported_features: [Feature::new("big-parallel")].into(),
-                mandatory_features: BTreeSet::new(),
-                max_jobs: 8,
-                speed_factor: 1.0 + (k % 4) as f64,
-                cpu_count: 16,
-                total_memory_bytes: 0,
-                agent_version: "growth".into(),
-            },
-        );
-        core.report(Time::ZERO, &id, g, HostReport::default())
-            .expect("a fresh host takes a report");
-    }
+    crate::corebench::add_fleet(&mut core, hosts, |_| None);
     core
 }
 
