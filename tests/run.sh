@@ -53,6 +53,9 @@ export CARGO_INCREMENTAL=0
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+# The fuzz targets are their own workspace (run with `fuzz/run.sh`); check that they still
+# build against the crates, so that they cannot rot between campaigns.
+cargo check --manifest-path fuzz/Cargo.toml --bins --quiet
 
 # The tests start each other's binaries (scheduler, agent, hook), so build them all first.
 cargo build --workspace --bins

@@ -307,7 +307,10 @@ fuzz_target!(|input: Input| {
             exclude_hosts: a.exclude_hosts,
         }),
         Input::KeepAlive(lease_id) => {
-            match fuzzing::keep_alive(&proto::KeepAliveRequest { lease_id }) {
+            match fuzzing::keep_alive(&proto::KeepAliveRequest {
+                lease_id,
+                ..Default::default()
+            }) {
                 Ok(id) => check_lease_id(&id),
                 Err(e) => refused(e),
             }

@@ -26,9 +26,9 @@ pub mod fuzzing {
     use crate::Error;
     use crate::core::{BuildOutcome, Feature, HostId, LeaseId, System};
 
-    /// The validated lease id of a `KeepAlive`.
+    /// The validated lease id of a `KeepAlive` (its re-attachment details are left out).
     pub fn keep_alive(r: &proto::KeepAliveRequest) -> Result<LeaseId, Error> {
-        super::convert::keep_alive(r)
+        super::convert::keep_alive(r).map(|(id, _reattach)| id)
     }
 
     /// The validated lease id and outcome of a `Release`.
