@@ -9,5 +9,6 @@
 pub mod cli;
 pub mod client;
 pub mod doctor;
+pub mod gate;
 pub mod hook;
 pub mod proto;
