@@ -1,0 +1,193 @@
+//! End to end: members running Debian's stock Nix (2.8), with no nixdispatch at all and
+//! builders listed in their own nix.conf, build on real OpenSSH builders whose sshd runs
+//! `nixdispatch-gate` for them; the real scheduler and agents decide.
+//!
+//! Needs what `e2e_hook` needs (root, `nix-bin`, `openssh-server`, `busybox-static`, the
+//! workspace's binaries). `NIXDISPATCH_E2E_BUILDER_NIX_DAEMON` / `_NIX_STORE` run another
+//! Nix on the builders.
+
+mod common;
+
+use common::gate::{GateOpts, Member, finish, read_log};
+use common::{BuilderSpec, Env, NixRun, valid_in_client_store};
+
+/// Checks a member's run: success, one valid output per derivation, each built on a
+/// builder (never locally).
+fn assert_built_remotely(env: &Env, run: &NixRun, n: usize, logs: &[std::path::PathBuf]) {
+    let logs: String = logs.iter().map(|l| read_log(l)).collect();
+    assert!(
+        run.success,
+        "{}\n--- gate logs\n{logs}",
+        env.diagnostics(run)
+    );
+    let outs = run.out_paths();
+    assert_eq!(outs.len(), n, "{outs:?}");
+    for out in &outs {
+        assert!(valid_in_client_store(out), "{out} is not valid");
+        let text = std::fs::read_to_string(out).unwrap();
+        assert!(!text.contains(" local "), "{out} was built locally: {text}");
+    }
+}
+
+/// Three stock-Nix members (two over ssh-ng, one over ssh) each build six derivations
+/// on two builders of two slots, every member allowed six jobs per builder: no builder ever
+/// runs more than its two slots at once, no build fails, every output is valid, both store
+/// kinds work, and no lease is left.
+#[test]
+fn stock_members_are_capped_at_the_builders_slots() {
+    let specs = [BuilderSpec::new("b1", 2), BuilderSpec::new("b2", 2)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let members: Vec<Member> = ["alice", "bob", "carol"]
+        .iter()
+        .map(|n| env.member(n))
+        .collect();
+    let logs: Vec<_> = ["b1", "b2"]
+        .iter()
+        .map(|b| env.install_gate(b, &members, &GateOpts::default()))
+        .collect();
+    for (m, scheme) in members.iter().zip(["ssh-ng", "ssh", "ssh-ng"]) {
+        env.member_nix_conf(m, &["b1", "b2"], scheme, 6);
+    }
+    let children: Vec<_> = members
+        .iter()
+        .map(|m| {
+            let tag = env.tag(&m.name);
+            env.member_build_command(m, &tag, 6, "2")
+                .spawn()
+                .expect("nix-build")
+        })
+        .collect();
+    let runs: Vec<NixRun> = children.into_iter().map(finish).collect();
+    for run in &runs {
+        assert_built_remotely(&env, run, 6, &logs);
+    }
+    let (p1, p2) = (env.gate_peaks("b1"), env.gate_peaks("b2"));
+    assert_eq!(
+        p1.len() + p2.len(),
+        18,
+        "every build ran once: {p1:?} {p2:?}"
+    );
+    let peak = p1.iter().chain(&p2).max().copied().unwrap_or(0);
+    let gate_logs: String = logs.iter().map(|l| read_log(l)).collect();
+    assert!(
+        p1.iter().all(|&n| n <= 2) && p2.iter().all(|&n| n <= 2),
+        "a builder ran more than its 2 slots: b1 {p1:?}, b2 {p2:?}\n{gate_logs}"
+    );
+    assert!(peak >= 1);
+    // 18 builds on 4 slots: members waited, and were told where they stood (in the
+    // protocol's log messages on ssh-ng, on stderr, i.e. the build log, on ssh).
+    let stderr: String = runs.iter().map(|r| r.stderr.as_str()).collect();
+    assert!(
+        stderr.contains("nixdispatch-gate: waiting for a build slot on b"),
+        "{stderr}"
+    );
+    // Waiting members were told where they stand, and slots were released on results.
+    assert!(gate_logs.contains("slot granted"), "{gate_logs}");
+    assert!(gate_logs.contains("build result sent"), "{gate_logs}");
+    common::wait_for(std::time::Duration::from_secs(30), "no lease left", || {
+        env.leases().is_empty().then_some(())
+    });
+}
+
+/// With the scheduler down, the gate lets builds through unqueued (fail open) and says so
+/// in its log; the builds succeed.
+#[test]
+fn scheduler_down_fails_open() {
+    let specs = [BuilderSpec::new("b1", 2)];
+    let env = Env::new(&specs);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let m = env.member("dave");
+    let opts = GateOpts {
+        scheduler: Some(url),
+        ..GateOpts::default()
+    };
+    let log = env.install_gate("b1", std::slice::from_ref(&m), &opts);
+    for scheme in ["ssh-ng", "ssh"] {
+        env.member_nix_conf(&m, &["b1"], scheme, 2);
+        let tag = env.tag(scheme);
+        let run = finish(env.member_build_command(&m, &tag, 2, "0").spawn().unwrap());
+        assert_built_remotely(&env, &run, 2, std::slice::from_ref(&log));
+    }
+    let text = read_log(&log);
+    assert!(text.contains("building unqueued (fail open)"), "{text}");
+}
+
+/// With `fail_closed = true` and the scheduler down, an ssh-ng build is refused with the
+/// gate's message and nothing is built on the builder.
+#[test]
+fn scheduler_down_fails_closed_when_asked() {
+    let specs = [BuilderSpec::new("b1", 2)];
+    let env = Env::new(&specs);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let m = env.member("erin");
+    let opts = GateOpts {
+        scheduler: Some(url),
+        fail_closed: true,
+        ..GateOpts::default()
+    };
+    let log = env.install_gate("b1", std::slice::from_ref(&m), &opts);
+    env.member_nix_conf(&m, &["b1"], "ssh-ng", 2);
+    let tag = env.tag("closed");
+    let run = finish(env.member_build_command(&m, &tag, 1, "0").spawn().unwrap());
+    assert!(!run.success, "{}", env.diagnostics(&run));
+    assert!(
+        run.stderr.contains("nixdispatch-gate: build refused on b1"),
+        "{}\n{}",
+        env.diagnostics(&run),
+        read_log(&log)
+    );
+    assert!(
+        env.gate_peaks("b1").is_empty(),
+        "nothing ran on the builder"
+    );
+}
+
+/// A command that is not Nix reaches the member's shell unchanged (shell syntax
+/// included), both through `command=` and through `ForceCommand`.
+#[test]
+fn other_commands_reach_the_shell_unchanged() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let env = Env::new(&specs);
+    let m = env.member("frank");
+    let opts = GateOpts {
+        scheduler: Some("http://127.0.0.1:9".to_owned()),
+        force_command: true,
+        ..GateOpts::default()
+    };
+    env.install_gate("b1", std::slice::from_ref(&m), &opts);
+    let alias = &env.builder("b1").alias;
+    for (key, host) in [
+        (&m.key, format!("{alias}-frank")),
+        (&env.client_key, alias.clone()),
+    ] {
+        let out = std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(&env.ssh_config)
+            .arg("-i")
+            .arg(key)
+            .args([
+                "-o",
+                &format!("UserKnownHostsFile={}", env.path().join("kh").display()),
+            ])
+            .args(["-o", "StrictHostKeyChecking=no", &host])
+            .arg("echo hello; echo $((40 + 2)) \"$SSH_ORIGINAL_COMMAND\"")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout,
+            "hello\n42 echo hello; echo $((40 + 2)) \"$SSH_ORIGINAL_COMMAND\"\n"
+        );
+    }
+}
