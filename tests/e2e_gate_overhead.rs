@@ -1,0 +1,207 @@
+//! Benchmark, not a test of behaviour: what `nixdispatch-gate` costs a member, against the
+//! same real SSH builder without it, side by side in one run (alternating): the throughput
+//! of a large upload (`nix-copy-closure`, ssh://, and `nix copy`, ssh-ng://) and the time
+//! to connect and finish the handshake (`nix store ping`). Nothing is asserted about the
+//! numbers.
+//!
+//! `benches/gate-overhead.sh` runs it in release mode with more rounds and a larger upload
+//! and prints the table recorded in `docs/benchmarks/gate.md`. In the normal test run it
+//! does `NIXDISPATCH_BENCH_ROUNDS` (default 1) round of a small upload, so that the
+//! harness keeps working.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::gate::GateOpts;
+use common::{BuilderSpec, Env};
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2
+    }
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs `cmd` and returns its wall time; panics with its stderr when it fails.
+fn timed(cmd: &mut Command) -> Duration {
+    let started = Instant::now();
+    let out = cmd.stdin(Stdio::null()).output().expect("spawn");
+    let elapsed = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    elapsed
+}
+
+/// A fresh store path of `size` random bytes in the client's store.
+fn fresh_path(env: &Env, size: u64, n: usize) -> String {
+    let f = env.path().join(format!("upload-{n}"));
+    let mut data = vec![0u8; usize::try_from(size).unwrap()];
+    {
+        use std::io::Read as _;
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut data)
+            .unwrap();
+    }
+    std::fs::write(&f, data).unwrap();
+    let out = Command::new("nix-store")
+        .arg("--add")
+        .arg(&f)
+        .env_remove("NIX_REMOTE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&f).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Measures upload throughput and handshake time through the gate and directly, and prints
+/// the comparison.
+#[test]
+fn gate_overhead_against_direct_sessions() {
+    let rounds = usize::try_from(env_num("NIXDISPATCH_BENCH_ROUNDS", 1)).unwrap();
+    let size = env_num("NIXDISPATCH_BENCH_UPLOAD_BYTES", 4 << 20);
+    let pings = usize::try_from(env_num("NIXDISPATCH_BENCH_PINGS", 3)).unwrap();
+    let specs = [BuilderSpec::new("b1", 4)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let m = env.member("bench");
+    env.install_gate("b1", std::slice::from_ref(&m), &GateOpts::default());
+    let b = env.builder("b1");
+    let key_line = std::fs::read_to_string(&b.host_key_pub).unwrap();
+    let key_line = key_line
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let known = env.path().join("bench_known_hosts");
+    let direct_host = b.alias.clone();
+    let gate_host = format!("{}-bench", b.alias);
+    std::fs::write(
+        &known,
+        format!("{direct_host} {key_line}\n{gate_host} {key_line}\n"),
+    )
+    .unwrap();
+    let sshopts = |key: &std::path::Path| {
+        format!(
+            "-F {} -i {} -o UserKnownHostsFile={}",
+            env.ssh_config.display(),
+            key.display(),
+            known.display()
+        )
+    };
+    let via = [
+        ("direct", direct_host.clone(), env.client_key.clone()),
+        ("gate", gate_host.clone(), m.key.clone()),
+    ];
+    // (kind, via) -> samples
+    let mut upload: Vec<Vec<Duration>> = vec![Vec::new(); 4];
+    let mut ping: Vec<Vec<Duration>> = vec![Vec::new(); 4];
+    let mut n = 0;
+    for round in 0..rounds {
+        // Alternate who goes first, so that warm caches favour neither.
+        let order: Vec<usize> = if round % 2 == 0 {
+            vec![0, 1]
+        } else {
+            vec![1, 0]
+        };
+        for &i in &order {
+            let (_, host, key) = &via[i];
+            n += 1;
+            let path = fresh_path(&env, size, n);
+            upload[i].push(timed(
+                Command::new("nix-copy-closure")
+                    .args(["--to", host, &path])
+                    .env("NIX_SSHOPTS", sshopts(key))
+                    .env_remove("NIX_REMOTE"),
+            ));
+            n += 1;
+            let path = fresh_path(&env, size, n);
+            upload[2 + i].push(timed(
+                Command::new("nix")
+                    .args(["--experimental-features", "nix-command", "copy", "--to"])
+                    .arg(format!("ssh-ng://{host}"))
+                    .arg(&path)
+                    .env("NIX_SSHOPTS", sshopts(key))
+                    .env_remove("NIX_REMOTE"),
+            ));
+            for _ in 0..pings {
+                for (k, scheme) in ["ssh", "ssh-ng"].iter().enumerate() {
+                    ping[2 * k + i].push(timed(
+                        Command::new("nix")
+                            .args([
+                                "--experimental-features",
+                                "nix-command",
+                                "store",
+                                "ping",
+                                "--store",
+                            ])
+                            .arg(format!("{scheme}://{host}"))
+                            .env("NIX_SSHOPTS", sshopts(key))
+                            .env_remove("NIX_REMOTE"),
+                    ));
+                }
+            }
+        }
+    }
+    env.stop_scheduler();
+    let mib = size as f64 / f64::from(1 << 20);
+    let mut table = String::from(
+        "| measure | direct | through the gate | gate / direct | samples |\n|---|---|---|---|---|\n",
+    );
+    for (k, what) in [
+        "upload, ssh:// (nix-copy-closure)",
+        "upload, ssh-ng:// (nix copy)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let d = median(&mut upload[2 * k]);
+        let g = median(&mut upload[2 * k + 1]);
+        let (dt, gt) = (mib / d.as_secs_f64(), mib / g.as_secs_f64());
+        table.push_str(&format!(
+            "| {what}, {mib:.0} MiB, median MiB/s | {dt:.0} | {gt:.0} | {:.1} % | {rounds} |\n",
+            100.0 * gt / dt
+        ));
+    }
+    for (k, what) in [
+        "connect + handshake, ssh://",
+        "connect + handshake, ssh-ng://",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let d = median(&mut ping[2 * k]);
+        let g = median(&mut ping[2 * k + 1]);
+        table.push_str(&format!(
+            "| {what} (`nix store ping`), median ms | {:.1} | {:.1} | {:+.1} ms | {} |\n",
+            d.as_secs_f64() * 1000.0,
+            g.as_secs_f64() * 1000.0,
+            (g.as_secs_f64() - d.as_secs_f64()) * 1000.0,
+            rounds * pings
+        ));
+    }
+    eprintln!("{table}");
+    if let Some(out) = std::env::var_os("NIXDISPATCH_BENCH_OUT") {
+        std::fs::write(out, &table).unwrap();
+    }
+}
