@@ -3,11 +3,11 @@
 //!
 //! The daemon's side has no log loop: it answers on stdout only, and writes nothing there
 //! while it builds, so a build's result is being sent from the first byte after the
-//! forwarded build command. `ImportPaths` (4) needs a NAR parser to find its end; it is only
+//! forwarded build command (the gate reads that first word: the status). `ImportPaths` (4) needs a NAR parser to find its end; it is only
 //! used by Hydra and by peers older than 2.5, so the gate passes such sessions through.
 
 use super::drv;
-use super::session::{BuildOp, Grammar, Msg, ServerEvent, ServerMsg, Stop};
+use super::session::{BuildOp, Grammar, Msg, ServerEvent, ServerMsg, Stop, status_ok};
 use super::wire::{Bulk, Reader};
 
 /// `SERVE_MAGIC_1`, the client's first word.
@@ -32,7 +32,12 @@ fn minor(v: u64) -> u64 {
 enum ServerPhase {
     Hello,
     Idle,
-    AwaitResult,
+    /// The forwarded build's reply: its first word is a status (`status_ok` for
+    /// BuildDerivation's BuildResult; 0 for BuildPaths' success).
+    AwaitResult {
+        /// Whether the statuses are BuildResult's (BuildDerivation).
+        build_result: bool,
+    },
 }
 
 /// Both directions of one serve-protocol session.
@@ -206,13 +211,19 @@ impl Grammar for Serve {
                     event: Some(ServerEvent::Version),
                 })
             }
-            // Nothing is written to stdout while the build runs: the first byte is the
-            // result (a status word).
-            ServerPhase::AwaitResult => {
+            // Nothing is written to stdout while the build runs: the reply starts with its
+            // status word.
+            ServerPhase::AwaitResult { build_result } => {
+                let status = Reader::new(buf).u64()?;
                 self.server = ServerPhase::Idle;
+                let ok = if build_result {
+                    status_ok(status)
+                } else {
+                    status == 0
+                };
                 Ok(ServerMsg {
-                    len: 0,
-                    event: Some(ServerEvent::BuildDone { ok: true }),
+                    len: 8,
+                    event: Some(ServerEvent::BuildDone { ok }),
                 })
             }
             ServerPhase::Idle => Ok(ServerMsg {
@@ -226,8 +237,10 @@ impl Grammar for Serve {
         self.server != ServerPhase::Idle
     }
 
-    fn build_forwarded(&mut self) {
-        self.server = ServerPhase::AwaitResult;
+    fn build_forwarded(&mut self, op: &BuildOp) {
+        self.server = ServerPhase::AwaitResult {
+            build_result: op.info.is_some(),
+        };
     }
 
     fn progress(&self, _text: &str) -> Option<Vec<u8>> {

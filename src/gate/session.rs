@@ -43,6 +43,12 @@ pub enum Stop {
     Unsupported(String),
 }
 
+/// Whether a BuildResult status means success: Built (0), Substituted (1), AlreadyValid
+/// (2) or ResolvesToAlreadyValid (13).
+pub fn status_ok(status: u64) -> bool {
+    matches!(status, 0..=2 | 13)
+}
+
 impl From<Short> for Stop {
     fn from(s: Short) -> Self {
         Stop::Short(s)
@@ -76,10 +82,11 @@ pub enum ServerEvent {
     Version,
     /// The handshake is over.
     HandshakeDone,
-    /// The forwarded build's result is being sent: its slot can be released. `ok` is false
-    /// when the daemon answered with an error instead of a result.
+    /// The forwarded build's result is being sent: its slot can be released.
     BuildDone {
-        /// Whether a result (rather than an error) followed.
+        /// Whether the build succeeded: a BuildResult status of built, substituted or
+        /// already valid, or (for operations whose result carries no status) an answer
+        /// rather than an error.
         ok: bool,
     },
     /// The gate no longer follows the daemon's stream (the reason, for the log).
@@ -97,8 +104,8 @@ pub trait Grammar: std::fmt::Debug {
     fn server_message(&mut self, buf: &[u8]) -> Result<ServerMsg, Stop>;
     /// Whether the daemon's bytes need parsing now.
     fn server_tracking(&self) -> bool;
-    /// The held build was forwarded: follow the daemon until its result.
-    fn build_forwarded(&mut self);
+    /// The held build `op` was forwarded: follow the daemon until its result.
+    fn build_forwarded(&mut self, op: &BuildOp);
     /// Bytes that show `text` to the member inside the protocol, if the protocol can.
     fn progress(&self, text: &str) -> Option<Vec<u8>>;
     /// Bytes that refuse the held build with `text` and keep the stream in sync, if the
@@ -161,6 +168,8 @@ pub struct Session<G> {
     pending: Vec<u8>,
     /// How many of `pending` were already forwarded.
     forwarded: usize,
+    /// The held build operation.
+    held: Option<BuildOp>,
     /// The bytes of the daemon message being parsed.
     server_pending: Vec<u8>,
     server_lost: bool,
@@ -174,6 +183,7 @@ impl<G: Grammar> Session<G> {
             client: ClientState::Message,
             pending: Vec::new(),
             forwarded: 0,
+            held: None,
             server_pending: Vec::new(),
             server_lost: false,
         }
@@ -248,6 +258,7 @@ impl<G: Grammar> Session<G> {
                 self.pending.truncate(msg.len);
                 if let Some(build) = msg.build {
                     self.client = ClientState::Holding;
+                    self.held = Some(build.clone());
                     return Advance {
                         consumed,
                         forward: Forward::Nothing,
@@ -315,6 +326,7 @@ impl<G: Grammar> Session<G> {
         let mut held = std::mem::take(&mut self.pending);
         held.drain(..std::mem::take(&mut self.forwarded).min(held.len()));
         self.client = ClientState::PassThrough;
+        self.held = None;
         held
     }
 
@@ -330,8 +342,10 @@ impl<G: Grammar> Session<G> {
             return Vec::new();
         }
         self.client = ClientState::Message;
-        if !self.server_lost {
-            self.grammar.build_forwarded();
+        if let Some(op) = self.held.take()
+            && !self.server_lost
+        {
+            self.grammar.build_forwarded(&op);
         }
         let mut held = std::mem::take(&mut self.pending);
         held.drain(..std::mem::take(&mut self.forwarded));
@@ -344,6 +358,7 @@ impl<G: Grammar> Session<G> {
         let bytes = self.grammar.refusal(text)?;
         if self.client == ClientState::Holding {
             self.client = ClientState::Message;
+            self.held = None;
             self.pending.clear();
             self.forwarded = 0;
         }

@@ -48,6 +48,17 @@ fn basic_derivation(out: &mut Vec<u8>, system: &str, features: &str) {
 /// upload of `upload` bytes in framed chunks, a BuildDerivation, its log and result, then a
 /// NarFromPath whose raw NAR the gate must not try to parse.
 fn worker_conversation(cv: u64, sv: u64, doubled: bool, upload: usize) -> Vec<Seg> {
+    worker_conversation_status(cv, sv, doubled, upload, 0)
+}
+
+/// [`worker_conversation`] with the BuildResult status `status`.
+fn worker_conversation_status(
+    cv: u64,
+    sv: u64,
+    doubled: bool,
+    upload: usize,
+    status: u64,
+) -> Vec<Seg> {
     let v = cv.min(sv);
     let mut segs = vec![Seg::Client(u(worker::MAGIC_1))];
     let mut s = u(worker::MAGIC_2);
@@ -122,7 +133,7 @@ fn worker_conversation(cv: u64, sv: u64, doubled: bool, upload: usize) -> Vec<Se
     s.extend(u(worker::STDERR_STOP_ACTIVITY));
     s.extend(u(7));
     s.extend(u(worker::STDERR_LAST));
-    s.extend(u(0)); // BuildResult status: built
+    s.extend(u(status)); // BuildResult status
     put_bytes(&mut s, b"");
     segs.push(Seg::Server(s));
     // NarFromPath: the answer is a raw NAR, which passes unparsed.
@@ -139,6 +150,11 @@ fn worker_conversation(cv: u64, sv: u64, doubled: bool, upload: usize) -> Vec<Se
 /// A serve session: handshake, QueryValidPaths, AddToStoreNar of `upload` raw bytes,
 /// BuildDerivation, its result.
 fn serve_conversation(cv: u64, sv: u64, upload: usize) -> Vec<Seg> {
+    serve_conversation_status(cv, sv, upload, 0)
+}
+
+/// [`serve_conversation`] with the BuildResult status `status`.
+fn serve_conversation_status(cv: u64, sv: u64, upload: usize, status: u64) -> Vec<Seg> {
     let v = cv.min(sv);
     let mut c = u(serve::MAGIC_1);
     c.extend(u(cv));
@@ -183,7 +199,7 @@ fn serve_conversation(cv: u64, sv: u64, upload: usize) -> Vec<Seg> {
         c.extend(u(0));
     }
     segs.push(Seg::Client(c));
-    let mut s = u(0);
+    let mut s = u(status);
     put_bytes(&mut s, b"");
     segs.push(Seg::Server(s));
     segs
@@ -195,6 +211,7 @@ struct Outcome {
     forwarded: Vec<u8>,
     builds: Vec<super::session::BuildOp>,
     build_done: usize,
+    build_ok: Vec<bool>,
     desync: Vec<String>,
 }
 
@@ -208,7 +225,10 @@ fn play<G: Grammar>(session: &mut Session<G>, segs: &[Seg], split: usize) -> Out
                 for part in bytes.chunks(split) {
                     for e in session.server_observe(part) {
                         match e {
-                            ServerEvent::BuildDone { .. } => o.build_done += 1,
+                            ServerEvent::BuildDone { ok } => {
+                                o.build_done += 1;
+                                o.build_ok.push(ok);
+                            }
                             ServerEvent::Desync(r) => o.desync.push(r),
                             _ => {}
                         }
@@ -317,6 +337,29 @@ fn serve_sessions_of_every_version() {
                 assert_eq!(o.builds[0].info.as_ref().unwrap().system, "aarch64-linux");
                 assert_eq!(o.build_done, 1);
             }
+        }
+    }
+}
+
+/// The build's outcome comes from the result's status word, on both protocols.
+#[test]
+fn build_outcome_is_read_from_the_status() {
+    for (status, ok) in [(0, true), (2, true), (3, false), (9, false)] {
+        for split in [1, 4096] {
+            let mut s = Session::new(Worker::new());
+            let o = play(
+                &mut s,
+                &worker_conversation_status(0x122, 0x122, false, 10, status),
+                split,
+            );
+            assert_eq!(o.build_ok, vec![ok], "worker status {status}");
+            let mut s = Session::new(Serve::new());
+            let o = play(
+                &mut s,
+                &serve_conversation_status(0x207, 0x207, 10, status),
+                split,
+            );
+            assert_eq!(o.build_ok, vec![ok], "serve status {status}");
         }
     }
 }

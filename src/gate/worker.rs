@@ -8,7 +8,7 @@
 //! daemon reads it: as a non-zero CPU-affinity flag followed by the real flag.
 
 use super::drv;
-use super::session::{BuildOp, Grammar, Msg, ServerEvent, ServerMsg, Stop};
+use super::session::{BuildOp, Grammar, Msg, ServerEvent, ServerMsg, Stop, status_ok};
 use super::wire::{self, Bulk, Reader, Short};
 
 /// `WORKER_MAGIC_1`, the client's first word.
@@ -79,8 +79,14 @@ enum ServerPhase {
     StartupLog,
     /// Between operations: not followed (results of queries and NARs pass untouched).
     Idle,
-    /// A forwarded build's log loop, up to `STDERR_LAST` or `STDERR_ERROR`.
-    BuildLog,
+    /// A forwarded build's log loop, up to `STDERR_LAST` or `STDERR_ERROR`; `status`: a
+    /// BuildResult with its status word follows `STDERR_LAST` (BuildDerivation).
+    BuildLog {
+        /// Whether the result starts with a status word.
+        status: bool,
+    },
+    /// The status word of a BuildDerivation's result.
+    BuildStatus,
 }
 
 /// Both directions of one worker-protocol session.
@@ -417,19 +423,30 @@ impl Grammar for Worker {
                 self.server = ServerPhase::StartupLog;
                 None
             }
-            ServerPhase::StartupLog | ServerPhase::BuildLog => {
+            ServerPhase::StartupLog | ServerPhase::BuildLog { .. } => {
                 let v = self.version().ok_or(Stop::NeedPeer)?;
-                match Self::log_message(&mut r, v)? {
-                    None => None,
-                    Some(_) if self.server == ServerPhase::StartupLog => {
+                match (Self::log_message(&mut r, v)?, self.server) {
+                    (None, _) => None,
+                    (Some(_), ServerPhase::StartupLog) => {
                         self.server = ServerPhase::Idle;
                         Some(ServerEvent::HandshakeDone)
                     }
-                    Some(ok) => {
+                    (Some(true), ServerPhase::BuildLog { status: true }) => {
+                        self.server = ServerPhase::BuildStatus;
+                        None
+                    }
+                    (Some(ok), _) => {
                         self.server = ServerPhase::Idle;
                         Some(ServerEvent::BuildDone { ok })
                     }
                 }
+            }
+            ServerPhase::BuildStatus => {
+                let status = r.u64()?;
+                self.server = ServerPhase::Idle;
+                Some(ServerEvent::BuildDone {
+                    ok: status_ok(status),
+                })
             }
             ServerPhase::Idle => {
                 return Ok(ServerMsg {
@@ -448,8 +465,10 @@ impl Grammar for Worker {
         self.server != ServerPhase::Idle
     }
 
-    fn build_forwarded(&mut self) {
-        self.server = ServerPhase::BuildLog;
+    fn build_forwarded(&mut self, op: &BuildOp) {
+        self.server = ServerPhase::BuildLog {
+            status: op.info.is_some(),
+        };
     }
 
     fn progress(&self, text: &str) -> Option<Vec<u8>> {
