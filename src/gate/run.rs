@@ -369,132 +369,123 @@ enum UpEnd {
 }
 
 async fn client_to_server<G: Grammar + Send + 'static>(
-    mut input: Box<dyn AsyncRead + Unpin + Send>,
-    mut child_in: ChildStdin,
+    input: Box<dyn AsyncRead + Unpin + Send>,
+    child_in: ChildStdin,
     shared: &Shared<G>,
     ctx: &Ctx,
 ) -> UpEnd {
+    let mut up = Up {
+        input,
+        child_in,
+        sched: scheduler_client(&ctx.config),
+        stash: Vec::new(),
+        shared,
+        ctx,
+    };
     let mut buf = vec![0u8; CHUNK];
-    let mut sched = scheduler_client(&ctx.config);
     loop {
-        let n = match input.read(&mut buf).await {
+        let n = match up.input.read(&mut buf).await {
             Ok(0) | Err(_) => return UpEnd::ClientClosed,
             Ok(n) => n,
         };
-        let mut stash = Vec::new();
-        if let Err(end) = feed(
-            &buf[..n],
-            &mut input,
-            &mut child_in,
-            shared,
-            ctx,
-            &mut sched,
-            &mut stash,
-        )
-        .await
-        {
-            return end;
-        }
+        let mut result = up.feed(&buf[..n]).await;
         // Bytes the client sent while a build was held come after it.
-        while !stash.is_empty() {
-            let more = std::mem::take(&mut stash);
-            if let Err(end) = feed(
-                &more,
-                &mut input,
-                &mut child_in,
-                shared,
-                ctx,
-                &mut sched,
-                &mut stash,
-            )
-            .await
-            {
-                return end;
-            }
+        while result.is_ok() && !up.stash.is_empty() {
+            let more = std::mem::take(&mut up.stash);
+            result = up.feed(&more).await;
+        }
+        if let Err(end) = result {
+            return end;
         }
     }
 }
 
-/// Relays one chunk of client bytes.
-async fn feed<G: Grammar + Send + 'static>(
-    data: &[u8],
-    input: &mut Box<dyn AsyncRead + Unpin + Send>,
-    child_in: &mut ChildStdin,
-    shared: &Shared<G>,
-    ctx: &Ctx,
-    sched: &mut Scheduler,
-    stash: &mut Vec<u8>,
-) -> Result<(), UpEnd> {
-    let write = |r: std::io::Result<()>| r.map_err(|_| UpEnd::DaemonClosed);
-    let mut off = 0;
-    while off < data.len() {
-        let adv = shared
-            .session
-            .lock()
-            .expect("session lock")
-            .client_step(&data[off..]);
-        let start = off;
-        off += adv.consumed;
-        match adv.forward {
-            Forward::Nothing => {}
-            Forward::Input => write(child_in.write_all(&data[start..off]).await)?,
-            Forward::Bytes(b) => write(child_in.write_all(&b).await)?,
-        }
-        match adv.event {
-            None => {}
-            Some(ClientEvent::Desync(reason)) => {
-                tracing::warn!(%reason, "lost the protocol's thread; passing the session through ungated");
+/// The client → daemon direction of a session.
+struct Up<'a, G> {
+    input: Box<dyn AsyncRead + Unpin + Send>,
+    child_in: ChildStdin,
+    sched: Scheduler,
+    /// Client bytes read while a build was held, relayed after it.
+    stash: Vec<u8>,
+    shared: &'a Shared<G>,
+    ctx: &'a Ctx,
+}
+
+impl<G: Grammar + Send + 'static> Up<'_, G> {
+    /// Relays one chunk of client bytes.
+    async fn feed(&mut self, data: &[u8]) -> Result<(), UpEnd> {
+        let shared = self.shared;
+        let write = |r: std::io::Result<()>| r.map_err(|_| UpEnd::DaemonClosed);
+        let mut off = 0;
+        while off < data.len() {
+            let adv = shared
+                .session
+                .lock()
+                .expect("session lock")
+                .client_step(&data[off..]);
+            let start = off;
+            off += adv.consumed;
+            match adv.forward {
+                Forward::Nothing => {}
+                Forward::Input => write(self.child_in.write_all(&data[start..off]).await)?,
+                Forward::Bytes(b) => write(self.child_in.write_all(&b).await)?,
             }
-            Some(ClientEvent::NeedServer) => {
-                let mut seen = shared.seen.clone();
-                let state = seen
-                    .wait_for(|s| *s != ServerSeen::Nothing)
-                    .await
-                    .map_or(ServerSeen::Gone, |s| *s);
-                if state == ServerSeen::Gone {
-                    let rest = shared.session.lock().expect("session lock").pass_through();
-                    write(child_in.write_all(&rest).await)?;
+            match adv.event {
+                None => {}
+                Some(ClientEvent::Desync(reason)) => {
+                    tracing::warn!(%reason, "lost the protocol's thread; passing the session through ungated");
                 }
-            }
-            Some(ClientEvent::Build(op)) => {
-                let decision = tokio::select! {
-                    d = wait_for_slot(&op, shared, ctx, sched) => d,
-                    () = watch_client(input, stash) => {
-                        tracing::info!(drv = %op.drv_path, "the client left while its build waited");
-                        return Err(UpEnd::ClientClosed);
+                Some(ClientEvent::NeedServer) => {
+                    let mut seen = shared.seen.clone();
+                    let state = seen
+                        .wait_for(|s| *s != ServerSeen::Nothing)
+                        .await
+                        .map_or(ServerSeen::Gone, |s| *s);
+                    if state == ServerSeen::Gone {
+                        let rest = shared.session.lock().expect("session lock").pass_through();
+                        write(self.child_in.write_all(&rest).await)?;
                     }
-                };
-                match decision {
-                    Decision::Go => {
-                        let held = shared.session.lock().expect("session lock").release_held();
-                        write(child_in.write_all(&held).await)?;
-                    }
-                    Decision::Refuse(text) => {
-                        let refusal = shared
-                            .session
-                            .lock()
-                            .expect("session lock")
-                            .refuse_held(&text);
-                        match refusal {
-                            Some(bytes) => {
-                                let _ = shared.inject.send(bytes);
-                            }
-                            None => {
-                                eprintln!("{text}");
-                                return Err(UpEnd::Refused);
+                }
+                Some(ClientEvent::Build(op)) => {
+                    let decision = tokio::select! {
+                        d = wait_for_slot(&op, shared, self.ctx, &mut self.sched) => d,
+                        () = watch_client(&mut self.input, &mut self.stash) => {
+                            tracing::info!(drv = %op.drv_path, "the client left while its build waited");
+                            return Err(UpEnd::ClientClosed);
+                        }
+                    };
+                    match decision {
+                        Decision::Go => {
+                            let held = shared.session.lock().expect("session lock").release_held();
+                            write(self.child_in.write_all(&held).await)?;
+                        }
+                        Decision::Refuse(text) => {
+                            let refusal = shared
+                                .session
+                                .lock()
+                                .expect("session lock")
+                                .refuse_held(&text);
+                            match refusal {
+                                Some(bytes) => {
+                                    let _ = shared.inject.send(bytes);
+                                }
+                                None => {
+                                    eprintln!("{text}");
+                                    return Err(UpEnd::Refused);
+                                }
                             }
                         }
                     }
                 }
             }
+            if adv.consumed == 0 && shared.session.lock().expect("session lock").holding() {
+                // Nothing can move while a build is held; the wait above ended it, so this
+                // is unreachable in practice: never spin.
+                break;
+            }
         }
-        if adv.consumed == 0 && shared.session.lock().expect("session lock").holding() {
-            // Nothing can move while a build is held; the wait above ended it, so this is
-            // unreachable in practice: never spin.
-            break;
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Reads the client while a build is held, so that its leaving is noticed; what it sends
