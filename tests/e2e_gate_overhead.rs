@@ -74,6 +74,16 @@ fn fresh_path(env: &Env, size: u64, n: usize) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Deletes an uploaded path from the client's store again (large uploads must not pile up).
+fn forget(path: &str) {
+    let _ = Command::new("nix-store")
+        .args(["--delete", path])
+        .env_remove("NIX_REMOTE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
 /// Measures upload throughput and handshake time through the gate and directly, and prints
 /// the comparison.
 #[test]
@@ -134,6 +144,7 @@ fn gate_overhead_against_direct_sessions() {
                     .env("NIX_SSHOPTS", sshopts(key))
                     .env_remove("NIX_REMOTE"),
             ));
+            forget(&path);
             n += 1;
             let path = fresh_path(&env, size, n);
             upload[2 + i].push(timed(
@@ -144,6 +155,7 @@ fn gate_overhead_against_direct_sessions() {
                     .env("NIX_SSHOPTS", sshopts(key))
                     .env_remove("NIX_REMOTE"),
             ));
+            forget(&path);
             for _ in 0..pings {
                 for (k, scheme) in ["ssh", "ssh-ng"].iter().enumerate() {
                     ping[2 * k + i].push(timed(
