@@ -191,3 +191,69 @@ fn other_commands_reach_the_shell_unchanged() {
         );
     }
 }
+
+/// A `BuildPathsWithResults` (`nix build --store ssh-ng://…` of a derivation uploaded just
+/// before) is gated too: the gate reads the derivation's system from the `.drv` file in the
+/// builder's own store, asks for that system, and the output is built on the builder.
+#[test]
+fn build_paths_reads_the_derivation_from_the_builders_store() {
+    let specs = [BuilderSpec::new("b1", 2)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let m = env.member("gina");
+    let log = env.install_gate("b1", std::slice::from_ref(&m), &GateOpts::default());
+    env.member_nix_conf(&m, &["b1"], "ssh-ng", 1);
+    let (host, opts) = env.sshopts("b1", Some(&m));
+    let tag = env.tag("paths");
+    let nix = |args: &[&str]| {
+        let out = std::process::Command::new("nix")
+            .args(["--experimental-features", "nix-command"])
+            .args(args)
+            .env("NIX_CONF_DIR", &m.conf_dir)
+            .env("NIX_SSHOPTS", &opts)
+            .env_remove("NIX_REMOTE")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "nix {args:?}: {stderr}\n{}",
+            read_log(&log)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let drv = {
+        let out = std::process::Command::new("nix-instantiate")
+            .arg(env.path().join("gate-e2e.nix"))
+            .args(["--argstr", "tag", &tag, "--arg", "n", "1"])
+            .env("NIX_CONF_DIR", &m.conf_dir)
+            .env_remove("NIX_REMOTE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let store = format!("ssh-ng://{host}");
+    nix(&["copy", "--derivation", "--to", &store, &drv]);
+    nix(&["build", "--no-link", "--store", &store, &drv]);
+    let text = read_log(&log);
+    let held = text
+        .lines()
+        .find(|l| l.contains("build held"))
+        .unwrap_or_else(|| panic!("no build held:\n{text}"));
+    assert!(held.contains("op=\"BuildPaths"), "{held}");
+    assert!(
+        held.contains(&format!("system={}", common::this_system())),
+        "{held}"
+    );
+    assert!(
+        !env.builder("b1").store_paths_with(&tag).is_empty(),
+        "the output is in the builder's store"
+    );
+    assert_eq!(env.gate_peaks("b1"), vec![1]);
+}

@@ -96,32 +96,11 @@ fn gate_overhead_against_direct_sessions() {
     env.start_scheduler_and_agents(&specs);
     let m = env.member("bench");
     env.install_gate("b1", std::slice::from_ref(&m), &GateOpts::default());
-    let b = env.builder("b1");
-    let key_line = std::fs::read_to_string(&b.host_key_pub).unwrap();
-    let key_line = key_line
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let known = env.path().join("bench_known_hosts");
-    let direct_host = b.alias.clone();
-    let gate_host = format!("{}-bench", b.alias);
-    std::fs::write(
-        &known,
-        format!("{direct_host} {key_line}\n{gate_host} {key_line}\n"),
-    )
-    .unwrap();
-    let sshopts = |key: &std::path::Path| {
-        format!(
-            "-F {} -i {} -o UserKnownHostsFile={}",
-            env.ssh_config.display(),
-            key.display(),
-            known.display()
-        )
-    };
+    let (direct_host, direct_opts) = env.sshopts("b1", None);
+    let (gate_host, gate_opts) = env.sshopts("b1", Some(&m));
     let via = [
-        ("direct", direct_host.clone(), env.client_key.clone()),
-        ("gate", gate_host.clone(), m.key.clone()),
+        ("direct", direct_host, direct_opts),
+        ("gate", gate_host, gate_opts),
     ];
     // (kind, via) -> samples
     let mut upload: Vec<Vec<Duration>> = vec![Vec::new(); 4];
@@ -135,13 +114,13 @@ fn gate_overhead_against_direct_sessions() {
             vec![1, 0]
         };
         for &i in &order {
-            let (_, host, key) = &via[i];
+            let (_, host, opts) = &via[i];
             n += 1;
             let path = fresh_path(&env, size, n);
             upload[i].push(timed(
                 Command::new("nix-copy-closure")
                     .args(["--to", host, &path])
-                    .env("NIX_SSHOPTS", sshopts(key))
+                    .env("NIX_SSHOPTS", opts)
                     .env_remove("NIX_REMOTE"),
             ));
             forget(&path);
@@ -152,7 +131,7 @@ fn gate_overhead_against_direct_sessions() {
                     .args(["--experimental-features", "nix-command", "copy", "--to"])
                     .arg(format!("ssh-ng://{host}"))
                     .arg(&path)
-                    .env("NIX_SSHOPTS", sshopts(key))
+                    .env("NIX_SSHOPTS", opts)
                     .env_remove("NIX_REMOTE"),
             ));
             forget(&path);
@@ -168,7 +147,7 @@ fn gate_overhead_against_direct_sessions() {
                                 "--store",
                             ])
                             .arg(format!("{scheme}://{host}"))
-                            .env("NIX_SSHOPTS", sshopts(key))
+                            .env("NIX_SSHOPTS", opts)
                             .env_remove("NIX_REMOTE"),
                     ));
                 }

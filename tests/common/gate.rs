@@ -234,6 +234,32 @@ impl Env {
         cmd
     }
 
+    /// `NIX_SSHOPTS` for running Nix commands by hand against builder `id`, as member `m`
+    /// (host `<alias>-<member>`) or directly (`None`: host `<alias>`, the harness's key):
+    /// the ssh_config, the key, and a known_hosts file pinning the builder's host key.
+    pub fn sshopts(&self, id: &str, m: Option<&Member>) -> (String, String) {
+        let b = self.builder(id);
+        let (host, key) = match m {
+            Some(m) => (format!("{}-{}", b.alias, m.name), m.key.clone()),
+            None => (b.alias.clone(), self.client_key.clone()),
+        };
+        let key_line = std::fs::read_to_string(&b.host_key_pub).unwrap();
+        let key_line = key_line
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let known = self.path().join(format!("known_hosts_{host}"));
+        std::fs::write(&known, format!("{host} {key_line}\n")).unwrap();
+        let opts = format!(
+            "-F {} -i {} -o UserKnownHostsFile={}",
+            self.ssh_config.display(),
+            key.display(),
+            known.display()
+        );
+        (host, opts)
+    }
+
     /// The running counts the fixture's builds saw when they started on builder `id`.
     pub fn gate_peaks(&self, id: &str) -> Vec<u32> {
         std::fs::read_to_string(self.builder(id).root.join("nix/gate-peaks"))
