@@ -53,7 +53,8 @@ fn stock_members_are_capped_at_the_builders_slots() {
         .iter()
         .map(|m| {
             let tag = env.tag(&m.name);
-            env.member_build_command(m, &tag, 6, "2")
+            // 4 s builds outlive the 3 s lease TTL: only the gate's keep-alives hold them.
+            env.member_build_command(m, &tag, 6, "4")
                 .spawn()
                 .expect("nix-build")
         })
@@ -85,6 +86,7 @@ fn stock_members_are_capped_at_the_builders_slots() {
     // Waiting members were told where they stand, and slots were released on results.
     assert!(gate_logs.contains("slot granted"), "{gate_logs}");
     assert!(gate_logs.contains("build result sent"), "{gate_logs}");
+    assert!(!gate_logs.contains("keep-alive failed"), "{gate_logs}");
     common::wait_for(std::time::Duration::from_secs(30), "no lease left", || {
         env.leases().is_empty().then_some(())
     });
