@@ -84,6 +84,72 @@ fn forget(path: &str) {
         .status();
 }
 
+/// Starts `nix-daemon --stdio` or `nix-store --serve --write` (`serve`) directly, or
+/// through the gate (`gate_config`), speaks the protocol's handshake as Nix 2.8 does and
+/// returns the time from spawning to the end of the handshake. No SSH: this isolates what
+/// the gate adds (its start, its configuration, the child and the relay).
+fn local_handshake(serve: bool, gate_config: Option<&std::path::Path>) -> Duration {
+    use nixdispatch::gate::{serve as sv, worker as wk};
+    use std::io::{Read as _, Write as _};
+    let command: &[&str] = if serve {
+        &["nix-store", "--serve", "--write"]
+    } else {
+        &["nix-daemon", "--stdio"]
+    };
+    let started = Instant::now();
+    let mut cmd = match gate_config {
+        Some(cfg) => {
+            let mut c = Command::new(common::gate::gate_bin());
+            c.arg("--config")
+                .arg(cfg)
+                .args(["--member", "bench"])
+                .env("SSH_ORIGINAL_COMMAND", command.join(" "));
+            c
+        }
+        None => {
+            let mut c = Command::new(command[0]);
+            c.args(&command[1..]);
+            c
+        }
+    };
+    let mut child = cmd
+        .env_remove("NIX_REMOTE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut word = || {
+        let mut b = [0u8; 8];
+        stdout.read_exact(&mut b).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let u = |n: u64| n.to_le_bytes();
+    if serve {
+        stdin
+            .write_all(&[u(sv::MAGIC_1), u(0x207)].concat())
+            .unwrap();
+        assert_eq!(word(), sv::MAGIC_2);
+        word();
+    } else {
+        stdin.write_all(&u(wk::MAGIC_1)).unwrap();
+        assert_eq!(word(), wk::MAGIC_2);
+        word();
+        stdin.write_all(&[u(0x122), u(0), u(0)].concat()).unwrap();
+        let len = word();
+        for _ in 0..len.div_ceil(8) {
+            word();
+        }
+        assert_eq!(word(), wk::STDERR_LAST);
+    }
+    let elapsed = started.elapsed();
+    drop(stdin);
+    let _ = child.wait();
+    elapsed
+}
+
 /// Measures upload throughput and handshake time through the gate and directly, and prints
 /// the comparison.
 #[test]
@@ -155,6 +221,25 @@ fn gate_overhead_against_direct_sessions() {
         }
     }
     env.stop_scheduler();
+    // The handshake without SSH, many times: SSH and Nix's own start dominate the numbers
+    // above and vary by more than the gate's cost on a busy machine.
+    let local_rounds = usize::try_from(env_num("NIXDISPATCH_BENCH_LOCAL", 10)).unwrap();
+    let gate_cfg = env.path().join("gate_b1.toml");
+    let mut local: Vec<Vec<Duration>> = vec![Vec::new(); 4];
+    for round in 0..local_rounds {
+        for k in 0..2 {
+            let serve = k == 1;
+            let order: [Option<&std::path::Path>; 2] = if round % 2 == 0 {
+                [None, Some(&gate_cfg)]
+            } else {
+                [Some(&gate_cfg), None]
+            };
+            for cfg in order {
+                let d = local_handshake(serve, cfg);
+                local[2 * k + usize::from(cfg.is_some())].push(d);
+            }
+        }
+    }
     let mib = size as f64 / f64::from(1 << 20);
     let mut table = String::from(
         "| measure | direct | through the gate | gate / direct | samples |\n|---|---|---|---|---|\n",
@@ -189,6 +274,22 @@ fn gate_overhead_against_direct_sessions() {
             g.as_secs_f64() * 1000.0,
             (g.as_secs_f64() - d.as_secs_f64()) * 1000.0,
             rounds * pings
+        ));
+    }
+    for (k, what) in [
+        "spawn + handshake, no SSH, `nix-daemon --stdio`",
+        "spawn + handshake, no SSH, `nix-store --serve --write`",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let d = median(&mut local[2 * k]);
+        let g = median(&mut local[2 * k + 1]);
+        table.push_str(&format!(
+            "| {what}, median ms | {:.2} | {:.2} | {:+.2} ms | {local_rounds} |\n",
+            d.as_secs_f64() * 1000.0,
+            g.as_secs_f64() * 1000.0,
+            (g.as_secs_f64() - d.as_secs_f64()) * 1000.0,
         ));
     }
     eprintln!("{table}");
