@@ -150,6 +150,71 @@ fn local_handshake(serve: bool, gate_config: Option<&std::path::Path>) -> Durati
     elapsed
 }
 
+/// Pushes a serve-protocol upload (`AddToStoreNar` with `size` NAR bytes) into a sink that
+/// answers the handshake and discards the rest, directly or through the gate (with the sink
+/// as its `nix_store`), and returns the time from the end of the handshake to the sink's
+/// exit. This is the relay's own throughput, with no SSH and no store in the way.
+fn relay_upload(
+    sink_config: Option<&std::path::Path>,
+    sink: &std::path::Path,
+    size: usize,
+) -> Duration {
+    use nixdispatch::gate::serve as sv;
+    use nixdispatch::gate::wire::{put_bytes, put_strings, put_u64};
+    use std::io::{Read as _, Write as _};
+    let mut cmd = match sink_config {
+        Some(cfg) => {
+            let mut c = Command::new(common::gate::gate_bin());
+            c.arg("--config")
+                .arg(cfg)
+                .args(["--member", "bench"])
+                .env("SSH_ORIGINAL_COMMAND", "nix-store --serve --write");
+            c
+        }
+        None => Command::new(sink),
+    };
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut hello = Vec::new();
+    put_u64(&mut hello, sv::MAGIC_1);
+    put_u64(&mut hello, 0x207);
+    stdin.write_all(&hello).unwrap();
+    let mut reply = [0u8; 16];
+    stdout.read_exact(&mut reply).unwrap();
+    let mut header = Vec::new();
+    put_u64(&mut header, 9);
+    put_bytes(
+        &mut header,
+        b"/nix/store/00000000000000000000000000000000-upload",
+    );
+    put_bytes(&mut header, b"");
+    put_bytes(&mut header, b"0000");
+    put_strings(&mut header, &[] as &[&str]);
+    put_u64(&mut header, 0);
+    put_u64(&mut header, size as u64);
+    put_u64(&mut header, 0);
+    put_strings(&mut header, &[] as &[&str]);
+    put_bytes(&mut header, b"");
+    let block = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    stdin.write_all(&header).unwrap();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len());
+        stdin.write_all(&block[..n]).unwrap();
+        left -= n;
+    }
+    drop(stdin);
+    child.wait().unwrap();
+    started.elapsed()
+}
+
 /// Measures upload throughput and handshake time through the gate and directly, and prints
 /// the comparison.
 #[test]
@@ -240,6 +305,32 @@ fn gate_overhead_against_direct_sessions() {
             }
         }
     }
+    // The relay alone: a sink that answers the serve handshake and discards the rest.
+    let sink = env.path().join("sink");
+    std::fs::write(
+        &sink,
+        "#!/bin/sh\nprintf '\\313\\356\\122\\124\\0\\0\\0\\0\\007\\002\\0\\0\\0\\0\\0\\0'\ncat > /dev/null\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&sink, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let sink_cfg = env.path().join("gate_sink.toml");
+    std::fs::write(
+        &sink_cfg,
+        format!("host_id = \"bench\"\nnix_store = \"{}\"\n", sink.display()),
+    )
+    .unwrap();
+    let relay_bytes = usize::try_from(env_num("NIXDISPATCH_BENCH_RELAY_BYTES", 64 << 20)).unwrap();
+    let mut relay: Vec<Vec<Duration>> = vec![Vec::new(); 2];
+    for round in 0..rounds.max(3) {
+        let order: [Option<&std::path::Path>; 2] = if round % 2 == 0 {
+            [None, Some(&sink_cfg)]
+        } else {
+            [Some(&sink_cfg), None]
+        };
+        for cfg in order {
+            relay[usize::from(cfg.is_some())].push(relay_upload(cfg, &sink, relay_bytes));
+        }
+    }
     let mib = size as f64 / f64::from(1 << 20);
     let mut table = String::from(
         "| measure | direct | through the gate | gate / direct | samples |\n|---|---|---|---|---|\n",
@@ -274,6 +365,16 @@ fn gate_overhead_against_direct_sessions() {
             g.as_secs_f64() * 1000.0,
             (g.as_secs_f64() - d.as_secs_f64()) * 1000.0,
             rounds * pings
+        ));
+    }
+    {
+        let rmib = relay_bytes as f64 / f64::from(1 << 20);
+        let d = rmib / median(&mut relay[0]).as_secs_f64();
+        let g = rmib / median(&mut relay[1]).as_secs_f64();
+        table.push_str(&format!(
+            "| relay alone, no SSH, serve upload of {rmib:.0} MiB into a discarding sink, median MiB/s | {d:.0} | {g:.0} | {:.1} % | {} |\n",
+            100.0 * g / d,
+            relay[0].len()
         ));
     }
     for (k, what) in [
