@@ -336,6 +336,7 @@ async fn client(
             client_id: format!("client-{c}"),
             can_build_locally: false,
             exclude_hosts: vec![],
+            pin_host: String::new(),
         };
         let t = Instant::now();
         let r = lease.acquire(req).await;
@@ -421,6 +422,7 @@ async fn hold_every_slot(
                     client_id: "holder".into(),
                     can_build_locally: false,
                     exclude_hosts: vec![],
+                    pin_host: String::new(),
                 })
                 .await
                 .context("taking every slot")?

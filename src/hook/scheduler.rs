@@ -92,6 +92,8 @@ impl Scheduler {
             client_id: self.client_id.clone(),
             can_build_locally,
             exclude_hosts: exclude_hosts.to_vec(),
+            // Any host: the hook lets the scheduler choose (only a builder's gate pins).
+            pin_host: String::new(),
         };
         let call = async {
             let mut c = self.client().await.map_err(|e| (e, true))?;

@@ -42,6 +42,10 @@ pub(super) struct Ledger {
     /// 65,536 ended leases costs about 1 MiB rather than ten.
     ended: HashMap<u64, LeaseEnd>,
     ended_order: VecDeque<u64>,
+    /// Live leases that a pinned request for the same host and derivation may attach to
+    /// (every lease that was not itself pinned), so that a builder-side gate finds a member's
+    /// hook lease without a scan.
+    attachable: HashMap<(HostId, String), LeaseId>,
     remembered: usize,
     /// Makes lease ids unique across restarts, so a hook holding a lease from before a
     /// restart gets `NotFound`, never somebody else's lease.
@@ -57,13 +61,16 @@ impl Ledger {
             expiries: BTreeSet::new(),
             ended: HashMap::new(),
             ended_order: VecDeque::new(),
+            attachable: HashMap::new(),
             remembered,
             boot_nonce,
             next_lease: 0,
         }
     }
 
-    /// Records a new lease that expires `ttl` from `now`; returns its id.
+    /// Records a new lease that expires `ttl` from `now`; returns its id. An `attachable`
+    /// lease can be found by [`Self::attachable`].
+    #[allow(clippy::too_many_arguments)] // the lease's fields, as the core has them
     pub(super) fn grant(
         &mut self,
         now: Time,
@@ -72,9 +79,14 @@ impl Ledger {
         client: ClientId,
         system: System,
         drv_path: String,
+        attachable: bool,
     ) -> LeaseId {
         self.next_lease += 1;
         let id = LeaseId::new(format!("{:016x}-{}", self.boot_nonce, self.next_lease));
+        if attachable {
+            self.attachable
+                .insert((host.clone(), drv_path.clone()), id.clone());
+        }
         let expires_at = now.after(ttl);
         self.leases.insert(
             id.clone(),
@@ -89,6 +101,13 @@ impl Ledger {
         );
         self.expiries.insert((expires_at, id.clone()));
         id
+    }
+
+    /// The live, attachable lease for `drv_path` on `host`, if any.
+    pub(super) fn attachable(&self, host: &HostId, drv_path: &str) -> Option<(&LeaseId, &Lease)> {
+        // The key is owned; this runs once per pinned request, not per host.
+        let id = self.attachable.get(&(host.clone(), drv_path.to_owned()))?;
+        self.leases.get(id).map(|l| (id, l))
     }
 
     /// Lease `id`, if live.
@@ -116,6 +135,10 @@ impl Ledger {
     pub(super) fn end(&mut self, id: &LeaseId, end: LeaseEnd) -> Option<Lease> {
         let lease = self.leases.remove(id)?;
         self.expiries.remove(&(lease.expires_at, id.clone()));
+        let key = (lease.host.clone(), lease.drv_path.clone());
+        if self.attachable.get(&key) == Some(id) {
+            self.attachable.remove(&key);
+        }
         if let Some(seq) = self.seq_of(id) {
             self.ended.insert(seq, end);
             self.ended_order.push_back(seq);

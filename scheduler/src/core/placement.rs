@@ -66,6 +66,9 @@ impl Scheduler {
     /// Decides a request. See [`Decision`].
     pub fn acquire(&mut self, now: Time, req: &LeaseRequest) -> Decision {
         self.expire(now);
+        if let Some(pin) = &req.pin_host {
+            return self.acquire_pinned(now, req, pin);
+        }
         if self.policy.least_loaded() {
             return match self.choose_indexed(now, req) {
                 Some(id) => self.granted(now, &id, req),
@@ -207,7 +210,7 @@ impl Scheduler {
     }
 
     /// Records the grant of `id` to `req`.
-    fn granted(&mut self, now: Time, id: &HostId, req: &LeaseRequest) -> Decision {
+    pub(super) fn granted(&mut self, now: Time, id: &HostId, req: &LeaseRequest) -> Decision {
         self.waiters.remove(&req.client, &req.drv_path);
         Decision::Granted(self.grant(now, id, req))
     }
@@ -231,6 +234,11 @@ impl Scheduler {
             self.waiters.remove(&req.client, &req.drv_path);
             return Decision::Decline { reason };
         }
+        self.postpone(now, req, reason)
+    }
+
+    /// Puts `req` in the wait queue (or keeps it there) and says so.
+    pub(super) fn postpone(&mut self, now: Time, req: &LeaseRequest, reason: String) -> Decision {
         self.waiters.expire(now, self.config.waiter_ttl);
         let position = self
             .waiters
@@ -269,6 +277,7 @@ impl Scheduler {
             req.client.clone(),
             req.system.clone(),
             req.drv_path.clone(),
+            req.pin_host.is_none(),
         );
         let host = self
             .registry
@@ -281,6 +290,7 @@ impl Scheduler {
             ttl,
             slots_used: host.used(),
             slots_total: host.spec.max_jobs,
+            attached: false,
         };
         self.reindex(host_id);
         grant

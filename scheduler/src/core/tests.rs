@@ -33,6 +33,7 @@ fn req(system: &str, client: &str, drv: &str) -> LeaseRequest {
         client: ClientId::new(client),
         can_build_locally: false,
         exclude_hosts: BTreeSet::new(),
+        pin_host: None,
     }
 }
 
