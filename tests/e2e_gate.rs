@@ -259,3 +259,42 @@ fn build_paths_reads_the_derivation_from_the_builders_store() {
     );
     assert_eq!(env.gate_peaks("b1"), vec![1]);
 }
+
+/// A member who runs `nixdispatch-hook` on a builder that also runs the gate is counted
+/// once: the hook's lease on the builder's only slot is attached to by the gate (instead of
+/// the gate waiting for a second slot that would never come), the builds succeed, and the
+/// gate neither keeps alive nor releases the hook's lease.
+#[test]
+fn hook_and_gate_share_one_lease() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let opts = GateOpts {
+        force_command: true,
+        ..GateOpts::default()
+    };
+    let log = env.install_gate("b1", &[], &opts);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let hook = std::path::Path::new(env!("CARGO_BIN_EXE_nixdispatch-hook"));
+    let tag = env.tag("attach");
+    let run = env.nix_build(
+        &config,
+        hook,
+        0,
+        &["--argstr", "tag", &tag, "--arg", "leaves", "2"],
+    );
+    let text = read_log(&log);
+    assert!(
+        run.success,
+        "{}\n--- gate log\n{text}",
+        env.diagnostics(&run)
+    );
+    assert!(valid_in_client_store(run.out_path()));
+    let attached = text.matches("attached to the hook's lease").count();
+    assert_eq!(attached, 3, "two leaves and the top\n{text}");
+    assert!(!text.contains("slot granted"), "{text}");
+    assert!(!text.contains("released"), "{text}");
+    common::wait_for(std::time::Duration::from_secs(30), "no lease left", || {
+        env.leases().is_empty().then_some(())
+    });
+}

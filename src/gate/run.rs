@@ -593,11 +593,23 @@ async fn wait_for_slot<G: Grammar>(
             client_id: ctx.member.clone(),
             can_build_locally: false,
             exclude_hosts: exclude.clone(),
+            pin_host: ctx.host_id.clone(),
         };
         match sched.acquire(request, &ctx.host_id).await {
             Verdict::Granted {
                 lease_id,
+                attached: true,
+                ..
+            } => {
+                // The member's build hook leased this host for this derivation and keeps
+                // the lease: the build is counted once, by the hook.
+                tracing::info!(drv = %op.drv_path, %lease_id, "attached to the hook's lease");
+                return Decision::Go;
+            }
+            Verdict::Granted {
+                lease_id,
                 keep_alive_every,
+                attached: false,
             } => {
                 tracing::info!(drv = %op.drv_path, %lease_id, waited_ms = started.elapsed().as_millis() as u64, "slot granted");
                 if shown.is_some() {

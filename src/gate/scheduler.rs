@@ -2,8 +2,9 @@
 //! `KeepAlive` and `Release`, each with a hard time bound.
 //!
 //! The gate asks on behalf of the member (`client_id`) with the builder's credential, and
-//! only ever wants a slot on its own host: a grant elsewhere is handed back at once and that
-//! host excluded from the next `Acquire`s of this build.
+//! only ever wants a slot on its own host: it pins the request to it (`pin_host`). A
+//! scheduler that predates pinning may still grant another host: that grant is handed back
+//! at once and the host excluded from the next `Acquire`s of this build.
 
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ pub(super) enum Verdict {
     Granted {
         /// The lease.
         lease_id: String,
+        /// The lease is the member's build hook's, for this very derivation on this host:
+        /// no slot was taken for the gate, which must neither keep it alive nor release it.
+        attached: bool,
         /// Keep it alive at least this often.
         keep_alive_every: Duration,
     },
@@ -121,7 +125,15 @@ impl Scheduler {
             Ok(r) => match r.outcome {
                 Some(Outcome::Granted(g)) if g.host_id == host_id => Verdict::Granted {
                     keep_alive_every: Duration::from_millis((g.lease_ttl_millis / 3).max(100)),
+                    attached: g.attached,
                     lease_id: g.lease_id,
+                },
+                // Never hand back a lease the gate did not create.
+                Some(Outcome::Granted(g)) if g.attached => Verdict::Unreachable {
+                    error: format!(
+                        "the scheduler attached a lease on {} instead of this host",
+                        g.host_id
+                    ),
                 },
                 Some(Outcome::Granted(g)) => {
                     self.release(&g.lease_id, BuildOutcome::Cancelled, Duration::ZERO)
