@@ -9,6 +9,7 @@
 mod common;
 
 use common::gate::{GateOpts, Member, finish, read_log};
+use common::nixver::NixVersion;
 use common::{BuilderSpec, Env, NixRun, valid_in_client_store};
 
 /// Checks a member's run: success, one valid output per derivation, each built on a
@@ -297,4 +298,45 @@ fn hook_and_gate_share_one_lease() {
     common::wait_for(std::time::Duration::from_secs(30), "no lease left", || {
         env.leases().is_empty().then_some(())
     });
+}
+
+/// Builders running newer Nix (2.26 and 2.34, worker protocol 1.38, in chroots) behind the
+/// gate, with stock Nix 2.8 members over ssh-ng and ssh: capped at their slots, every
+/// build succeeds.
+#[test]
+fn newer_nix_builders_are_gated_too() {
+    let mut specs = [BuilderSpec::new("b26", 2), BuilderSpec::new("b34", 2)];
+    specs[0].nix = NixVersion::V2_26;
+    specs[1].nix = NixVersion::V2_34;
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let members: Vec<Member> = ["hana", "ivan"].iter().map(|n| env.member(n)).collect();
+    let logs: Vec<_> = ["b26", "b34"]
+        .iter()
+        .map(|b| env.install_gate(b, &members, &GateOpts::default()))
+        .collect();
+    for (m, scheme) in members.iter().zip(["ssh-ng", "ssh"]) {
+        env.member_nix_conf(m, &["b26", "b34"], scheme, 4);
+    }
+    let children: Vec<_> = members
+        .iter()
+        .map(|m| {
+            let tag = env.tag(&m.name);
+            env.member_build_command(m, &tag, 4, "2")
+                .spawn()
+                .expect("nix-build")
+        })
+        .collect();
+    let runs: Vec<NixRun> = children.into_iter().map(finish).collect();
+    for run in &runs {
+        assert_built_remotely(&env, run, 4, &logs);
+    }
+    let (p1, p2) = (env.gate_peaks("b26"), env.gate_peaks("b34"));
+    assert_eq!(p1.len() + p2.len(), 8, "{p1:?} {p2:?}");
+    assert!(
+        p1.iter().chain(&p2).all(|&n| n <= 2),
+        "b26 {p1:?}, b34 {p2:?}"
+    );
+    let gate_logs: String = logs.iter().map(|l| read_log(l)).collect();
+    assert!(!gate_logs.contains("lost the protocol"), "{gate_logs}");
 }

@@ -105,9 +105,10 @@ impl Env {
         );
         let config_path = d.join(format!("gate_{id}.toml"));
         std::fs::write(&config_path, config).unwrap();
+        // Inside the test directory, so that builders in chroots (newer Nix) can run it.
         let gate = format!(
             "{} --config {}",
-            gate_bin().display(),
+            self.bin("nixdispatch-gate").display(),
             config_path.display()
         );
         let mut keys = String::new();
