@@ -94,8 +94,9 @@ pub fn main() -> ExitCode {
             return exec_program(&program, &program_args);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the relay's work per byte is a copy, and without cross-thread wake-ups it
+    // moves about a third more bytes per second (measured: `docs/benchmarks/gate.md`).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
