@@ -130,6 +130,11 @@ impl Scheduler {
         if let Some(g) = self.claim_held(now, req) {
             return WaitAnswer::Granted(g);
         }
+        // Attaching takes no slot, so neither the startup hold nor the queue delays it.
+        if let Some(g) = pin.and_then(|p| self.attach(now, p, req)) {
+            self.waiters.remove_request(&req.client, &req.drv_path);
+            return WaitAnswer::Granted(g);
+        }
         let why = if self.holding(now) || (self.starting(now) && !self.unreported.is_empty()) {
             Some("builders are re-registering after the scheduler's start".to_owned())
         } else {

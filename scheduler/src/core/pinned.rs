@@ -159,6 +159,19 @@ mod tests {
         assert_eq!(s.lease_count(), 1);
     }
 
+    /// Attaching takes no slot, so a pinned `WaitForLease` attaches even in the startup
+    /// window, when other waiters are queued rather than placed.
+    #[test]
+    fn a_pinned_wait_attaches_in_the_startup_window() {
+        let mut s = Scheduler::new(CoreConfig::default(), PolicyKind::LeastLoaded.build(), 1);
+        s.connect(t(0), spec("gated", 1));
+        let h = grant(s.acquire(t(1), &req("member-laptop", "x", None)));
+        match s.wait(t(2), &req("alice", "x", Some("gated")), None) {
+            WaitAnswer::Granted(g) => assert_eq!((g.attached, g.lease_id), (true, h.lease_id)),
+            other => panic!("expected an attached grant, got {other:?}"),
+        }
+    }
+
     /// An expired hook lease leaves the attach index with it: the gate then takes a slot.
     #[test]
     fn an_expired_hook_lease_is_not_attached_to() {

@@ -392,7 +392,7 @@ impl Scheduler {
     /// one a member's build hook holds there for the same derivation (its build-remote is
     /// now running that build on `pin` through the gate). Granted again, marked attached;
     /// nothing is counted, and the hook keeps and releases it.
-    fn attach(&mut self, now: Time, pin: &HostId, req: &LeaseRequest) -> Option<Grant> {
+    pub(super) fn attach(&self, now: Time, pin: &HostId, req: &LeaseRequest) -> Option<Grant> {
         let host = self.registry.get(pin)?;
         let (lease_id, lease) = self.ledger.attachable(pin, &req.drv_path)?;
         Some(Grant {
