@@ -76,12 +76,17 @@ pub struct GateTimeouts {
     /// Each `Acquire`, `KeepAlive` and `Release` call, connect included. Default 2000. Past
     /// it the scheduler counts as unreachable for that call (fail open or closed).
     pub rpc_millis: u64,
-    /// Shortest pause between two `Acquire`s of a waiting build. Default 250: the scheduler
+    /// Shortest pause between two `Acquire`s of a waiting build, with a scheduler that
+    /// predates `WaitForLease` (the gate waits in its stream otherwise). Default 250: the scheduler
     /// answers in microseconds, and a freed slot should not sit idle.
     pub poll_min_millis: u64,
     /// Longest pause between two `Acquire`s, whatever the scheduler's `retry_after_millis`
     /// says. Default 2000, so that a freed slot is taken within about that.
     pub poll_max_millis: u64,
+    /// How long a `WaitForLease` stream may stay silent before it counts as broken (and is
+    /// opened again). Default 20000: four of the scheduler's default 5 s progress
+    /// intervals, as the protocol advises.
+    pub wait_silence_millis: u64,
     /// How often to show an unchanged queue position again. Default 30000.
     pub progress_every_millis: u64,
     /// After the member's client went away, how long the daemon may take to exit before it
@@ -96,6 +101,7 @@ impl Default for GateTimeouts {
             rpc_millis: 2000,
             poll_min_millis: 250,
             poll_max_millis: 2000,
+            wait_silence_millis: 20_000,
             progress_every_millis: 30_000,
             exit_grace_millis: 10_000,
         }
@@ -187,6 +193,7 @@ impl GateConfig {
             ("timeouts.rpc_millis", t.rpc_millis),
             ("timeouts.poll_min_millis", t.poll_min_millis),
             ("timeouts.poll_max_millis", t.poll_max_millis),
+            ("timeouts.wait_silence_millis", t.wait_silence_millis),
             ("timeouts.progress_every_millis", t.progress_every_millis),
         ] {
             if v == 0 {

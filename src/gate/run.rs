@@ -21,13 +21,13 @@ use tokio::sync::{mpsc, watch};
 use super::command::{self, Command};
 use super::config::{self, GateConfig};
 use super::error::GateError;
-use super::scheduler::{Scheduler, Verdict};
+use super::scheduler::{Opened, Scheduler, Verdict};
 use super::serve::Serve;
 use super::session::{ClientEvent, Forward, Grammar, ServerEvent, Session};
 use super::worker::Worker;
 use super::{drv, error_chain, wait};
 use crate::client::ClientConfig;
-use crate::proto::{AcquireRequest, BuildOutcome};
+use crate::proto::{AcquireRequest, BuildOutcome, WaitForLeaseRequest};
 
 /// Read size of the relay: large, so that uploads move in few system calls.
 const CHUNK: usize = 256 * 1024;
@@ -566,8 +566,14 @@ async fn drv_info(op: &super::session::BuildOp, config: &GateConfig) -> drv::Drv
     }
 }
 
-/// Asks the scheduler until this host grants a slot (or the scheduler cannot queue the
-/// build), telling the member where they stand.
+/// How many times in a row a `WaitForLease` stream may break before the scheduler counts as
+/// unreachable for this build (fail open or closed): a restart breaks it once, and the
+/// waiter re-enters the queue by calling again.
+const MAX_BREAKS: u32 = 3;
+
+/// Waits in the scheduler's queue, pinned to this host, until it grants a slot (or cannot
+/// queue the build), telling the member where they stand. `WaitForLease` first; with a
+/// scheduler that predates it, `Acquire` polls.
 async fn wait_for_slot<G: Grammar>(
     op: &super::session::BuildOp,
     shared: &Shared<G>,
@@ -602,17 +608,55 @@ async fn wait_for_slot<G: Grammar>(
         }
     };
     tracing::info!(drv = %op.drv_path, op = op.op, system = %info.system, features = ?info.required_features, "build held");
+    let silence = GateConfig::millis(t.wait_silence_millis);
+    // `None` with `streaming`: a stream to (re)open.
+    let mut stream = None;
+    let mut streaming = true;
+    let mut breaks = 0;
     loop {
-        let request = AcquireRequest {
-            system: info.system.clone(),
-            required_features: info.required_features.clone(),
-            drv_path: op.drv_path.clone(),
-            client_id: ctx.member.clone(),
-            can_build_locally: false,
-            exclude_hosts: exclude.clone(),
-            pin_host: ctx.host_id.clone(),
+        let verdict = if streaming {
+            if stream.is_none() {
+                let request = WaitForLeaseRequest {
+                    system: info.system.clone(),
+                    required_features: info.required_features.clone(),
+                    drv_path: op.drv_path.clone(),
+                    client_id: ctx.member.clone(),
+                    can_build_locally: false,
+                    exclude_hosts: exclude.clone(),
+                    pin_host_id: ctx.host_id.clone(),
+                };
+                match sched.open_wait(request).await {
+                    Opened::Stream(s) => stream = Some(s),
+                    Opened::Unsupported => {
+                        tracing::info!("the scheduler predates WaitForLease; polling Acquire");
+                        streaming = false;
+                        continue;
+                    }
+                    Opened::Unreachable(error) => {
+                        return fail(format!("scheduler unreachable: {error}"));
+                    }
+                }
+            }
+            let s = stream.as_mut().expect("opened above");
+            let v = sched.next_event(s, &ctx.host_id, silence).await;
+            if !matches!(v, Verdict::Queued { .. }) {
+                // A final answer or a break: the stream is done either way.
+                stream = None;
+            }
+            v
+        } else {
+            let request = AcquireRequest {
+                system: info.system.clone(),
+                required_features: info.required_features.clone(),
+                drv_path: op.drv_path.clone(),
+                client_id: ctx.member.clone(),
+                can_build_locally: false,
+                exclude_hosts: exclude.clone(),
+                pin_host: ctx.host_id.clone(),
+            };
+            sched.acquire(request, &ctx.host_id).await
         };
-        match sched.acquire(request, &ctx.host_id).await {
+        match verdict {
             Verdict::Granted {
                 lease_id,
                 attached: true,
@@ -647,6 +691,36 @@ async fn wait_for_slot<G: Grammar>(
                 }
                 exclude.push(host_id);
             }
+            Verdict::Queued {
+                position,
+                estimate,
+                reason,
+            } => {
+                breaks = 0;
+                let now = started.elapsed();
+                if wait::should_show(
+                    shown,
+                    position,
+                    now,
+                    GateConfig::millis(t.progress_every_millis),
+                ) {
+                    show(wait::waiting_text(
+                        &ctx.host_id,
+                        position,
+                        now,
+                        Some(estimate),
+                        &reason,
+                    ));
+                    shown = Some((position, now));
+                }
+            }
+            Verdict::Broken { error } => {
+                breaks += 1;
+                tracing::info!(drv = %op.drv_path, %error, breaks, "the wait stream broke");
+                if breaks >= MAX_BREAKS {
+                    return fail(format!("scheduler unreachable: {error}"));
+                }
+            }
             Verdict::Wait {
                 retry_after,
                 position,
@@ -659,7 +733,13 @@ async fn wait_for_slot<G: Grammar>(
                     now,
                     GateConfig::millis(t.progress_every_millis),
                 ) {
-                    show(wait::waiting_text(&ctx.host_id, position, now, &reason));
+                    show(wait::waiting_text(
+                        &ctx.host_id,
+                        position,
+                        now,
+                        None,
+                        &reason,
+                    ));
                     shown = Some((position, now));
                 }
                 tokio::time::sleep(wait::poll_delay(
@@ -759,10 +839,13 @@ async fn lease_keeper(mut sched: Scheduler, mut cmds: mpsc::UnboundedReceiver<Le
                 }
             },
             () = tick => {
-                if let Some((id, _, _)) = &current
-                    && let Err(error) = sched.keep_alive(id).await
-                {
-                    tracing::warn!(lease_id = %id, %error, "keep-alive failed");
+                if let Some((id, every, _)) = &mut current {
+                    match sched.keep_alive(id).await {
+                        // A grant from the queue starts with a short claim window; the
+                        // first keep-alive gives the full TTL.
+                        Ok(next) => *every = next,
+                        Err(error) => tracing::warn!(lease_id = %id, %error, "keep-alive failed"),
+                    }
                 }
             }
         }

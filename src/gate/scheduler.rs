@@ -1,10 +1,11 @@
-//! The gate's side of the lease protocol: `Acquire` for one held build on this host,
-//! `KeepAlive` and `Release`, each with a hard time bound.
+//! The gate's side of the lease protocol: `WaitForLease` for one held build on this host
+//! (`Acquire` polls with a scheduler that predates it), `KeepAlive` and `Release`, each
+//! with a hard time bound.
 //!
 //! The gate asks on behalf of the member (`client_id`) with the builder's credential, and
-//! only ever wants a slot on its own host: it pins the request to it (`pin_host`). A
-//! scheduler that predates pinning may still grant another host: that grant is handed back
-//! at once and the host excluded from the next `Acquire`s of this build.
+//! only ever wants a slot on its own host: it pins the request to it (`pin_host_id`,
+//! `pin_host`). A scheduler that predates pinning may still grant another host: that grant
+//! is handed back at once and the host excluded from the next requests of this build.
 
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use tonic::Code;
 use crate::client::{self, AuthChannel, ClientConfig};
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::{
-    AcquireRequest, BuildOutcome, KeepAliveRequest, ReleaseRequest, acquire_response::Outcome,
+    AcquireRequest, BuildOutcome, Granted, KeepAliveRequest, ReleaseRequest, WaitForLeaseRequest,
+    WaitForLeaseResponse, acquire_response::Outcome, wait_for_lease_response::Event,
 };
 
 /// What the scheduler said about one held build.
@@ -33,6 +35,21 @@ pub(super) enum Verdict {
     Elsewhere {
         /// The host granted.
         host_id: String,
+    },
+    /// Queued in a `WaitForLease` stream: the next event comes by itself.
+    Queued {
+        /// 1-based position among the requests waiting for this host.
+        position: u32,
+        /// The scheduler's estimate of the time left (an estimate, for the member).
+        estimate: Duration,
+        /// Why, for the member.
+        reason: String,
+    },
+    /// The `WaitForLease` stream broke (error, end without an answer, or silence past the
+    /// bound): open it again.
+    Broken {
+        /// What went wrong.
+        error: String,
     },
     /// Wait and ask again.
     Wait {
@@ -55,12 +72,29 @@ pub(super) enum Verdict {
     },
 }
 
+/// The opening of a `WaitForLease` stream.
+#[derive(Debug)]
+pub(super) enum Opened {
+    /// Waiting: read it with [`Scheduler::next_event`]. Boxed: the stream is ten times the
+    /// size of the other variants.
+    Stream(Box<tonic::Streaming<WaitForLeaseResponse>>),
+    /// The scheduler predates `WaitForLease` (`UNIMPLEMENTED`): poll `Acquire` instead.
+    Unsupported,
+    /// The scheduler could not be asked.
+    Unreachable(String),
+}
+
 /// A lazily connected scheduler client.
 #[derive(Debug)]
 pub(super) struct Scheduler {
     config: ClientConfig,
     client: Option<LeaseServiceClient<AuthChannel>>,
     bound: Duration,
+}
+
+/// How often to keep alive a lease of `ttl_millis`: a third of it, at least 100 ms.
+fn keep_alive_every(ttl_millis: u64) -> Duration {
+    Duration::from_millis((ttl_millis / 3).max(100))
 }
 
 fn status_text(s: &tonic::Status) -> String {
@@ -115,6 +149,99 @@ impl Scheduler {
         })
     }
 
+    /// Opens a `WaitForLease` stream for `request`, within the call bound.
+    pub(super) async fn open_wait(&mut self, request: WaitForLeaseRequest) -> Opened {
+        let bound = self.bound;
+        let opened = tokio::time::timeout(bound, async {
+            let mut c = self.client().await.map_err(Opened::Unreachable)?;
+            c.wait_for_lease(request).await.map_err(|s| {
+                if s.code() == Code::Unimplemented {
+                    return Opened::Unsupported;
+                }
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled
+                ) {
+                    self.client = None;
+                }
+                Opened::Unreachable(status_text(&s))
+            })
+        })
+        .await;
+        match opened {
+            Ok(Ok(r)) => Opened::Stream(Box::new(r.into_inner())),
+            Ok(Err(o)) => o,
+            Err(_) => {
+                self.client = None;
+                Opened::Unreachable(format!("no answer within {} ms", bound.as_millis()))
+            }
+        }
+    }
+
+    /// The next event of a `WaitForLease` stream; `silence` bounds the wait for it (the
+    /// scheduler sends `waiting` once per progress interval, 5 s by default).
+    pub(super) async fn next_event(
+        &mut self,
+        stream: &mut tonic::Streaming<WaitForLeaseResponse>,
+        host_id: &str,
+        silence: Duration,
+    ) -> Verdict {
+        let event = match tokio::time::timeout(silence, stream.message()).await {
+            Err(_) => {
+                return Verdict::Broken {
+                    error: format!("nothing heard for {} ms", silence.as_millis()),
+                };
+            }
+            Ok(Err(s)) => {
+                return Verdict::Broken {
+                    error: status_text(&s),
+                };
+            }
+            Ok(Ok(None)) => {
+                return Verdict::Broken {
+                    error: "the stream ended without an answer".to_owned(),
+                };
+            }
+            Ok(Ok(Some(m))) => m.event,
+        };
+        match event {
+            Some(Event::Waiting(w)) => Verdict::Queued {
+                position: w.queue_position,
+                estimate: Duration::from_millis(w.estimated_wait_millis),
+                reason: w.reason,
+            },
+            Some(Event::Granted(g)) => self.granted(g, host_id).await,
+            Some(Event::Decline(d)) => Verdict::NotQueued { reason: d.reason },
+            Some(Event::DeclinePermanently(d)) => Verdict::NotQueued { reason: d.reason },
+            None => Verdict::Broken {
+                error: "an event without content".to_owned(),
+            },
+        }
+    }
+
+    /// A grant, checked to be for `host_id`; one for another host is handed back.
+    async fn granted(&mut self, g: Granted, host_id: &str) -> Verdict {
+        if g.host_id == host_id {
+            return Verdict::Granted {
+                keep_alive_every: keep_alive_every(g.lease_ttl_millis),
+                attached: g.attached,
+                lease_id: g.lease_id,
+            };
+        }
+        // Never hand back a lease the gate did not create.
+        if g.attached {
+            return Verdict::Unreachable {
+                error: format!(
+                    "the scheduler attached a lease on {} instead of this host",
+                    g.host_id
+                ),
+            };
+        }
+        self.release(&g.lease_id, BuildOutcome::Cancelled, Duration::ZERO)
+            .await;
+        Verdict::Elsewhere { host_id: g.host_id }
+    }
+
     /// Asks for a slot for `request`; `host_id` is the only acceptable host.
     pub(super) async fn acquire(&mut self, request: AcquireRequest, host_id: &str) -> Verdict {
         match self
@@ -123,23 +250,7 @@ impl Scheduler {
         {
             Err(error) => Verdict::Unreachable { error },
             Ok(r) => match r.outcome {
-                Some(Outcome::Granted(g)) if g.host_id == host_id => Verdict::Granted {
-                    keep_alive_every: Duration::from_millis((g.lease_ttl_millis / 3).max(100)),
-                    attached: g.attached,
-                    lease_id: g.lease_id,
-                },
-                // Never hand back a lease the gate did not create.
-                Some(Outcome::Granted(g)) if g.attached => Verdict::Unreachable {
-                    error: format!(
-                        "the scheduler attached a lease on {} instead of this host",
-                        g.host_id
-                    ),
-                },
-                Some(Outcome::Granted(g)) => {
-                    self.release(&g.lease_id, BuildOutcome::Cancelled, Duration::ZERO)
-                        .await;
-                    Verdict::Elsewhere { host_id: g.host_id }
-                }
+                Some(Outcome::Granted(g)) => self.granted(g, host_id).await,
                 Some(Outcome::Postpone(p)) => Verdict::Wait {
                     retry_after: Duration::from_millis(p.retry_after_millis),
                     position: p.queue_position,
@@ -154,8 +265,9 @@ impl Scheduler {
         }
     }
 
-    /// Extends a lease.
-    pub(super) async fn keep_alive(&mut self, lease_id: &str) -> Result<(), String> {
+    /// Extends a lease; returns how often to keep it alive from now on (a third of its new
+    /// TTL: a `WaitForLease` grant starts with a short claim window).
+    pub(super) async fn keep_alive(&mut self, lease_id: &str) -> Result<Duration, String> {
         // Without the re-attach details: a scheduler that restarted has forgotten the lease,
         // and the gate then holds the build on for the rest of its session unqueued (it
         // fails open) rather than re-counting a slot under a lease it cannot describe.
@@ -165,7 +277,7 @@ impl Scheduler {
         };
         self.call(|mut c| async move { c.keep_alive(request).await })
             .await
-            .map(|_| ())
+            .map(|r| keep_alive_every(r.lease_ttl_millis))
     }
 
     /// Ends a lease; failures are logged only (the lease then expires on its own).

@@ -1,6 +1,7 @@
-//! Pure decisions of a held build's wait: how long to pause between two `Acquire`s, when
-//! and what to tell the member.
+//! Pure decisions of a held build's wait: how long to pause between two `Acquire`s (with a
+//! scheduler that predates `WaitForLease`), when and what to tell the member.
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 /// The pause before the next `Acquire`: the scheduler's hint, kept within `[min, max]` so
@@ -25,11 +26,21 @@ pub fn should_show(
 
 /// What the member reads while waiting. Never starts with `# ` (a Nix 2.8 ssh-ng build
 /// hook would take such a line on stderr for its own reply).
-pub fn waiting_text(host: &str, position: u32, waited: Duration, reason: &str) -> String {
+/// `estimate`: the scheduler's estimate of the time left, when it gives one.
+pub fn waiting_text(
+    host: &str,
+    position: u32,
+    waited: Duration,
+    estimate: Option<Duration>,
+    reason: &str,
+) -> String {
     let mut s = format!(
         "nixdispatch-gate: waiting for a build slot on {host}: position {position} in the queue, waited {}s",
         waited.as_secs()
     );
+    if let Some(e) = estimate.filter(|e| !e.is_zero()) {
+        let _ = write!(s, ", about {}s to go", e.as_secs().max(1));
+    }
     if !reason.is_empty() {
         s.push_str(" (");
         s.push_str(reason);
@@ -76,9 +87,12 @@ mod tests {
     /// Member-facing lines never look like a build hook's reply.
     #[test]
     fn texts_never_start_with_a_hash() {
-        let t = waiting_text("b1", 2, Duration::from_secs(5), "all 2 slots busy");
+        let t = waiting_text("b1", 2, Duration::from_secs(5), None, "all 2 slots busy");
         assert!(!t.starts_with('#'));
         assert!(t.contains("position 2") && t.contains("b1"), "{t}");
+        let t = waiting_text("b1", 2, Duration::ZERO, Some(Duration::from_secs(90)), "");
+        assert!(!t.starts_with('#'));
+        assert!(t.contains("about 90s to go"), "{t}");
         assert!(!granted_text("b1", Duration::ZERO).starts_with('#'));
     }
 }
