@@ -93,6 +93,30 @@ fn stock_members_are_capped_at_the_builders_slots() {
     });
 }
 
+/// With TLS and `[auth]`, the gate authenticates with its builder's own credential and
+/// names the member: the builds are queued (granted slots, never unqueued) and capped at
+/// the builder's one slot.
+#[test]
+fn gate_authenticates_with_its_builders_credential() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let mut env = Env::new(&specs);
+    env.secure = true;
+    env.start_scheduler_and_agents(&specs);
+    let m = env.member("hana");
+    let log = env.install_gate("b1", std::slice::from_ref(&m), &GateOpts::default());
+    env.member_nix_conf(&m, &["b1"], "ssh-ng", 2);
+    let tag = env.tag("auth");
+    let run = finish(env.member_build_command(&m, &tag, 2, "0").spawn().unwrap());
+    assert_built_remotely(&env, &run, 2, std::slice::from_ref(&log));
+    let text = read_log(&log);
+    assert!(text.contains("slot granted"), "{text}");
+    assert!(!text.contains("building unqueued"), "{text}");
+    assert!(env.gate_peaks("b1").iter().all(|&n| n <= 1), "{text}");
+    common::wait_for(std::time::Duration::from_secs(30), "no lease left", || {
+        env.leases().is_empty().then_some(())
+    });
+}
+
 /// With the scheduler down, the gate lets builds through unqueued (fail open) and says so
 /// in its log; the builds succeed.
 #[test]

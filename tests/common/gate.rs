@@ -94,6 +94,13 @@ impl Env {
             opts.fail_closed,
             log.display()
         );
+        if self.secure {
+            // The builder's own credential, as its agent has it, and the scheduler's CA.
+            config.push_str(&format!(
+                "credential_file = \"{0}/secrets/host-{id}.token\"\nca_file = \"{0}/secrets/ca.pem\"\ntls_domain = \"localhost\"\n",
+                d.display()
+            ));
+        }
         if let Some(p) = &opts.nix_daemon {
             config.push_str(&format!("nix_daemon = \"{p}\"\n"));
         }
