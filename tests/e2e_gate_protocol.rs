@@ -169,6 +169,137 @@ fn malformed_truncated_and_unknown_streams_never_hang() {
     }
 }
 
+/// Runs a worker handshake and sends a build through the gate's `stdin`, and returns the
+/// text of the gate's first `STDERR_NEXT` while it holds the build.
+fn held_build_text(
+    stdin: &mut std::process::ChildStdin,
+    stdout: &mut std::process::ChildStdout,
+) -> String {
+    stdin.write_all(&worker_hello()).unwrap();
+    let mut read_u64 = || {
+        let mut b = [0u8; 8];
+        stdout.read_exact(&mut b).map(|()| u64::from_le_bytes(b))
+    };
+    assert_eq!(read_u64().unwrap(), worker::MAGIC_2);
+    let _server_version = read_u64().unwrap();
+    // Nix version string, then (at 1.34) no trust word, then the startup log's end.
+    let len = read_u64().unwrap();
+    for _ in 0..len.div_ceil(8) {
+        read_u64().unwrap();
+    }
+    assert_eq!(read_u64().unwrap(), worker::STDERR_LAST);
+    stdin.write_all(&build_derivation()).unwrap();
+    stdin.flush().unwrap();
+    // The gate's STDERR_NEXT with the queue position, while the build is held.
+    assert_eq!(read_u64().unwrap(), worker::STDERR_NEXT);
+    let len = read_u64().unwrap();
+    let mut text = vec![0u8; usize::try_from(len.div_ceil(8) * 8).unwrap()];
+    stdout.read_exact(&mut text).unwrap();
+    String::from_utf8_lossy(&text[..usize::try_from(len).unwrap()]).into_owned()
+}
+
+/// A scheduler from before `WaitForLease` (`UNIMPLEMENTED`) that postpones every
+/// `Acquire` at position 4.
+#[derive(Debug)]
+struct OldScheduler;
+
+type NoStream = std::pin::Pin<
+    Box<
+        dyn tokio_stream::Stream<
+                Item = Result<nixdispatch::proto::WaitForLeaseResponse, tonic::Status>,
+            > + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl nixdispatch::proto::lease_service_server::LeaseService for OldScheduler {
+    type WaitForLeaseStream = NoStream;
+
+    async fn wait_for_lease(
+        &self,
+        _: tonic::Request<nixdispatch::proto::WaitForLeaseRequest>,
+    ) -> Result<tonic::Response<NoStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("WaitForLease"))
+    }
+
+    async fn acquire(
+        &self,
+        _: tonic::Request<nixdispatch::proto::AcquireRequest>,
+    ) -> Result<tonic::Response<nixdispatch::proto::AcquireResponse>, tonic::Status> {
+        Ok(tonic::Response::new(nixdispatch::proto::AcquireResponse {
+            outcome: Some(nixdispatch::proto::acquire_response::Outcome::Postpone(
+                nixdispatch::proto::Postpone {
+                    retry_after_millis: 100,
+                    queue_position: 4,
+                    reason: "all slots busy".into(),
+                },
+            )),
+        }))
+    }
+
+    async fn keep_alive(
+        &self,
+        _: tonic::Request<nixdispatch::proto::KeepAliveRequest>,
+    ) -> Result<tonic::Response<nixdispatch::proto::KeepAliveResponse>, tonic::Status> {
+        Err(tonic::Status::not_found("no lease"))
+    }
+
+    async fn release(
+        &self,
+        _: tonic::Request<nixdispatch::proto::ReleaseRequest>,
+    ) -> Result<tonic::Response<nixdispatch::proto::ReleaseResponse>, tonic::Status> {
+        Err(tonic::Status::not_found("no lease"))
+    }
+}
+
+/// With a scheduler that predates `WaitForLease`, the gate polls a pinned `Acquire`
+/// instead and still shows the member its position.
+#[test]
+fn a_scheduler_without_wait_for_lease_is_polled() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(
+                tokio::net::TcpListener::from_std(listener).unwrap(),
+            );
+            tonic::transport::Server::builder()
+                .add_service(
+                    nixdispatch::proto::lease_service_server::LeaseServiceServer::new(OldScheduler),
+                )
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+    });
+    let cfg = config(dir.path(), &url, "b1");
+    let mut child = gate(&cfg, "nix-daemon --stdio");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let text = held_build_text(&mut stdin, &mut stdout);
+    assert!(
+        text.contains("waiting for a build slot on b1: position 4"),
+        "{text}"
+    );
+    drop(stdin);
+    wait_for(Duration::from_secs(60), "the gate to exit", || {
+        child.try_wait().unwrap()
+    });
+    let log = std::fs::read_to_string(dir.path().join("gate.log")).unwrap();
+    assert!(log.contains("polling Acquire"), "{log}");
+    let _ = stop.send(());
+    server.join().unwrap();
+}
+
 /// A build held for a busy host shows the member its queue position through the worker
 /// protocol's own log messages, and a member who leaves while waiting takes nothing: the
 /// gate exits, the build never reaches the daemon and no lease is left behind.
@@ -209,27 +340,7 @@ fn held_build_shows_position_and_is_dropped_when_the_member_leaves() {
     let mut child = gate(&cfg, "nix-daemon --stdio");
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    stdin.write_all(&worker_hello()).unwrap();
-    let mut read_u64 = || {
-        let mut b = [0u8; 8];
-        stdout.read_exact(&mut b).map(|()| u64::from_le_bytes(b))
-    };
-    assert_eq!(read_u64().unwrap(), worker::MAGIC_2);
-    let _server_version = read_u64().unwrap();
-    // Nix version string, then (at 1.34) no trust word, then the startup log's end.
-    let len = read_u64().unwrap();
-    for _ in 0..len.div_ceil(8) {
-        read_u64().unwrap();
-    }
-    assert_eq!(read_u64().unwrap(), worker::STDERR_LAST);
-    stdin.write_all(&build_derivation()).unwrap();
-    stdin.flush().unwrap();
-    // The gate's STDERR_NEXT with the queue position, while the build is held.
-    assert_eq!(read_u64().unwrap(), worker::STDERR_NEXT);
-    let len = read_u64().unwrap();
-    let mut text = vec![0u8; usize::try_from(len.div_ceil(8) * 8).unwrap()];
-    stdout.read_exact(&mut text).unwrap();
-    let text = String::from_utf8_lossy(&text[..usize::try_from(len).unwrap()]).into_owned();
+    let text = held_build_text(&mut stdin, &mut stdout);
     assert!(
         text.contains("waiting for a build slot on b1: position 1"),
         "{text}"
