@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod doctor;
 pub mod drain;
+pub mod gate;
 pub mod hook;
 pub mod proto;
 pub mod status;

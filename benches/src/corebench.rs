@@ -76,6 +76,7 @@ impl CoreBench {
                 client: ClientId::new(format!("client{}", i % 8)),
                 can_build_locally: false,
                 exclude_hosts: BTreeSet::new(),
+                pin_host: None,
             })
             .collect();
         let mut b = CoreBench {

@@ -37,6 +37,7 @@ pub fn request(system: usize, c: usize, n: usize) -> LeaseRequest {
         client: ClientId::new(format!("client{}", c % 64)),
         can_build_locally: false,
         exclude_hosts: BTreeSet::new(),
+        pin_host: None,
     }
 }
 

@@ -337,6 +337,7 @@ async fn client(
             client_id: format!("client-{c}"),
             can_build_locally: false,
             exclude_hosts: vec![],
+            pin_host: String::new(),
         };
         last = Some(req.clone());
         let t = Instant::now();
@@ -443,6 +444,7 @@ async fn hold_every_slot(
                     // would get the slots back when they are released.
                     can_build_locally: true,
                     exclude_hosts: vec![],
+                    pin_host: String::new(),
                 })
                 .await
                 .context("taking every slot")?

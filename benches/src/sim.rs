@@ -540,6 +540,7 @@ impl Sim<'_> {
             client: self.clients[job.client].clone(),
             can_build_locally: false,
             exclude_hosts: BTreeSet::new(),
+            pin_host: None,
         };
         self.acquires += 1;
         self.jobs[i].asks += 1;

@@ -63,6 +63,7 @@ fuzz_target!(|data: &[u8]| {
         client: ClientId::new("c"),
         can_build_locally: false,
         exclude_hosts: BTreeSet::new(),
+        pin_host: None,
     };
     let Decision::Granted(g) = s.acquire(Time::ZERO, &req) else {
         panic!("a fresh host with a free slot was not granted");

@@ -51,6 +51,7 @@ fuzz_target!(|input: Input| {
         lease_ttl_millis: input.ttl_millis,
         slots_used: 0,
         slots_total: 0,
+        attached: false,
     };
     let Ok(grant) = Grant::try_from(granted) else {
         return;

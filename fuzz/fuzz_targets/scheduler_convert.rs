@@ -164,6 +164,7 @@ fn check_register(r: proto::Register) {
         ttl: std::time::Duration::from_secs(60),
         slots_used: 1,
         slots_total: spec.max_jobs,
+        attached: false,
     });
     let grant = nixdispatch::hook::machine::Grant::try_from(granted)
         .unwrap_or_else(|e| panic!("the hook refuses a host the scheduler accepted: {e}"));
@@ -305,6 +306,7 @@ fuzz_target!(|input: Input| {
             client_id: a.client_id,
             can_build_locally: a.can_build_locally,
             exclude_hosts: a.exclude_hosts,
+            ..Default::default()
         }),
         Input::KeepAlive(lease_id) => {
             match fuzzing::keep_alive(&proto::KeepAliveRequest {

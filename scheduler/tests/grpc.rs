@@ -155,6 +155,7 @@ fn acquire(system: &str, client: &str, drv: &str, local: bool) -> AcquireRequest
         client_id: client.into(),
         can_build_locally: local,
         exclude_hosts: vec![],
+        pin_host: String::new(),
     }
 }
 
@@ -880,6 +881,13 @@ async fn bad_lease_requests_name_the_field() {
             "exclude_hosts[0]",
             AcquireRequest {
                 exclude_hosts: vec!["a b".into()],
+                ..acquire("x86_64-linux", "c", "x", false)
+            },
+        ),
+        (
+            "pin_host",
+            AcquireRequest {
+                pin_host: "a b".into(),
                 ..acquire("x86_64-linux", "c", "x", false)
             },
         ),

@@ -231,6 +231,7 @@ fn acquire(client_id: &str, drv: &str) -> AcquireRequest {
         client_id: client_id.into(),
         can_build_locally: false,
         exclude_hosts: vec![],
+        pin_host: String::new(),
     }
 }
 
@@ -875,4 +876,50 @@ async fn waiting_and_re_attaching_follow_the_credential() {
     let leases = server.leases_of("ops").await;
     let reattached = leases.iter().find(|l| l.lease_id == foreign).unwrap();
     assert_eq!(reattached.client_id, "alice");
+}
+
+/// A builder's credential acquires for a member only pinned to its own host (the gate's
+/// `Acquire`, like its `WaitForLease`), and attaches there to the member's own hook lease
+/// for the same derivation, which stays the member's to keep alive and release.
+#[tokio::test]
+async fn a_gate_acquires_for_members_only_on_its_own_host() {
+    let server = Server::start(auth_config()).await;
+    let mut real = real_agent(&server).await;
+    real.report().await.unwrap();
+    let pinned = |client: &str, drv: &str, pin: &str| AcquireRequest {
+        pin_host: pin.into(),
+        ..acquire(client, drv)
+    };
+    let mut gate = server.lease(Some("build01")).await;
+    for (pin, what) in [("", "unpinned"), ("another-host", "pinned elsewhere")] {
+        let e = gate.acquire(pinned("bob", "g", pin)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{what}");
+    }
+    let g = granted(
+        gate.acquire(pinned("bob", "g", "build01"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(!g.attached);
+    let mut alice = server.lease(Some("alice")).await;
+    let hook = granted(
+        alice
+            .acquire(acquire("alice", "x"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let attached = granted(
+        gate.acquire(pinned("alice", "x", "build01"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(attached.attached);
+    assert_eq!(attached.lease_id, hook.lease_id);
+    let leases = server.leases_of("ops").await;
+    assert_eq!(leases.len(), 2, "the attach took no slot: {leases:?}");
+    let mine = leases.iter().find(|l| l.lease_id == hook.lease_id).unwrap();
+    assert_eq!(mine.client_id, "alice");
 }

@@ -203,6 +203,7 @@ mod tests {
             lease_ttl_millis: 60_000,
             slots_used: 1,
             slots_total: 4,
+            attached: false,
         }
     }
 

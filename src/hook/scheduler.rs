@@ -112,6 +112,8 @@ impl Scheduler {
             client_id: self.client_id.clone(),
             can_build_locally,
             exclude_hosts: exclude_hosts.to_vec(),
+            // Any host: the hook lets the scheduler choose (only a builder's gate pins).
+            pin_host: String::new(),
         };
         let call = async {
             // A channel cached from before a scheduler restart fails its first call at once:

@@ -35,6 +35,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod gate;
+
 use nixdispatch::client::{self, ClientConfig};
 use nixdispatch::proto::{HostState, LeaseStatus, ListHostsRequest, ListLeasesRequest};
 use nixver::NixVersion;

@@ -123,9 +123,16 @@ impl Scheduler {
     /// the request is queued rather than placed: a host may still run builds from before the
     /// restart that neither its report nor a re-attached lease shows yet.
     pub fn wait(&mut self, now: Time, req: &LeaseRequest, pin: Option<&HostId>) -> WaitAnswer {
+        // `pin` or the request's own `pin_host`: one pin, as `acquire` has it.
+        let pin = pin.or(req.pin_host.as_ref());
         self.expire(now);
         self.accounts.arrive(&req.client);
         if let Some(g) = self.claim_held(now, req) {
+            return WaitAnswer::Granted(g);
+        }
+        // Attaching takes no slot, so neither the startup hold nor the queue delays it.
+        if let Some(g) = pin.and_then(|p| self.attach(now, p, req)) {
+            self.waiters.remove_request(&req.client, &req.drv_path);
             return WaitAnswer::Granted(g);
         }
         let why = if self.holding(now) || (self.starting(now) && !self.unreported.is_empty()) {
@@ -365,13 +372,26 @@ impl Scheduler {
         let Some(w) = self.waiters.get(id) else {
             return;
         };
-        let Some(system) = self.waiters.class(w.class).map(|q| q.class.system.clone()) else {
+        let Some((system, pinned)) = self
+            .waiters
+            .class(w.class)
+            .map(|q| (q.class.system.clone(), q.class.pin.is_some()))
+        else {
             return;
         };
         let w = self.waiters.remove(id).expect("looked up above");
         let waited = now.since(w.since);
         let ttl = self.config.claim_ttl;
-        let grant = self.grant_lease(now, host, &w.client, &system, &w.drv_path, ttl, waited);
+        let grant = self.grant_lease(
+            now,
+            host,
+            &w.client,
+            &system,
+            &w.drv_path,
+            ttl,
+            waited,
+            pinned,
+        );
         match w.via {
             Via::Stream => self.waiters.outbox.push(Handout {
                 waiter: id,
@@ -392,7 +412,12 @@ impl Scheduler {
     }
 
     /// Whether some host that is not gone could ever serve `req` (with `pin`, that host).
-    fn could_ever_serve(&self, now: Time, req: &LeaseRequest, pin: Option<&HostId>) -> bool {
+    pub(super) fn could_ever_serve(
+        &self,
+        now: Time,
+        req: &LeaseRequest,
+        pin: Option<&HostId>,
+    ) -> bool {
         match pin {
             None => self.could_ever_build(now, &req.system, &req.required_features),
             Some(p) => self.registry.get(p).is_some_and(|h| {
@@ -403,7 +428,7 @@ impl Scheduler {
         }
     }
 
-    fn never_reason(&self, req: &LeaseRequest, pin: Option<&HostId>) -> String {
+    pub(super) fn never_reason(&self, req: &LeaseRequest, pin: Option<&HostId>) -> String {
         match pin {
             Some(p) => format!("host {p} is not live or does not build {}", req.system),
             None => format!("no live builder builds {}", req.system),

@@ -46,6 +46,12 @@ pub(super) struct Ledger {
     ids: Box<dyn LeaseIds>,
     /// Live leases per holder, for the per-member cap.
     per_client: HashMap<ClientId, usize>,
+    /// The live lease that a request pinned to a host may attach to, by host and
+    /// derivation: every lease that was not itself pinned (a member's build hook chose the
+    /// host), so that a builder-side gate finds the hook's lease for the build arriving
+    /// there without a scan. Maintained on grant, reattach and end; a later attachable
+    /// lease for the same key replaces the entry.
+    attachable: HashMap<(HostId, String), LeaseId>,
 }
 
 impl Ledger {
@@ -57,6 +63,7 @@ impl Ledger {
             ended: Ended::new(remembered),
             ids,
             per_client: HashMap::new(),
+            attachable: HashMap::new(),
         }
     }
 
@@ -70,7 +77,9 @@ impl Ledger {
         self.per_client.get(client).copied().unwrap_or(0)
     }
 
-    /// Records a new lease that expires `ttl` from `now`; returns its id.
+    /// Records a new lease that expires `ttl` from `now`; returns its id. An `attachable`
+    /// lease can be found by [`Self::attachable`].
+    #[allow(clippy::too_many_arguments)] // the lease's fields, as the core has them
     pub(super) fn grant(
         &mut self,
         now: Time,
@@ -79,6 +88,7 @@ impl Ledger {
         client: ClientId,
         system: System,
         drv_path: String,
+        attachable: bool,
     ) -> LeaseId {
         // A collision of 128 random bits does not happen; a broken source that repeats must
         // still never hand out a live lease's id twice.
@@ -89,6 +99,10 @@ impl Ledger {
             }
         };
         *self.per_client.entry(client.clone()).or_default() += 1;
+        if attachable {
+            self.attachable
+                .insert((host.clone(), drv_path.clone()), id.clone());
+        }
         let expires_at = now.after(ttl);
         self.leases.insert(
             id.clone(),
@@ -106,7 +120,11 @@ impl Ledger {
     }
 
     /// Records a lease granted before a restart under its old `id`, expiring `ttl` from
-    /// `now`. The caller checked that `id` is neither live nor ended in this run.
+    /// `now`. The caller checked that `id` is neither live nor ended in this run. A lease
+    /// re-attached is attachable: its holder does not say whether it was pinned, and a
+    /// build hook (the usual holder that outlives a restart) is the case worth serving; a
+    /// second gate session that attaches to a first one's lease runs a build that Nix's
+    /// output lock serialises on that host anyway.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn reattach(
         &mut self,
@@ -119,6 +137,8 @@ impl Ledger {
         drv_path: String,
     ) {
         *self.per_client.entry(client.clone()).or_default() += 1;
+        self.attachable
+            .insert((host.clone(), drv_path.clone()), id.clone());
         let expires_at = now.after(ttl);
         self.expiries.insert((expires_at, id.clone()));
         self.leases.insert(
@@ -132,6 +152,19 @@ impl Ledger {
                 expires_at,
             },
         );
+    }
+
+    /// The live, attachable lease for `drv_path` on `host`, if any.
+    pub(super) fn attachable(&self, host: &HostId, drv_path: &str) -> Option<(&LeaseId, &Lease)> {
+        // The key is owned; this runs once per pinned request, not per host.
+        let id = self.attachable.get(&(host.clone(), drv_path.to_owned()))?;
+        self.leases.get(id).map(|l| (id, l))
+    }
+
+    /// Entries of the attachable index; at most [`Self::len`] (checked by the tests).
+    #[cfg(test)]
+    pub(super) fn attachable_entries(&self) -> usize {
+        self.attachable.len()
     }
 
     /// Lease `id`, if live.
@@ -159,6 +192,10 @@ impl Ledger {
     pub(super) fn end(&mut self, id: &LeaseId, end: LeaseEnd) -> Option<Lease> {
         let lease = self.leases.remove(id)?;
         self.expiries.remove(&(lease.expires_at, id.clone()));
+        let key = (lease.host.clone(), lease.drv_path.clone());
+        if self.attachable.get(&key) == Some(id) {
+            self.attachable.remove(&key);
+        }
         if let Some(n) = self.per_client.get_mut(&lease.client) {
             *n -= 1;
             if *n == 0 {

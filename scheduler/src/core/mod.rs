@@ -39,6 +39,7 @@ mod error;
 mod index;
 mod ledger;
 mod operator;
+mod pinned;
 mod placement;
 mod policy;
 mod probe;

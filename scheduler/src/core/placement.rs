@@ -114,23 +114,28 @@ impl Scheduler {
         if let Some(g) = self.claim_held(now, req) {
             return Decision::Granted(g);
         }
-        match self.place(now, req, None) {
+        let pin = req.pin_host.as_ref();
+        match self.place(now, req, pin) {
             Ok(g) => {
                 self.waiters.remove_request(&req.client, &req.drv_path);
                 Decision::Granted(g)
             }
-            Err(reason) => self.no_host(now, req, reason),
+            Err(reason) => self.no_host(now, req, pin, reason),
         }
     }
 
     /// Runs the stages for `req` and grants the chosen host, or says why none (`None`: no
-    /// particular reason to give).
+    /// particular reason to give). With `pin`, that host only, and first the live lease
+    /// `req` may attach to there (see [`Self::attach`]).
     pub(super) fn place(
         &mut self,
         now: Time,
         req: &LeaseRequest,
         pin: Option<&HostId>,
     ) -> Result<Grant, Option<String>> {
+        if let Some(g) = pin.and_then(|p| self.attach(now, p, req)) {
+            return Ok(g);
+        }
         if let Err(refusal) = admit(&self.accounts, req) {
             self.refusal_cause = "quota";
             return Err(Some(refusal));
@@ -143,7 +148,7 @@ impl Scheduler {
             };
             let ask = ask(&self.registry, req);
             return match eligibility::assess(now, &self.config, global, host, &ask) {
-                Ok(_) => Ok(self.grant(now, pin, req)),
+                Ok(_) => Ok(self.grant(now, pin, req, true)),
                 Err(unfit) => {
                     self.refusal_cause = unfit.as_str();
                     Err(Some(unfit_reason(now, &self.config, host, unfit, req)))
@@ -155,7 +160,9 @@ impl Scheduler {
         // look for another.
         if self.policy.least_loaded() {
             match self.choose_indexed(now, req) {
-                Some(id) if !self.last_slot_kept(&id, req) => return Ok(self.grant(now, &id, req)),
+                Some(id) if !self.last_slot_kept(&id, req) => {
+                    return Ok(self.grant(now, &id, req, false));
+                }
                 Some(_) => {}
                 None => {
                     let example = self.example_unfit(now, req);
@@ -189,7 +196,7 @@ impl Scheduler {
         }
         let i = self.policy.choose(&found.candidates, &mut self.rng);
         let id = found.ids[i].clone();
-        Ok(self.grant(now, &id, req))
+        Ok(self.grant(now, &id, req, false))
     }
 
     /// Whether the last slot rule keeps host `id`'s last free slot from `req`: a class
@@ -306,9 +313,23 @@ impl Scheduler {
         example.map(|(host, unfit)| (unfit, unfit_reason(now, &self.config, host, unfit, req)))
     }
 
-    /// The answer when no host can take `req` now.
-    fn no_host(&mut self, now: Time, req: &LeaseRequest, example: Option<String>) -> Decision {
-        if !self.could_ever_build(now, &req.system, &req.required_features) {
+    /// The answer when no host (or not the one it is pinned to) can take `req` now.
+    fn no_host(
+        &mut self,
+        now: Time,
+        req: &LeaseRequest,
+        pin: Option<&HostId>,
+        example: Option<String>,
+    ) -> Decision {
+        if let Some(p) = pin {
+            if !self.could_ever_serve(now, req, pin) {
+                self.refusal_cause = "no_builder";
+                self.waiters.remove_request(&req.client, &req.drv_path);
+                return Decision::DeclinePermanently {
+                    reason: self.never_reason(req, Some(p)),
+                };
+            }
+        } else if !self.could_ever_build(now, &req.system, &req.required_features) {
             self.refusal_cause = "no_builder";
             self.waiters.remove_request(&req.client, &req.drv_path);
             let mut reason = format!("no live builder builds {}", req.system);
@@ -326,7 +347,7 @@ impl Scheduler {
             self.waiters.remove_request(&req.client, &req.drv_path);
             return Decision::Decline { reason };
         }
-        let waiter = self.enqueue(now, req, None, Via::Poll);
+        let waiter = self.enqueue(now, req, pin, Via::Poll);
         let position = self.position(waiter);
         Decision::Postpone {
             retry_after: self.config.postpone_retry,
@@ -352,8 +373,8 @@ impl Scheduler {
         })
     }
 
-    /// Leases host `host_id` to `req`.
-    fn grant(&mut self, now: Time, host_id: &HostId, req: &LeaseRequest) -> Grant {
+    /// Leases host `host_id` to `req` (`pinned`: only that host was asked for).
+    fn grant(&mut self, now: Time, host_id: &HostId, req: &LeaseRequest, pinned: bool) -> Grant {
         let ttl = self.config.lease_ttl;
         self.grant_lease(
             now,
@@ -363,11 +384,30 @@ impl Scheduler {
             &req.drv_path,
             ttl,
             Duration::ZERO,
+            pinned,
         )
     }
 
+    /// The live lease a request pinned to `pin` attaches to instead of taking a slot: the
+    /// one a member's build hook holds there for the same derivation (its build-remote is
+    /// now running that build on `pin` through the gate). Granted again, marked attached;
+    /// nothing is counted, and the hook keeps and releases it.
+    pub(super) fn attach(&self, now: Time, pin: &HostId, req: &LeaseRequest) -> Option<Grant> {
+        let host = self.registry.get(pin)?;
+        let (lease_id, lease) = self.ledger.attachable(pin, &req.drv_path)?;
+        Some(Grant {
+            lease_id: lease_id.clone(),
+            host: host.spec.clone(),
+            ttl: lease.expires_at.since(now),
+            slots_used: host.used(),
+            slots_total: host.spec.max_jobs,
+            attached: true,
+        })
+    }
+
     /// Leases host `host_id` to `client` for a build of `system`, expiring `ttl` from now
-    /// unless kept alive; the request waited `waited` for it.
+    /// unless kept alive; the request waited `waited` for it. A lease that was not
+    /// `pinned` is one a later pinned request for the same derivation attaches to.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn grant_lease(
         &mut self,
@@ -378,6 +418,7 @@ impl Scheduler {
         drv_path: &str,
         ttl: Duration,
         waited: Duration,
+        pinned: bool,
     ) -> Grant {
         let lease_id = self.ledger.grant(
             now,
@@ -386,6 +427,7 @@ impl Scheduler {
             client.clone(),
             system.clone(),
             drv_path.to_owned(),
+            !pinned,
         );
         self.accounts.count_grant(now, client, system, waited);
         let per_client = !self.policy.sees_global_load();
@@ -400,6 +442,7 @@ impl Scheduler {
             ttl,
             slots_used: host.used(),
             slots_total: host.spec.max_jobs,
+            attached: false,
         };
         self.reindex(host_id);
         grant

@@ -33,6 +33,7 @@ fn req(system: &str, client: &str, drv: &str) -> LeaseRequest {
         client: ClientId::new(client),
         can_build_locally: false,
         exclude_hosts: BTreeSet::new(),
+        pin_host: None,
     }
 }
 
@@ -1517,6 +1518,7 @@ proptest! {
                 _ => {}
             }
             prop_assert!(s.expiry_entries() <= s.lease_count());
+            prop_assert!(s.ledger.attachable_entries() <= s.lease_count());
         }
     }
 }

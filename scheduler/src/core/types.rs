@@ -204,6 +204,9 @@ pub struct LeaseRequest {
     pub can_build_locally: bool,
     /// Hosts the client could not reach for this build.
     pub exclude_hosts: BTreeSet<HostId>,
+    /// The only host the request may be granted (a builder-side gate asking for its own
+    /// host); `None`: any host.
+    pub pin_host: Option<HostId>,
 }
 
 /// A granted lease, with everything a client needs to reach the host.
@@ -219,9 +222,15 @@ pub struct Grant {
     pub slots_used: u32,
     /// Slots of the host.
     pub slots_total: u32,
+    /// Not a new lease: the live lease of another client for the same derivation on the
+    /// pinned host, which its owner keeps and releases (see [`LeaseRequest::pin_host`]).
+    pub attached: bool,
 }
 
 /// The answer to a [`LeaseRequest`].
+// A grant is the common answer and is converted to the wire at once; boxing it would cost
+// an allocation per grant to save stack space in a value that never sits in a collection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
     /// A host was leased.

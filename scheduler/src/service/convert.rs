@@ -284,6 +284,10 @@ impl TryFrom<proto::AcquireRequest> for LeaseRequest {
             .enumerate()
             .map(|(i, h)| host_id(&format!("exclude_hosts[{i}]"), h))
             .collect::<Result<_, _>>()?;
+        let pin_host = match r.pin_host.as_str() {
+            "" => None,
+            h => Some(host_id("pin_host", h)?),
+        };
         Ok(LeaseRequest {
             system,
             required_features,
@@ -291,6 +295,7 @@ impl TryFrom<proto::AcquireRequest> for LeaseRequest {
             client,
             can_build_locally: r.can_build_locally,
             exclude_hosts,
+            pin_host,
         })
     }
 }
@@ -339,8 +344,16 @@ pub(crate) fn wait(r: proto::WaitForLeaseRequest) -> Result<(LeaseRequest, Optio
         client_id: r.client_id,
         can_build_locally: r.can_build_locally,
         exclude_hosts: r.exclude_hosts,
+        pin_host: String::new(),
     })?;
-    Ok((req, pin))
+    // One pin, whichever RPC carried it: the core reads `LeaseRequest::pin_host`.
+    Ok((
+        LeaseRequest {
+            pin_host: pin.clone(),
+            ..req
+        },
+        pin,
+    ))
 }
 
 /// What a `KeepAlive` carries to re-attach a lease after a restart.
@@ -585,6 +598,7 @@ impl From<Grant> for proto::Granted {
             lease_ttl_millis: millis(g.ttl),
             slots_used: g.slots_used,
             slots_total: g.slots_total,
+            attached: g.attached,
         }
     }
 }
@@ -954,8 +968,12 @@ mod tests {
             client_id: "alice-laptop".into(),
             can_build_locally: true,
             exclude_hosts: vec!["b1".into()],
+            pin_host: "b1".into(),
         };
-        LeaseRequest::try_from(good.clone()).unwrap();
+        assert_eq!(
+            LeaseRequest::try_from(good.clone()).unwrap().pin_host,
+            Some(HostId::new("b1"))
+        );
         let cases: Cases<proto::AcquireRequest> = vec![
             ("system", Box::new(|r| r.system.clear())),
             ("system", Box::new(|r| r.system = "x86_64 linux".into())),
@@ -984,6 +1002,7 @@ mod tests {
                 "exclude_hosts",
                 Box::new(|r| r.exclude_hosts = vec!["h".into(); 65]),
             ),
+            ("pin_host", Box::new(|r| r.pin_host = "a b".into())),
         ];
         for (field, mutate) in cases {
             let mut r = good.clone();
@@ -1025,6 +1044,7 @@ mod tests {
             ttl: std::time::Duration::from_secs(60),
             slots_used: 1,
             slots_total: 6,
+            attached: false,
         });
         let line = base64::engine::general_purpose::STANDARD
             .decode(g.host_public_key_base64)
@@ -1207,11 +1227,12 @@ mod tests {
             fn any_acquire_is_valid_or_named(
                 system in text(), features in proptest::collection::vec(text(), 0..70),
                 drv in text(), client in text(), exclude in proptest::collection::vec(text(), 0..70),
+                pin in text(),
             ) {
-                let r = proto::AcquireRequest { system, required_features: features, drv_path: drv, client_id: client, can_build_locally: false, exclude_hosts: exclude };
+                let r = proto::AcquireRequest { system, required_features: features, drv_path: drv, client_id: client, can_build_locally: false, exclude_hosts: exclude, pin_host: pin };
                 if let Err(e) = LeaseRequest::try_from(r) {
                     let f = field_of(e);
-                    prop_assert!(["system", "required_features", "drv_path", "client_id", "exclude_hosts"].iter().any(|p| f.starts_with(p)), "{}", f);
+                    prop_assert!(["system", "required_features", "drv_path", "client_id", "exclude_hosts", "pin_host"].iter().any(|p| f.starts_with(p)), "{}", f);
                 }
             }
         }

@@ -97,7 +97,12 @@ impl lease_service_server::LeaseService for LeaseService {
         let started = Instant::now();
         let caller = Caller::of(&request)?;
         let mut req = LeaseRequest::try_from(request.into_inner()).map_err(rejected)?;
-        req.client = self.shared.auth.member(&caller, &req.client)?;
+        // As for `WaitForLease`: a gate (a host's credential) pins to its own host and names
+        // members only there.
+        req.client = match (&caller.identity, &req.pin_host) {
+            (Identity::Host(_), Some(on)) => caller.member_on_host(on, &req.client)?,
+            _ => self.shared.auth.member(&caller, &req.client)?,
+        };
         let span = tracing::Span::current();
         span.record("system", req.system.as_str());
         span.record("client", req.client.as_str());
