@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod diag;
 pub mod doctor;
 pub mod drain;
 pub mod gate;

@@ -174,21 +174,7 @@ fn identity(args: &Args, config: &GateConfig) -> Result<(String, String), GateEr
 }
 
 fn init_tracing(config: &GateConfig) {
-    let Some(path) = &config.log_file else { return };
-    let Ok(file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    else {
-        return;
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(Mutex::new(file))
-        .try_init();
+    crate::diag::init_file_logging(config.log_file.as_deref(), &config.log_level);
 }
 
 /// Replaces the gate by the member's shell running `line` (or an interactive login shell),

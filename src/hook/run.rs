@@ -87,21 +87,7 @@ fn answer_all(input: &mut impl Read, reply: &Reply) -> ExitCode {
 }
 
 fn init_tracing(config: &HookConfig) {
-    let Some(path) = &config.log_file else { return };
-    let Ok(file) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    else {
-        return;
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(file))
-        .try_init();
+    crate::diag::init_file_logging(config.log_file.as_deref(), &config.log_level);
 }
 
 /// What every part of one hook run needs.

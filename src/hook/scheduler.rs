@@ -312,20 +312,7 @@ impl Scheduler {
     }
 }
 
-/// The `Display` of an error and all its sources, `a: b: c`.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = inner.source();
-    }
-    s
-}
+pub(crate) use crate::diag::error_chain;
 
 fn code_name(code: Code) -> &'static str {
     match code {
