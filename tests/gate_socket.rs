@@ -378,3 +378,103 @@ fn the_socket_acts_for_the_peer_and_leases_survive_a_restart() {
     let log = f.log("agent.log");
     assert!(log.contains("serving the gate socket"), "{log}");
 }
+
+/// The client's side of a worker handshake at 1.34 (Nix 2.8), then a BuildDerivation of a
+/// derivation that is never built (its builder is `/bin/false`).
+fn hello_and_build() -> Vec<u8> {
+    use nixdispatch::gate::wire::{put_bytes, put_strings, put_u64};
+    use nixdispatch::gate::worker;
+    let mut b = Vec::new();
+    for n in [worker::MAGIC_1, 0x122, 0, 0] {
+        put_u64(&mut b, n);
+    }
+    put_u64(&mut b, worker::OP_BUILD_DERIVATION);
+    put_bytes(
+        &mut b,
+        b"/nix/store/00000000000000000000000000000000-gate-sock.drv",
+    );
+    put_u64(&mut b, 1);
+    for s in [
+        "out",
+        "/nix/store/00000000000000000000000000000000-gate-sock",
+        "",
+        "",
+    ] {
+        put_bytes(&mut b, s.as_bytes());
+    }
+    put_strings(&mut b, &[] as &[&str]);
+    put_bytes(&mut b, this_system().as_bytes());
+    put_bytes(&mut b, b"/bin/false");
+    put_strings(&mut b, &[] as &[&str]);
+    put_u64(&mut b, 0);
+    put_u64(&mut b, 0);
+    b
+}
+
+/// Runs the gate binary as sshd would (as root, here) for `nix-daemon --stdio` with
+/// `--member tester` and the agent's socket, sends a build, and returns the gate's log once
+/// the build was either granted a slot or let through unqueued.
+fn gate_session(f: &Fixture) -> String {
+    common::require_prerequisites();
+    let d = f.dir.path();
+    let log = d.join("gate.log");
+    let config = d.join("gate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_socket = \"{}\"\nhost_id = \"b1\"\nlog_file = \"{}\"\nlog_level = \"info,nixdispatch=debug\"\n",
+            f.socket().display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(common::gate::gate_bin())
+        .arg("--config")
+        .arg(&config)
+        .args(["--member", "tester"])
+        .env("SSH_ORIGINAL_COMMAND", "nix-daemon --stdio")
+        .env_remove("NIX_REMOTE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nixdispatch-gate");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&hello_and_build()).unwrap();
+    stdin.flush().unwrap();
+    let text = wait_for(Duration::from_secs(30), "the gate to decide", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.contains("slot granted") || text.contains("building unqueued")).then_some(text)
+    });
+    drop(stdin);
+    wait_for(Duration::from_secs(60), "the gate to exit", || {
+        child.try_wait().unwrap()
+    });
+    text
+}
+
+/// The gate binary through the socket: run by a user the agent lets name members (root
+/// here), its `--member tester` gets a slot for tester, bound at the agent; run by a user
+/// who may not, the agent refuses the stated member and the build goes through unqueued
+/// (fail open), never as the stated member.
+#[test]
+fn the_gate_binary_uses_the_socket_and_names_members_only_when_allowed() {
+    let f = Fixture::start(&["root"]);
+    let text = gate_session(&f);
+    assert!(text.contains("slot granted"), "{text}");
+    assert!(!text.contains("building unqueued"), "{text}");
+    let agent = f.log("agent.log");
+    assert!(
+        agent.contains("gate socket: lease granted") && agent.contains("\"tester\""),
+        "{agent}"
+    );
+    drop(f);
+    let f = Fixture::start(&[]);
+    let text = gate_session(&f);
+    assert!(text.contains("building unqueued"), "{text}");
+    assert!(
+        text.contains("PermissionDenied") && text.contains("client_id"),
+        "{text}"
+    );
+    assert!(f.leases().iter().all(|l| l.client_id != "tester"));
+}
