@@ -178,7 +178,11 @@ impl GateConfig {
         if !(self.scheduler.starts_with("http://") || self.scheduler.starts_with("https://")) {
             return Err(invalid("scheduler", "must be an http:// or https:// URL"));
         }
-        if self.scheduler.starts_with("https://") && self.ca_file.is_none() {
+        // Through the agent's socket the scheduler's address is the agent's business.
+        if self.agent_socket.is_none()
+            && self.scheduler.starts_with("https://")
+            && self.ca_file.is_none()
+        {
             return Err(invalid(
                 "ca_file",
                 "is required for an https:// scheduler (the CA that signed its certificate)",
@@ -271,7 +275,7 @@ mod tests {
     }
 
     /// With the agent's socket, a credential file is refused (the member could read it),
-    /// and the socket must be an absolute path.
+    /// the socket must be an absolute path, and an https:// scheduler needs no CA here.
     #[test]
     fn agent_socket_refuses_a_credential_file() {
         let e = GateConfig::from_toml(
@@ -282,8 +286,12 @@ mod tests {
         assert!(e.to_string().contains("credential_file"), "{e}");
         let e = GateConfig::from_toml("agent_socket = \"gate.sock\"", Path::new("g")).unwrap_err();
         assert!(e.to_string().contains("agent_socket"), "{e}");
-        let c =
-            GateConfig::from_toml("agent_socket = \"/run/a/gate.sock\"", Path::new("g")).unwrap();
+        // The scheduler's address, TLS included, is the agent's business then.
+        let c = GateConfig::from_toml(
+            "agent_socket = \"/run/a/gate.sock\"\nscheduler = \"https://s:1\"",
+            Path::new("g"),
+        )
+        .unwrap();
         assert_eq!(
             c.agent_socket.as_deref(),
             Some(Path::new("/run/a/gate.sock"))
