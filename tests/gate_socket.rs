@@ -478,3 +478,61 @@ fn the_gate_binary_uses_the_socket_and_names_members_only_when_allowed() {
     );
     assert!(f.leases().iter().all(|l| l.client_id != "tester"));
 }
+
+/// The direct mode run as a member who can read the builder's credential warns loudly in
+/// the gate's log (every session); run as root, it does not.
+#[test]
+fn the_direct_mode_warns_when_the_member_can_read_the_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = dir.path();
+    let token = d.join("builder.token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let log = d.join("gate.log");
+    std::fs::write(&log, "").unwrap();
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let config = d.join("gate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "credential_file = \"{}\"\nhost_id = \"b1\"\nlog_file = \"{}\"\n",
+            token.display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    let gate = |user: Option<&str>| {
+        // No SSH_ORIGINAL_COMMAND: a login, handed to `$SHELL`, here `true`.
+        let mut cmd = match user {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={u}"),
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--",
+                ]);
+                c.arg(common::gate::gate_bin());
+                c
+            }
+            None => Command::new(common::gate::gate_bin()),
+        };
+        let status = cmd
+            .arg("--config")
+            .arg(&config)
+            .env_remove("SSH_ORIGINAL_COMMAND")
+            .env("SHELL", "/bin/true")
+            .env("USER", "m")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::read_to_string(&log).unwrap()
+    };
+    assert!(!gate(None).contains("INSECURE"));
+    let text = gate(Some("65534"));
+    assert!(
+        text.contains("INSECURE") && text.contains("agent_socket"),
+        "{text}"
+    );
+}
