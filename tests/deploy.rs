@@ -82,6 +82,13 @@ fn module_examples_load_with_the_real_config_loaders() {
     let hook = nixdispatch::hook::config::HookConfig::from_toml(&text, Path::new("hook.toml"))
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(hook.client_id.as_deref(), Some("alice-laptop"));
+    let text = toml_of(&examples["gate"]);
+    let gate = nixdispatch::gate::config::GateConfig::from_toml(&text, Path::new("gate.toml"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(
+        gate.agent_socket.is_some(),
+        "the example uses the agent's socket"
+    );
     // The agent's example is loaded by the agent crate's own test (agent/tests/deploy.rs).
     assert!(examples["agent"]["scheduler"].is_string());
 }

@@ -117,6 +117,107 @@ fn gate_authenticates_with_its_builders_credential() {
     });
 }
 
+/// With TLS and `[auth]`, the gate asks the builder's agent through its gate socket and
+/// holds no credential at all: the builds are queued (granted slots, bound at the agent,
+/// never unqueued), capped at the builder's one slot, and the leases are the members'.
+#[test]
+fn gate_asks_the_agent_through_its_socket() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let mut env = Env::new(&specs);
+    env.secure = true;
+    env.gate_sockets = true;
+    env.start_scheduler_and_agents(&specs);
+    let members = [env.member("ines"), env.member("jon")];
+    let opts = GateOpts {
+        agent_socket: true,
+        ..GateOpts::default()
+    };
+    let log = env.install_gate("b1", &members, &opts);
+    let config = std::fs::read_to_string(env.path().join("gate_b1.toml")).unwrap();
+    assert!(!config.contains("credential_file"), "{config}");
+    for m in &members {
+        env.member_nix_conf(m, &["b1"], "ssh-ng", 2);
+    }
+    let children: Vec<_> = members
+        .iter()
+        .map(|m| {
+            let tag = env.tag(&m.name);
+            env.member_build_command(m, &tag, 2, "0").spawn().unwrap()
+        })
+        .collect();
+    let runs: Vec<NixRun> = children.into_iter().map(finish).collect();
+    for run in &runs {
+        assert_built_remotely(&env, run, 2, std::slice::from_ref(&log));
+    }
+    let text = read_log(&log);
+    assert!(text.contains("slot granted"), "{text}");
+    assert!(!text.contains("building unqueued"), "{text}");
+    assert!(env.gate_peaks("b1").iter().all(|&n| n <= 1), "{text}");
+    let agent = read_log(&env.path().join("log/agent_b1.log"));
+    assert!(agent.contains("gate socket: lease granted"), "{agent}");
+    assert!(
+        agent.contains("\"ines\"") && agent.contains("\"jon\""),
+        "{agent}"
+    );
+    common::wait_for(std::time::Duration::from_secs(30), "no lease left", || {
+        env.leases().is_empty().then_some(())
+    });
+}
+
+/// A gated build holding a lease through the agent's socket survives a scheduler restart:
+/// the scheduler is killed while the build runs, and the gate's next keep-alives, which the
+/// agent forwards with the lease's details, re-attach the lease under the same id and member
+/// once the agent has registered again, so the build is counted again; the build succeeds
+/// and its lease is released at the end.
+#[test]
+fn a_gated_lease_is_re_attached_after_a_scheduler_restart() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let mut env = Env::new(&specs);
+    env.gate_sockets = true;
+    env.start_scheduler_and_agents(&specs);
+    let m = env.member("kim");
+    let opts = GateOpts {
+        agent_socket: true,
+        ..GateOpts::default()
+    };
+    let log = env.install_gate("b1", std::slice::from_ref(&m), &opts);
+    env.member_nix_conf(&m, &["b1"], "ssh-ng", 1);
+    let tag = env.tag("restart");
+    // 12 s: four lease TTLs, so only re-attached keep-alives keep the lease.
+    let child = env.member_build_command(&m, &tag, 1, "12").spawn().unwrap();
+    let before = common::wait_for(
+        std::time::Duration::from_secs(60),
+        "the gated lease",
+        || env.leases().into_iter().find(|l| l.client_id == "kim"),
+    );
+    env.restart_scheduler();
+    let after = common::wait_for(
+        std::time::Duration::from_secs(30),
+        "the lease re-attached after the restart",
+        || {
+            env.admin(|mut a| async move {
+                a.list_leases(nixdispatch::proto::ListLeasesRequest {})
+                    .await
+            })
+            .ok()?
+            .leases
+            .into_iter()
+            .find(|l| l.lease_id == before.lease_id)
+        },
+    );
+    assert_eq!(
+        (after.client_id.as_str(), after.host_id.as_str()),
+        ("kim", "b1")
+    );
+    let run = finish(child);
+    assert_built_remotely(&env, &run, 1, std::slice::from_ref(&log));
+    let text = read_log(&log);
+    assert!(!text.contains("building unqueued"), "{text}");
+    common::wait_for(std::time::Duration::from_secs(30), "no lease left", || {
+        env.leases().is_empty().then_some(())
+    });
+}
+
 /// With the scheduler down, the gate lets builds through unqueued (fail open) and says so
 /// in its log; the builds succeed.
 #[test]

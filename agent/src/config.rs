@@ -79,6 +79,89 @@ pub struct Config {
     pub build_users_group: Option<String>,
     /// Timing and back-off thresholds.
     pub timing: Timing,
+    /// The local socket for the builder-side gate, `[gate]`.
+    pub gate: GateSocketConfig,
+}
+
+/// `[gate]`: the Unix socket on which the agent serves the builder-side gate
+/// (`nixdispatch-gate`, sshd's forced command for members), so that the gate, which runs
+/// as the member, never holds this builder's credential. See `docs/gate.md`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateSocketConfig {
+    /// The socket's path, e.g. `/run/nixdispatch-agent/gate.sock` (its directory must
+    /// exist; systemd's `RuntimeDirectory=` makes it). Default none: no socket, and gates on
+    /// this host must use the direct mode.
+    pub socket: Option<PathBuf>,
+    /// The socket's permission bits, e.g. `0o660` to let only the agent's group (where the
+    /// gated members are) connect. Default `0o666`: any local user may connect, and the
+    /// agent acts for each one only as the user it is (from the socket's peer credentials).
+    pub mode: u32,
+    /// Users whose gate may name the member it acts for (`nixdispatch-gate --member NAME`),
+    /// for a shared login user whose `authorized_keys` entries name the member in the forced
+    /// command. Default none: the member is always the connecting process's user name.
+    /// Risk: anyone who can run a process as such a user can queue, keep alive and release
+    /// as any member on this host.
+    pub may_name_members: Vec<String>,
+    /// Connections served at once. Default 256: one per gated SSH session, far above a
+    /// builder's slots.
+    pub max_connections: u32,
+    /// Connections served at once for one user (uid). Default 32, so that one member cannot
+    /// take every connection (the others' gates would then fail open).
+    pub max_connections_per_user: u32,
+    /// Bound on each call forwarded to the scheduler (for `WaitForLease`, on opening the
+    /// stream). Default 5000.
+    pub rpc_timeout_millis: u64,
+}
+
+impl Default for GateSocketConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            mode: 0o666,
+            may_name_members: Vec::new(),
+            max_connections: 256,
+            max_connections_per_user: 32,
+            rpc_timeout_millis: 5000,
+        }
+    }
+}
+
+impl GateSocketConfig {
+    fn validate(&self) -> Result<()> {
+        let invalid = |key, reason: &str| {
+            Err(Error::InvalidConfig {
+                key,
+                reason: reason.into(),
+            })
+        };
+        if let Some(p) = &self.socket
+            && !p.is_absolute()
+        {
+            return invalid("gate.socket", "must be an absolute path");
+        }
+        if self.mode > 0o777 {
+            return invalid("gate.mode", "must be permission bits, at most 0o777");
+        }
+        if self.max_connections == 0 {
+            return invalid("gate.max_connections", "must be above 0");
+        }
+        if self.max_connections_per_user == 0 {
+            return invalid("gate.max_connections_per_user", "must be above 0");
+        }
+        if self.rpc_timeout_millis == 0 {
+            return invalid("gate.rpc_timeout_millis", "must be above 0");
+        }
+        for name in &self.may_name_members {
+            if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_graphic()) {
+                return invalid(
+                    "gate.may_name_members",
+                    "entries must be user names (1 to 128 printable ASCII characters)",
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -101,6 +184,7 @@ impl Default for Config {
             nix_bin: PathBuf::from("nix"),
             build_users_group: None,
             timing: Timing::default(),
+            gate: GateSocketConfig::default(),
         }
     }
 }
@@ -182,6 +266,8 @@ pub struct Settings {
     pub sampler: SamplerConfig,
     /// Timing.
     pub timing: Timing,
+    /// The gate socket (`[gate]`); its `socket` is `None` when there is none.
+    pub gate: GateSocketConfig,
 }
 
 impl Config {
@@ -214,6 +300,7 @@ impl Config {
     /// credential, and validates everything.
     pub async fn resolve(self) -> Result<Settings> {
         self.timing.validate()?;
+        self.gate.validate()?;
         let nix = if self.needs_nix() {
             let found = discover::run_nix_config(&self.nix_bin, sample::cpu_count()).await;
             if let Err(error) = &found {
@@ -396,6 +483,7 @@ impl Config {
                 build_users,
             },
             timing: self.timing,
+            gate: self.gate,
         })
     }
 }

@@ -98,6 +98,62 @@ pub enum Error {
         /// Why discovery failed.
         reason: String,
     },
+    /// The gate socket could not be set up (`[gate] socket`).
+    #[error("cannot serve the gate socket {path}")]
+    GateSocket {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A gate asked for something the connecting user may not do.
+    #[error("{user} (uid {uid}) may not {action}: {reason}")]
+    GateRefused {
+        /// The connecting user's name (or `?` when the uid has none).
+        user: String,
+        /// The connecting uid.
+        uid: u32,
+        /// What was asked.
+        action: String,
+        /// Why not.
+        reason: String,
+    },
+    /// A gate's request is malformed (the field is named).
+    #[error("invalid `{field}`: {reason}")]
+    GateRequest {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A gate named a lease that was not taken through this socket (or was forgotten).
+    #[error("lease {lease_id} was not granted through this gate socket")]
+    GateUnknownLease {
+        /// The lease.
+        lease_id: String,
+    },
+    /// The scheduler could not be asked for a gate.
+    #[error("the scheduler cannot be reached: {reason}")]
+    GateUpstream {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The status a gate on the local socket receives for an error: the one place the agent's
+/// errors become gRPC codes.
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        match e {
+            Error::GateRefused { .. } => tonic::Status::permission_denied(msg),
+            Error::GateRequest { .. } => tonic::Status::invalid_argument(msg),
+            Error::GateUnknownLease { .. } => tonic::Status::not_found(msg),
+            Error::GateUpstream { .. } => tonic::Status::unavailable(msg),
+            _ => tonic::Status::internal(msg),
+        }
+    }
 }
 
 /// Shorthand for results of this crate.

@@ -9,7 +9,9 @@
 //!
 //! Map: [`config`] (TOML and defaults → validated settings), [`discover`] (`nix config`
 //! and host key parsers), [`sample`] (the pure `/proc`, `dscl` and build-counting parsers,
-//! and the sampler), [`backoff`], and the private session loop.
+//! and the sampler), [`backoff`], the private session loop, and [`gate`] (the local socket
+//! through which the builder-side gate reaches the scheduler without holding the builder's
+//! credential).
 //!
 //! Architecture invariant: parsers do no I/O; the session loop never blocks on anything but
 //! the scheduler and one sample's worth of `/proc` reads.
@@ -18,6 +20,7 @@ pub mod backoff;
 pub mod config;
 pub mod discover;
 mod error;
+pub mod gate;
 pub mod sample;
 mod session;
 
@@ -39,11 +42,54 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         () = shutdown.as_mut() => return Ok(()),
         settings = config.resolve() => settings?,
     };
-    run_with_settings(settings, shutdown).await;
+    // A gate socket that cannot be served is a configuration error, found at start.
+    let listener = gate::bind(&settings.gate)?;
+    run_with_listener(settings, listener, shutdown).await;
     Ok(())
 }
 
 /// Runs the agent on already resolved settings (tests adjust them, e.g. the proc root).
+/// A gate socket that cannot be bound is logged and left out.
 pub async fn run_with_settings(settings: Settings, shutdown: impl Future<Output = ()>) {
-    session::run(settings, shutdown).await;
+    let listener = gate::bind(&settings.gate).unwrap_or_else(|e| {
+        let e: &dyn std::error::Error = &e;
+        tracing::error!(error = e, "running without the gate socket");
+        None
+    });
+    run_with_listener(settings, listener, shutdown).await;
+}
+
+/// The capacity session, and the gate socket beside it when there is one: two tasks that
+/// never wait on each other, ended together by `shutdown`.
+async fn run_with_listener(
+    settings: Settings,
+    listener: Option<tokio::net::UnixListener>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let gate = listener.map(|l| {
+        tracing::info!(socket = ?settings.gate.socket, "serving the gate socket");
+        tokio::spawn(gate::serve(
+            l,
+            settings.gate.clone(),
+            settings.client.clone(),
+            settings.register.host_id.clone(),
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
+        ))
+    });
+    let path = settings.gate.socket.clone();
+    session::run(settings, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
+    if let Some(g) = gate {
+        // In-flight gate calls are bounded; do not wait past that.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), g).await;
+        if let Some(p) = path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }

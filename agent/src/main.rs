@@ -65,6 +65,9 @@ struct Cli {
     /// Build users group for counting builds; empty for none [default: Nix's `build-users-group`].
     #[arg(long, value_name = "GROUP")]
     build_users_group: Option<String>,
+    /// Serve the builder-side gate on this Unix socket (`[gate] socket`) [default: none].
+    #[arg(long, value_name = "PATH")]
+    gate_socket: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -130,6 +133,9 @@ impl Cli {
         }
         if let Some(v) = self.build_users_group {
             c.build_users_group = Some(v);
+        }
+        if let Some(v) = self.gate_socket {
+            c.gate.socket = Some(v);
         }
     }
 }

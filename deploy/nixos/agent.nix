@@ -33,6 +33,24 @@ in
       role = "agent";
       file = "agent's (agent.toml)";
     };
+    gateSocket = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default =
+        if (config.services.nixdispatch.gate.enable or false) then
+          "/run/nixdispatch-agent/gate.sock"
+        else
+          null;
+      defaultText = lib.literalExpression ''
+        if config.services.nixdispatch.gate.enable then "/run/nixdispatch-agent/gate.sock" else null
+      '';
+      description = ''
+        Serve the builder-side gate on this Unix socket (`[gate] socket`, docs/gate.md), so
+        that the gate, which runs as each member, never holds this builder's credential.
+        It must be in /run/nixdispatch-agent (the unit's RuntimeDirectory). The socket is
+        open to every local user (`settings.gate.mode`, default 0o666): the agent acts for
+        each as the user it is.
+      '';
+    };
     credentials = opts.credentials {
       unit = "nixdispatch-agent.service";
       example.token = "/var/lib/secrets/nixdispatch-agent.token";
@@ -40,6 +58,9 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    services.nixdispatch.agent.settings = lib.mkIf (cfg.gateSocket != null) {
+      gate.socket = lib.mkDefault cfg.gateSocket;
+    };
     systemd.services.nixdispatch-agent = {
       description = "nixdispatch agent: reports this builder's capacity to the scheduler";
       documentation = [ "https://github.com/nix-community/nixdispatch" ];
@@ -52,7 +73,13 @@ in
       ];
       path = [ config.nix.package ];
       environment.RUST_LOG = "info";
-      serviceConfig = units.agent;
+      serviceConfig =
+        units.agent
+        // lib.optionalAttrs (cfg.gateSocket != null) {
+          # The gate socket's directory; members' gates must reach the socket in it.
+          RuntimeDirectory = "nixdispatch-agent";
+          RuntimeDirectoryMode = "0755";
+        };
     };
   };
 }

@@ -32,6 +32,11 @@
     timing = {
       reconnect_max_millis = 30000;
     };
+    # The builder-side gate asks through this socket (services.nixdispatch.agent.gateSocket
+    # sets it where the gate is enabled).
+    gate = {
+      socket = "/run/nixdispatch-agent/gate.sock";
+    };
   };
 
   # services.nixdispatch.member.settings → the hook's NIXDISPATCH_HOOK_CONFIG file
@@ -48,7 +53,7 @@
 
   # services.nixdispatch.gate.settings → nixdispatch-gate --config (branch `gate`)
   gate = {
-    scheduler = "http://scheduler.example.org:50051";
+    agent_socket = "/run/nixdispatch-agent/gate.sock";
     host_id = "build01";
     log_file = "/var/log/nixdispatch/gate.log";
   };

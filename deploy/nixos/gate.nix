@@ -7,9 +7,12 @@
 #     settings = { scheduler = "http://scheduler.example.org:50051"; host_id = "build01"; };
 #   };
 #
-# The gate runs as the member (it is sshd's forced command, not a service), so it cannot get
-# systemd credentials: a `credential_file` in `settings` must be a file outside the Nix store
-# that the members' group may read.
+# The gate runs as the member (it is sshd's forced command, not a service), so it must not
+# hold the builder's credential: by default it asks the local agent through its gate socket
+# (`agentSocket`; services.nixdispatch.agent then serves it), and the agent, which holds the
+# credential, acts for each member as the Unix user the gate runs as. `agentSocket = null`
+# is the direct mode (`settings.scheduler`, `settings.credential_file`), where every gated
+# member can read that credential and act as the builder towards the scheduler.
 {
   config,
   lib,
@@ -39,6 +42,15 @@ in
         build-remote to import members' closures without signatures.
       '';
     };
+    agentSocket = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = "/run/nixdispatch-agent/gate.sock";
+      description = ''
+        The local agent's gate socket (the gate's `agent_socket`). null: the direct mode,
+        in which a `settings.credential_file` must be readable by every member (who can then
+        act as this builder towards the scheduler); docs/gate.md.
+      '';
+    };
     settings = opts.settings {
       role = "gate";
       file = "gate's (gate.toml)";
@@ -46,6 +58,9 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    services.nixdispatch.gate.settings = lib.mkIf (cfg.agentSocket != null) {
+      agent_socket = lib.mkDefault cfg.agentSocket;
+    };
     users.groups.${cfg.group} = { };
     nix.settings.trusted-users = lib.mkIf cfg.trustMembers [ "@${cfg.group}" ];
     # The gate logs as the member: a sticky directory every member may write to.

@@ -923,3 +923,71 @@ async fn a_gate_acquires_for_members_only_on_its_own_host() {
     let mine = leases.iter().find(|l| l.lease_id == hook.lease_id).unwrap();
     assert_eq!(mine.client_id, "alice");
 }
+
+/// A builder's credential keeps alive and releases its gate's leases on its own host (the
+/// gate cannot run as a member), re-attaches an unknown one for the member its details name
+/// only on its own host (a restart), and touches nothing on another host; operators hold
+/// no leases.
+#[tokio::test]
+async fn a_builder_keeps_and_ends_leases_only_on_its_own_host() {
+    let server = Server::start(auth_config()).await;
+    let mut real = real_agent(&server).await;
+    real.report().await.unwrap();
+    let mut gate = server.lease(Some("build01")).await;
+    let g = granted(
+        gate.acquire(AcquireRequest {
+            pin_host: "build01".into(),
+            ..acquire("bob", "kept")
+        })
+        .await
+        .unwrap()
+        .into_inner(),
+    );
+    let keep = |id: &str, host: &str| proto::KeepAliveRequest {
+        lease_id: id.into(),
+        host_id: host.into(),
+        client_id: "carol".into(),
+        system: "x86_64-linux".into(),
+        drv_path: "/nix/store/old.drv".into(),
+    };
+    gate.keep_alive(proto::KeepAliveRequest {
+        lease_id: g.lease_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("the builder keeps its gate's lease alive");
+    let e = server
+        .lease(Some("ops"))
+        .await
+        .keep_alive(keep(&g.lease_id, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "operators hold no leases");
+
+    let lost = "00112233445566778899aabbccddeeff";
+    let e = gate.keep_alive(keep(lost, "build02")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "another host's lease");
+    gate.keep_alive(keep(lost, "build01"))
+        .await
+        .expect("re-attached on its own host");
+    let leases = server.leases_of("ops").await;
+    let back = leases.iter().find(|l| l.lease_id == lost).unwrap();
+    assert_eq!(
+        (back.client_id.as_str(), back.host_id.as_str()),
+        ("carol", "build01")
+    );
+
+    for id in [&g.lease_id, &lost.to_owned()] {
+        let r = gate
+            .release(proto::ReleaseRequest {
+                lease_id: id.clone(),
+                outcome: proto::BuildOutcome::Succeeded as i32,
+                duration_millis: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.already_released);
+    }
+    assert!(server.leases_of("ops").await.is_empty());
+}

@@ -28,9 +28,19 @@ pub struct GateConfig {
     /// The scheduler's gRPC endpoint. Default `http://127.0.0.1:50051`, the scheduler's own
     /// default listen address.
     pub scheduler: String,
-    /// The builder's credential (a file holding its bearer token), the one its agent uses:
-    /// the gate speaks to the scheduler for this host, stating the member. Default none, for
-    /// schedulers that do not check credentials.
+    /// The agent's gate socket (its `[gate] socket`, e.g.
+    /// `/run/nixdispatch-agent/gate.sock`). When set, the gate asks the agent, which knows
+    /// the member from the socket's peer credentials and forwards with the builder's
+    /// credential: `scheduler`, `credential_file`, `ca_file` and `tls_domain` are then not
+    /// used. The recommended mode. Default none: the direct mode, asking the scheduler
+    /// itself.
+    pub agent_socket: Option<PathBuf>,
+    /// The direct mode's credential (a file holding the builder's bearer token): the gate
+    /// speaks to the scheduler for this host, stating the member. The gate runs as the
+    /// member, so the member can read this file and act as the builder towards the
+    /// scheduler: use `agent_socket` instead wherever members are not fully trusted (the
+    /// gate logs a warning when it reads a credential as a user other than root). Default
+    /// none, for schedulers that do not check credentials.
     pub credential_file: Option<PathBuf>,
     /// PEM file of the CA that signed the scheduler's certificate, the only one trusted for
     /// an `https://` scheduler (required there, as for the agent). Default none: a
@@ -113,6 +123,7 @@ impl Default for GateConfig {
         GateConfig {
             enabled: true,
             scheduler: "http://127.0.0.1:50051".to_owned(),
+            agent_socket: None,
             credential_file: None,
             ca_file: None,
             tls_domain: None,
@@ -167,11 +178,27 @@ impl GateConfig {
         if !(self.scheduler.starts_with("http://") || self.scheduler.starts_with("https://")) {
             return Err(invalid("scheduler", "must be an http:// or https:// URL"));
         }
-        if self.scheduler.starts_with("https://") && self.ca_file.is_none() {
+        // Through the agent's socket the scheduler's address is the agent's business.
+        if self.agent_socket.is_none()
+            && self.scheduler.starts_with("https://")
+            && self.ca_file.is_none()
+        {
             return Err(invalid(
                 "ca_file",
                 "is required for an https:// scheduler (the CA that signed its certificate)",
             ));
+        }
+        if let Some(socket) = &self.agent_socket {
+            if !socket.is_absolute() {
+                return Err(invalid("agent_socket", "must be an absolute path"));
+            }
+            if self.credential_file.is_some() {
+                return Err(invalid(
+                    "credential_file",
+                    "must not be set with agent_socket: the agent holds the builder's credential, \
+                     and a file the gate can read, the member can read",
+                ));
+            }
         }
         if let Some(id) = &self.host_id
             && !valid_id(id)
@@ -245,5 +272,29 @@ mod tests {
         let e =
             GateConfig::from_toml("[timeouts]\npoll_min_millis = 0", Path::new("g")).unwrap_err();
         assert!(e.to_string().contains("poll_min_millis"), "{e}");
+    }
+
+    /// With the agent's socket, a credential file is refused (the member could read it),
+    /// the socket must be an absolute path, and an https:// scheduler needs no CA here.
+    #[test]
+    fn agent_socket_refuses_a_credential_file() {
+        let e = GateConfig::from_toml(
+            "agent_socket = \"/run/a/gate.sock\"\ncredential_file = \"/etc/t\"",
+            Path::new("g"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("credential_file"), "{e}");
+        let e = GateConfig::from_toml("agent_socket = \"gate.sock\"", Path::new("g")).unwrap_err();
+        assert!(e.to_string().contains("agent_socket"), "{e}");
+        // The scheduler's address, TLS included, is the agent's business then.
+        let c = GateConfig::from_toml(
+            "agent_socket = \"/run/a/gate.sock\"\nscheduler = \"https://s:1\"",
+            Path::new("g"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.agent_socket.as_deref(),
+            Some(Path::new("/run/a/gate.sock"))
+        );
     }
 }

@@ -27,7 +27,7 @@ use super::session::{ClientEvent, Forward, Grammar, ServerEvent, Session};
 use super::worker::Worker;
 use super::{drv, error_chain, wait};
 use crate::client::ClientConfig;
-use crate::proto::{AcquireRequest, BuildOutcome, WaitForLeaseRequest};
+use crate::proto::{AcquireRequest, BuildOutcome, KeepAliveRequest, WaitForLeaseRequest};
 
 /// Read size of the relay: large, so that uploads move in few system calls.
 const CHUNK: usize = 256 * 1024;
@@ -75,6 +75,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
+    warn_readable_credential(&config);
     let (kind, words) = match command {
         _ if !config.enabled => return exec_shell(original.as_deref()),
         Command::Shell(_) | Command::Login => return exec_shell(original.as_deref()),
@@ -173,6 +174,25 @@ fn identity(args: &Args, config: &GateConfig) -> Result<(String, String), GateEr
     Ok((member, host_id))
 }
 
+/// The direct mode with a credential, run as anyone but root: the member this session runs
+/// as can read the builder's credential (the gate does), and with it act as the builder
+/// towards the scheduler. Said loudly in the log, every session; `agent_socket` fixes it.
+fn warn_readable_credential(config: &GateConfig) {
+    let Some(path) = &config.credential_file else {
+        return;
+    };
+    let uid = rustix::process::geteuid();
+    if uid.is_root() || std::fs::File::open(path).is_err() {
+        return;
+    }
+    tracing::warn!(
+        credential_file = %path.display(),
+        uid = uid.as_raw(),
+        "INSECURE: this member can read the builder's credential and act as the builder \
+         towards the scheduler; set agent_socket to the agent's gate socket instead (docs/gate.md)"
+    );
+}
+
 fn init_tracing(config: &GateConfig) {
     crate::diag::init_file_logging(config.log_file.as_deref(), &config.log_level);
 }
@@ -260,7 +280,9 @@ enum ServerSeen {
 enum LeaseCmd {
     /// A lease was granted for the build about to be forwarded.
     Hold {
-        lease_id: String,
+        /// The lease id and its details, for keep-alives that re-attach it after a
+        /// scheduler restart.
+        lease: KeepAliveRequest,
         every: Duration,
         since: Instant,
     },
@@ -277,10 +299,18 @@ struct Shared<G> {
 }
 
 fn scheduler_client(config: &GateConfig) -> Scheduler {
-    let mut c = ClientConfig::new(config.scheduler.clone());
-    c.credential_file = config.credential_file.clone();
-    c.ca_file = config.ca_file.clone();
-    c.tls_domain = config.tls_domain.clone();
+    let c = match &config.agent_socket {
+        // The agent's gate socket: no credential here, the agent adds the builder's.
+        Some(socket) => ClientConfig::new(format!("unix:{}", socket.display())),
+        None => {
+            let mut c = ClientConfig::new(config.scheduler.clone());
+            c.credential_file = config.credential_file.clone();
+            c.ca_file = config.ca_file.clone();
+            c.tls_domain = config.tls_domain.clone();
+            c
+        }
+    };
+    let mut c = c;
     c.connect_timeout = GateConfig::millis(config.timeouts.connect_millis);
     Scheduler::new(c, GateConfig::millis(config.timeouts.rpc_millis))
 }
@@ -663,7 +693,13 @@ async fn wait_for_slot<G: Grammar>(
                     show(wait::granted_text(&ctx.host_id, started.elapsed()));
                 }
                 let _ = shared.leases.send(LeaseCmd::Hold {
-                    lease_id,
+                    lease: KeepAliveRequest {
+                        lease_id,
+                        host_id: ctx.host_id.clone(),
+                        client_id: ctx.member.clone(),
+                        system: info.system.clone(),
+                        drv_path: op.drv_path.clone(),
+                    },
                     every: keep_alive_every,
                     since: Instant::now(),
                 });
@@ -795,7 +831,7 @@ async fn server_to_client<G: Grammar + Send + 'static>(
 /// Keeps the session's lease alive and releases it when the build's result went back, or
 /// when the session ends (the channel closes).
 async fn lease_keeper(mut sched: Scheduler, mut cmds: mpsc::UnboundedReceiver<LeaseCmd>) {
-    let mut current: Option<(String, Duration, Instant)> = None;
+    let mut current: Option<(KeepAliveRequest, Duration, Instant)> = None;
     loop {
         let every = current.as_ref().map(|c| c.1);
         let tick = async move {
@@ -806,31 +842,33 @@ async fn lease_keeper(mut sched: Scheduler, mut cmds: mpsc::UnboundedReceiver<Le
         };
         tokio::select! {
             cmd = cmds.recv() => match cmd {
-                Some(LeaseCmd::Hold { lease_id, every, since }) => {
-                    if let Some((old, _, at)) = current.replace((lease_id, every, since)) {
-                        sched.release(&old, BuildOutcome::Cancelled, at.elapsed()).await;
+                Some(LeaseCmd::Hold { lease, every, since }) => {
+                    if let Some((old, _, at)) = current.replace((lease, every, since)) {
+                        sched.release(&old.lease_id, BuildOutcome::Cancelled, at.elapsed()).await;
                     }
                 }
                 Some(LeaseCmd::BuildDone { ok }) => {
-                    if let Some((id, _, at)) = current.take() {
+                    if let Some((lease, _, at)) = current.take() {
                         let outcome = if ok { BuildOutcome::Succeeded } else { BuildOutcome::BuildFailed };
-                        sched.release(&id, outcome, at.elapsed()).await;
+                        sched.release(&lease.lease_id, outcome, at.elapsed()).await;
                     }
                 }
                 None => {
-                    if let Some((id, _, at)) = current.take() {
-                        sched.release(&id, BuildOutcome::Cancelled, at.elapsed()).await;
+                    if let Some((lease, _, at)) = current.take() {
+                        sched.release(&lease.lease_id, BuildOutcome::Cancelled, at.elapsed()).await;
                     }
                     return;
                 }
             },
             () = tick => {
-                if let Some((id, every, _)) = &mut current {
-                    match sched.keep_alive(id).await {
+                if let Some((lease, every, _)) = &mut current {
+                    match sched.keep_alive(lease).await {
                         // A grant from the queue starts with a short claim window; the
                         // first keep-alive gives the full TTL.
                         Ok(next) => *every = next,
-                        Err(error) => tracing::warn!(lease_id = %id, %error, "keep-alive failed"),
+                        // After a scheduler restart: `NOT_FOUND` until this host's agent has
+                        // registered again; the next keep-alive re-attaches the lease.
+                        Err(error) => tracing::warn!(lease_id = %lease.lease_id, %error, "keep-alive failed"),
                     }
                 }
             }

@@ -266,15 +266,14 @@ impl Scheduler {
     }
 
     /// Extends a lease; returns how often to keep it alive from now on (a third of its new
-    /// TTL: a `WaitForLease` grant starts with a short claim window).
-    pub(super) async fn keep_alive(&mut self, lease_id: &str) -> Result<Duration, String> {
-        // Without the re-attach details: a scheduler that restarted has forgotten the lease,
-        // and the gate then holds the build on for the rest of its session unqueued (it
-        // fails open) rather than re-counting a slot under a lease it cannot describe.
-        let request = KeepAliveRequest {
-            lease_id: lease_id.to_owned(),
-            ..KeepAliveRequest::default()
-        };
+    /// TTL: a `WaitForLease` grant starts with a short claim window). `request` carries the
+    /// lease's details, so that a scheduler that restarted re-attaches the lease and the
+    /// build stays counted (the agent's gate socket fills them in from its own record).
+    pub(super) async fn keep_alive(
+        &mut self,
+        request: &KeepAliveRequest,
+    ) -> Result<Duration, String> {
+        let request = request.clone();
         self.call(|mut c| async move { c.keep_alive(request).await })
             .await
             .map(|r| keep_alive_every(r.lease_ttl_millis))

@@ -31,6 +31,9 @@ pub struct GateOpts {
     pub nix_store: Option<String>,
     /// Also set `ForceCommand` (member = the sshd user) for keys without a `command=`.
     pub force_command: bool,
+    /// Ask the builder's agent through its gate socket (`Env::gate_sockets`) instead of
+    /// the scheduler, with no credential in the gate's configuration.
+    pub agent_socket: bool,
 }
 
 impl Default for GateOpts {
@@ -41,6 +44,7 @@ impl Default for GateOpts {
             nix_daemon: std::env::var("NIXDISPATCH_E2E_BUILDER_NIX_DAEMON").ok(),
             nix_store: std::env::var("NIXDISPATCH_E2E_BUILDER_NIX_STORE").ok(),
             force_command: false,
+            agent_socket: false,
         }
     }
 }
@@ -94,7 +98,12 @@ impl Env {
             opts.fail_closed,
             log.display()
         );
-        if self.secure {
+        if opts.agent_socket {
+            config.push_str(&format!(
+                "agent_socket = \"{}\"\n",
+                d.join(format!("gate_{id}.sock")).display()
+            ));
+        } else if self.secure {
             // The builder's own credential, as its agent has it, and the scheduler's CA.
             config.push_str(&format!(
                 "credential_file = \"{0}/secrets/host-{id}.token\"\nca_file = \"{0}/secrets/ca.pem\"\ntls_domain = \"localhost\"\n",

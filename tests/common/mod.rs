@@ -429,6 +429,9 @@ pub struct Env {
     /// one member, one operator and every builder provisioned with its own token; agents,
     /// hook and admin calls carry their credentials and pin the CA. Set before starting.
     pub secure: bool,
+    /// Agents serve the gate socket (`<dir>/gate_<id>.sock`), letting root (every member's
+    /// login on the builders here) name members.
+    pub gate_sockets: bool,
 }
 
 impl Env {
@@ -555,6 +558,7 @@ impl Env {
             scheduler: None,
             runtime,
             secure: false,
+            gate_sockets: false,
         }
     }
 
@@ -724,6 +728,18 @@ impl Env {
                     .arg("--ca-file")
                     .arg(d.join("secrets/ca.pem"))
                     .args(["--tls-domain", "localhost"]);
+            }
+            if self.gate_sockets {
+                let config = d.join(format!("agent_{}.toml", spec.id));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "[gate]\nsocket = \"{}\"\nmay_name_members = [\"root\"]\n",
+                        d.join(format!("gate_{}.sock", spec.id)).display()
+                    ),
+                )
+                .unwrap();
+                cmd.arg("--config").arg(config);
             }
             if !spec.discover {
                 cmd.args([

@@ -1,6 +1,7 @@
 //! Free space of a file system, with `statvfs(3)` (Linux and macOS alike).
 //!
-//! This is the crate's only `unsafe`: one FFI call with a pointer to a local buffer. The
+//! One of the crate's two `unsafe` uses (the other is `gate::passwd`): one FFI call with a
+//! pointer to a local buffer. The
 //! workspace denies `unsafe_code`; we allow it here because `std` has no `statvfs`, and
 //! the alternatives are a new dependency for one call or `sysinfo`'s disk list, which
 //! statvfs's *every* mount on each refresh and has to guess which mount holds a path.

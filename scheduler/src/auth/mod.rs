@@ -123,15 +123,34 @@ impl Caller {
         }
     }
 
-    /// Who holds a lease this caller keeps alive or releases: `Some(member)` (only its own
-    /// leases), or `None` in the open mode (anyone's).
-    pub fn holder(&self, action: &str) -> Result<Option<ClientId>, Error> {
+    /// Which leases this caller may keep alive or release: a member's own, a builder's
+    /// on its own host (its gate's, held for the members it names there), or, in the open
+    /// mode, anyone's. Operators hold none.
+    pub fn lease_scope(&self, action: &str) -> Result<LeaseScope, Error> {
         match &self.identity {
-            Identity::Member(m) => Ok(Some(m.clone())),
-            Identity::Open => Ok(None),
-            Identity::Operator(_) | Identity::Host(_) => {
-                Err(self.denied(action, "only members hold leases"))
+            Identity::Member(m) => Ok(LeaseScope::Member(m.clone())),
+            Identity::Host(h) => Ok(LeaseScope::Host(h.clone())),
+            Identity::Open => Ok(LeaseScope::Anyone),
+            Identity::Operator(_) => {
+                Err(self.denied(action, "only members and builders hold leases"))
             }
+        }
+    }
+
+    /// Refuses `action` on a lease of host `lease_host` to a builder other than that host.
+    pub fn require_lease_host(
+        &self,
+        on: &HostId,
+        lease_host: &HostId,
+        action: &str,
+    ) -> Result<(), Error> {
+        if on == lease_host {
+            Ok(())
+        } else {
+            Err(self.denied(
+                format!("{action} on host `{lease_host}`"),
+                "a host's credential reaches only the leases on its own host",
+            ))
         }
     }
 
@@ -164,6 +183,17 @@ impl Caller {
             )),
         }
     }
+}
+
+/// Which leases a caller may keep alive or release ([`Caller::lease_scope`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseScope {
+    /// Its own (a member's credential).
+    Member(ClientId),
+    /// Those on this host (a builder's credential, for its gate).
+    Host(HostId),
+    /// Anyone's (the open mode).
+    Anyone,
 }
 
 /// The credentials the scheduler knows and the builders operators provisioned; shared by

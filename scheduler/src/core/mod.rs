@@ -649,6 +649,11 @@ impl Scheduler {
         change
     }
 
+    /// The host of live lease `id`, if it is live.
+    pub fn lease_host(&self, id: &LeaseId) -> Option<&HostId> {
+        self.ledger.get(id).map(|l| &l.host)
+    }
+
     /// How a remembered lease ended.
     pub fn lease_end(&self, id: &LeaseId) -> Option<LeaseEnd> {
         self.ledger.ended(id)

@@ -10,7 +10,7 @@ use tracing::{debug, instrument};
 
 use super::{Shared, WaitStream, convert, metrics};
 use crate::Error;
-use crate::auth::{Caller, Identity};
+use crate::auth::{Caller, Identity, LeaseScope};
 use crate::core::{Decision, Error as CoreError, LeaseRequest, WaitAnswer};
 
 /// Serves leases to build hooks.
@@ -142,16 +142,34 @@ impl lease_service_server::LeaseService for LeaseService {
         &self,
         request: Request<proto::KeepAliveRequest>,
     ) -> Result<Response<proto::KeepAliveResponse>, Status> {
-        let holder = Caller::of(&request)?.holder("keep a lease alive")?;
+        let caller = Caller::of(&request)?;
+        let scope = caller.lease_scope("keep a lease alive")?;
         let (id, details) = convert::keep_alive(request.get_ref()).map_err(rejected)?;
         let now = self.shared.now();
         let ttl = {
             let mut core = self.shared.core();
-            match (core.keep_alive_by(now, &id, holder.as_ref()), &details) {
+            let (holder, host) = match &scope {
+                LeaseScope::Member(m) => (Some(m), None),
+                LeaseScope::Host(h) => (None, Some(h)),
+                LeaseScope::Anyone => (None, None),
+            };
+            // A builder (its gate) keeps alive only the leases on its own host, live or to
+            // re-attach.
+            if let Some(on) = host {
+                let lease_host = core
+                    .lease_host(&id)
+                    .cloned()
+                    .or_else(|| details.as_ref().map(|d| d.host.clone()));
+                if let Some(lease_host) = lease_host {
+                    caller.require_lease_host(on, &lease_host, "keep a lease alive")?;
+                }
+            }
+            match (core.keep_alive_by(now, &id, holder), &details) {
                 // Unknown here (a restart): re-attached with the details, for the caller's
-                // own member when credentials are on (the details' client id is a label).
+                // own member when a member's credential is used (the details' client id is
+                // a label); a builder's names the member, on its own host only (above).
                 (Err(CoreError::UnknownLease { .. }), Some(d)) => {
-                    let client = holder.clone().unwrap_or_else(|| d.client.clone());
+                    let client = holder.cloned().unwrap_or_else(|| d.client.clone());
                     core.reattach(now, &id, &d.host, &client, &d.system, &d.drv_path)
                 }
                 (result, _) => result,
@@ -169,17 +187,28 @@ impl lease_service_server::LeaseService for LeaseService {
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
-        let holder = Caller::of(&request)?.holder("release a lease")?;
+        let caller = Caller::of(&request)?;
+        let scope = caller.lease_scope("release a lease")?;
         let (id, outcome) = convert::release(request.get_ref()).map_err(rejected)?;
         let span = tracing::Span::current();
         span.record("lease", id.as_str());
         span.record("outcome", outcome.as_str());
         let now = self.shared.now();
-        let already_released = self
-            .shared
-            .core()
-            .release_by(now, &id, holder.as_ref(), outcome)
-            .map_err(Error::from)?;
+        let already_released = {
+            let mut core = self.shared.core();
+            let holder = match &scope {
+                LeaseScope::Member(m) => Some(m),
+                LeaseScope::Host(on) => {
+                    if let Some(lease_host) = core.lease_host(&id) {
+                        caller.require_lease_host(on, lease_host, "release a lease")?;
+                    }
+                    None
+                }
+                LeaseScope::Anyone => None,
+            };
+            core.release_by(now, &id, holder, outcome)
+                .map_err(Error::from)?
+        };
         self.shared.deliver();
         if !already_released {
             metrics::release(outcome.as_str());
