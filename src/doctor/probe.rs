@@ -48,6 +48,10 @@ pub async fn facts() -> Facts {
         match std::fs::read(format!("/proc/{pid}/environ")) {
             Ok(raw) => {
                 let vars = split_nul(&raw);
+                facts.hook_config = vars.iter().find_map(|v| {
+                    v.strip_prefix("NIXDISPATCH_HOOK_CONFIG=")
+                        .map(str::to_owned)
+                });
                 env = CONFIG_ENV
                     .iter()
                     .map(|name| {
