@@ -155,7 +155,9 @@ fn doctor_checks_the_scheduler_the_credential_and_every_builder() {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        rcgen::CertifiedIssuer::self_signed(params, key).unwrap().pem()
+        rcgen::CertifiedIssuer::self_signed(params, key)
+            .unwrap()
+            .pem()
     };
     std::fs::write(secrets.join("other-ca.pem"), other_ca).unwrap();
     let foreign = variant(
@@ -230,5 +232,8 @@ fn doctor_tells_a_wrong_host_key_from_a_refused_login() {
     assert_eq!(code, 1);
     let (status, summary, _) = check(&report, "scheduler");
     assert_eq!(status, "fail");
-    assert!(summary.starts_with(&format!("cannot reach {url}")), "{summary}");
+    assert!(
+        summary.starts_with(&format!("cannot reach {url}")),
+        "{summary}"
+    );
 }

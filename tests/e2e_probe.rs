@@ -58,16 +58,12 @@ fn a_dead_builder_is_skipped_before_anyone_waits() {
 
     let i = env.builders.iter().position(|b| b.id == "bdead").unwrap();
     env.builders[i].endpoint = None;
-    let reason = wait_for(
-        Duration::from_secs(20),
-        "the probe takes bdead out",
-        || {
-            let h = hosts(&env).into_iter().find(|h| h.host_id == "bdead")?;
-            h.unavailable_reason
-                .contains("SSH probe failed")
-                .then_some(h)
-        },
-    );
+    let reason = wait_for(Duration::from_secs(20), "the probe takes bdead out", || {
+        let h = hosts(&env).into_iter().find(|h| h.host_id == "bdead")?;
+        h.unavailable_reason
+            .contains("SSH probe failed")
+            .then_some(h)
+    });
     // Its agent still reports: only the probe knows it is dead.
     assert_eq!(reason.state(), HostState::Ready, "{reason:?}");
     let explained = env

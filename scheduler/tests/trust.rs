@@ -586,7 +586,10 @@ async fn members_list_their_builders_and_nobody_else_does() {
     assert_eq!(r.member, "bob");
     assert_eq!(r.builders.len(), 1, "{r:?}");
     let b = &r.builders[0];
-    assert_eq!((b.host_id.as_str(), b.store_uri.as_str()), ("build01", "ssh-ng://build01"));
+    assert_eq!(
+        (b.host_id.as_str(), b.store_uri.as_str()),
+        ("build01", "ssh-ng://build01")
+    );
     assert_eq!(
         String::from_utf8(base64_decode(&b.host_public_key_base64)).unwrap(),
         KEY.rsplit_once(' ').unwrap().0

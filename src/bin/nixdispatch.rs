@@ -186,8 +186,8 @@ async fn doctor(
     use nixdispatch::hook::config::HookConfig;
     let facts = nixdispatch::doctor::probe::facts().await;
     let mut report = nixdispatch::doctor::diagnose(&facts, &hook.unwrap_or_else(default_hook));
-    let path = hook_config
-        .unwrap_or_else(|| HookConfig::path_from_env(facts.hook_config.as_deref()));
+    let path =
+        hook_config.unwrap_or_else(|| HookConfig::path_from_env(facts.hook_config.as_deref()));
     match HookConfig::load(&path) {
         Ok(config) => {
             report.checks.push(Check {

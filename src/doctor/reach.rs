@@ -168,8 +168,7 @@ fn unusable(e: &ClientError) -> SchedulerOutcome {
             "set `ca_file` to the PEM of the CA that signed the scheduler's certificate",
         ),
         ClientError::MissingCa { .. } => {
-            "set `ca_file` to the PEM of the CA that signed the scheduler's certificate"
-                .to_owned()
+            "set `ca_file` to the PEM of the CA that signed the scheduler's certificate".to_owned()
         }
         ClientError::Tls { .. } | ClientError::Connect { .. } => {
             "check `ca_file` and `tls_domain` in the hook's configuration".to_owned()
@@ -223,10 +222,7 @@ async fn run_ssh(
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     match tokio::time::timeout(SSH_TIMEOUT, cmd.output()).await {
-        Err(_) => SshOutcome::Unreachable(format!(
-            "no answer within {} s",
-            SSH_TIMEOUT.as_secs()
-        )),
+        Err(_) => SshOutcome::Unreachable(format!("no answer within {} s", SSH_TIMEOUT.as_secs())),
         Ok(Err(e)) => SshOutcome::Other(format!("cannot run ssh: {e}")),
         Ok(Ok(out)) => super::remote::classify_ssh(
             out.status.code(),

@@ -259,20 +259,12 @@ pub fn classify_ssh(code: Option<i32>, stdout: &str, stderr: &str) -> SshOutcome
     let last = |text: &str| {
         text.lines()
             .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("@@@"))
-            .next_back()
+            .rfind(|l| !l.is_empty() && !l.starts_with("@@@"))
             .unwrap_or("no message")
             .to_owned()
     };
     match code {
-        Some(0) => SshOutcome::Ok(
-            stdout
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned(),
-        ),
+        Some(0) => SshOutcome::Ok(stdout.lines().next().unwrap_or_default().trim().to_owned()),
         Some(255) => {
             let has = |needles: &[&str]| needles.iter().any(|n| stderr.contains(n));
             if has(&[
@@ -395,21 +387,14 @@ pub fn builder_check(b: &BuilderResult, identity: Option<&str>) -> Check {
             Some(format!(
                 "the builder's admins must put Nix on the login PATH of {user} (build-remote \
                  runs `{}` there)",
-                target
-                    .as_ref()
-                    .map_or("nix-daemon --stdio", |t| if t.ng {
-                        "nix-daemon --stdio"
-                    } else {
-                        "nix-store --serve"
-                    })
+                target.as_ref().map_or("nix-daemon --stdio", |t| if t.ng {
+                    "nix-daemon --stdio"
+                } else {
+                    "nix-store --serve"
+                })
             )),
         ),
-        SshOutcome::Other(detail) => check(
-            name,
-            Status::Fail,
-            format!("{uri}: {detail}"),
-            None,
-        ),
+        SshOutcome::Other(detail) => check(name, Status::Fail, format!("{uri}: {detail}"), None),
     }
 }
 
@@ -436,7 +421,13 @@ mod tests {
         assert!(args.contains(&"-oUserKnownHostsFile=/tmp/kh".to_owned()));
         assert_eq!(
             args[args.len() - 5..],
-            ["-i", "/etc/nix/id", "root@builder1", "--", "nix-daemon --version"]
+            [
+                "-i",
+                "/etc/nix/id",
+                "root@builder1",
+                "--",
+                "nix-daemon --version"
+            ]
         );
         let t = SshTarget::parse("ssh://[::1]:2222?compress=true").unwrap();
         assert_eq!((t.ng, t.host.as_str(), t.port), (false, "::1", Some(2222)));
@@ -463,7 +454,11 @@ mod tests {
             SshOutcome::KeyMismatch(d) if d == "Host key verification failed."
         ));
         assert!(matches!(
-            classify_ssh(Some(255), "", "root@127.0.0.1: Permission denied (publickey).\n"),
+            classify_ssh(
+                Some(255),
+                "",
+                "root@127.0.0.1: Permission denied (publickey).\n"
+            ),
             SshOutcome::AuthFailed(_)
         ));
         assert!(matches!(
@@ -475,7 +470,11 @@ mod tests {
             SshOutcome::Unreachable(_)
         ));
         assert!(matches!(
-            classify_ssh(Some(127), "", "bash: line 1: nix-daemon: command not found\n"),
+            classify_ssh(
+                Some(127),
+                "",
+                "bash: line 1: nix-daemon: command not found\n"
+            ),
             SshOutcome::NixMissing(_)
         ));
         assert_eq!(

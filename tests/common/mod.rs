@@ -452,7 +452,9 @@ fn bind_shared_port(n: usize) -> (Vec<(String, TcpListener)>, u16) {
             .unwrap()
             .as_nanos() as u64;
     for attempt in 0..64u64 {
-        let x = seed.wrapping_mul(6364136223846793005).wrapping_add(attempt * 1442695040888963407);
+        let x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(attempt * 1442695040888963407);
         let (a, b) = (((x >> 24) % 250 + 2) as u8, ((x >> 40) % 250 + 2) as u8);
         let addr = |i: usize| format!("127.{a}.{b}.{}", 10 + i);
         let Ok(first) = TcpListener::bind((addr(0).as_str(), 0)) else {

@@ -8,10 +8,10 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use tracing::{debug, instrument};
 
+use super::admin::HOSTS_PAGE;
 use super::{Shared, WaitStream, convert, metrics};
 use crate::Error;
 use crate::auth::{Caller, Identity};
-use super::admin::HOSTS_PAGE;
 use crate::core::{Decision, Error as CoreError, HostId, HostState, LeaseRequest, WaitAnswer};
 
 /// Serves leases to build hooks.
