@@ -178,8 +178,8 @@ fn doctor_checks_the_scheduler_the_credential_and_every_builder() {
 }
 
 /// A builder registered with another host key than its real one is a key mismatch (never
-/// accepted), and an identity the builders do not authorize is a refused login; a
-/// scheduler that is not there is unreachable.
+/// accepted), an identity the builders do not authorize is a refused login, a login that
+/// finds no Nix is told as such; a scheduler that is not there is unreachable.
 #[test]
 fn doctor_tells_a_wrong_host_key_from_a_refused_login() {
     let mut bad = BuilderSpec::new("bbad", 1);
@@ -226,6 +226,26 @@ fn doctor_tells_a_wrong_host_key_from_a_refused_login() {
         fix.contains(&format!("authorize {}.pub for", stranger.display())),
         "{fix}"
     );
+
+    // b1's logins find no Nix: its sshd (started per connection, so reading its
+    // configuration anew) gives sessions a PATH without it.
+    let sshd_config = env.path().join("sshd_b1.config");
+    let text = std::fs::read_to_string(&sshd_config).unwrap();
+    let line = text.lines().find(|l| l.starts_with("SetEnv ")).unwrap();
+    std::fs::write(
+        &sshd_config,
+        text.replace(line, &format!("{line} PATH=/nonexistent")),
+    )
+    .unwrap();
+    let (code, report) = doctor(&env, &config);
+    assert_eq!(code, 1);
+    let (status, summary, fix) = check(&report, "builder b1");
+    assert_eq!(status, "fail", "{report:#}");
+    assert!(
+        summary.contains("no Nix there") && summary.contains("nix-daemon"),
+        "{summary}"
+    );
+    assert!(fix.contains("Nix on the login PATH"), "{fix}");
 
     env.stop_scheduler();
     let (code, report) = doctor(&env, &config);

@@ -323,7 +323,7 @@ pub fn builder_check(b: &BuilderResult, identity: Option<&str>) -> Check {
     let user = target
         .as_ref()
         .and_then(|t| t.user.clone())
-        .unwrap_or_else(|| "the login user".to_owned());
+        .unwrap_or_else(|| "the user ssh logs in as".to_owned());
     let who = identity.map_or_else(
         || "ssh's default identities".to_owned(),
         |i| format!("{i}.pub"),
