@@ -188,6 +188,12 @@ async fn doctor(
     let mut report = nixdispatch::doctor::diagnose(&facts, &hook.unwrap_or_else(default_hook));
     let path =
         hook_config.unwrap_or_else(|| HookConfig::path_from_env(facts.hook_config.as_deref()));
+    // The daemon's ssh options, which its builds use; else this shell's.
+    let sshopts = facts
+        .nix_sshopts
+        .clone()
+        .or_else(|| std::env::var("NIX_SSHOPTS").ok())
+        .unwrap_or_default();
     match HookConfig::load(&path) {
         Ok(config) => {
             report.checks.push(Check {
@@ -206,7 +212,7 @@ async fn doctor(
             });
             report
                 .checks
-                .extend(nixdispatch::doctor::reach::checks(&config).await);
+                .extend(nixdispatch::doctor::reach::checks(&config, &sshopts).await);
         }
         Err(e) => report.checks.push(Check {
             name: "hook-config".into(),

@@ -40,6 +40,8 @@ pub struct Facts {
     /// `NIXDISPATCH_HOOK_CONFIG` in the daemon's environment: the hook's configuration file
     /// the daemon's hook reads.
     pub hook_config: Option<String>,
+    /// `NIX_SSHOPTS` in the daemon's environment: the ssh options its builds use.
+    pub nix_sshopts: Option<String>,
 }
 
 /// A running `nix-daemon`.
@@ -386,6 +388,7 @@ mod tests {
             nix_conf: Some(("/etc/nix/nix.conf".to_owned(), conf.to_owned())),
             notes: Vec::new(),
             hook_config: None,
+            nix_sshopts: None,
         }
     }
 

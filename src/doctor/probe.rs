@@ -48,10 +48,13 @@ pub async fn facts() -> Facts {
         match std::fs::read(format!("/proc/{pid}/environ")) {
             Ok(raw) => {
                 let vars = split_nul(&raw);
-                facts.hook_config = vars.iter().find_map(|v| {
-                    v.strip_prefix("NIXDISPATCH_HOOK_CONFIG=")
-                        .map(str::to_owned)
-                });
+                let var = |name: &str| {
+                    let prefix = format!("{name}=");
+                    vars.iter()
+                        .find_map(|v| v.strip_prefix(&prefix).map(str::to_owned))
+                };
+                facts.hook_config = var("NIXDISPATCH_HOOK_CONFIG");
+                facts.nix_sshopts = var("NIX_SSHOPTS");
                 env = CONFIG_ENV
                     .iter()
                     .map(|name| {

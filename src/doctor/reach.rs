@@ -28,8 +28,9 @@ const SSH_CONNECT_SECS: u64 = 10;
 const SSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything beyond this machine: the scheduler's check, then the SSH identity's when it
-/// cannot be read, then one check per builder the member may be sent to.
-pub async fn checks(config: &HookConfig) -> Vec<Check> {
+/// cannot be read, then one check per builder the member may be sent to, with `sshopts`
+/// (the daemon's `NIX_SSHOPTS`) before ssh's other arguments, as Nix puts them.
+pub async fn checks(config: &HookConfig, sshopts: &str) -> Vec<Check> {
     let (outcome, builders) = scheduler(config).await;
     let mut out = vec![scheduler_check(&config.scheduler, &outcome)];
     let identity = config
@@ -52,10 +53,9 @@ pub async fn checks(config: &HookConfig) -> Vec<Check> {
             }),
         });
     }
-    let sshopts = std::env::var("NIX_SSHOPTS").unwrap_or_default();
     let mut runs = tokio::task::JoinSet::new();
     for (i, b) in builders.into_iter().enumerate() {
-        let (identity, sshopts) = (identity.clone(), sshopts.clone());
+        let (identity, sshopts) = (identity.clone(), sshopts.to_owned());
         runs.spawn(async move {
             let outcome = ssh(&b, identity.as_deref(), &sshopts).await;
             let result = BuilderResult {
