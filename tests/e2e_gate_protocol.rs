@@ -250,6 +250,13 @@ impl nixdispatch::proto::lease_service_server::LeaseService for OldScheduler {
     ) -> Result<tonic::Response<nixdispatch::proto::ReleaseResponse>, tonic::Status> {
         Err(tonic::Status::not_found("no lease"))
     }
+
+    async fn list_builders(
+        &self,
+        _: tonic::Request<nixdispatch::proto::ListBuildersRequest>,
+    ) -> Result<tonic::Response<nixdispatch::proto::ListBuildersResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("ListBuilders"))
+    }
 }
 
 /// With a scheduler that predates `WaitForLease`, the gate polls a pinned `Acquire`

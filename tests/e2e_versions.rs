@@ -106,7 +106,10 @@ fn assert_built_through_hook(env: &Env, member: &Member, run: &NixRun, tag: &str
     assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
     let (healthy, report) = doctor(env, member);
     assert!(
-        healthy && report.contains("ok    build-hook  nixdispatch-hook"),
+        healthy
+            && report.contains("ok    build-hook   nixdispatch-hook")
+            && report.contains("ok    scheduler    ")
+            && report.contains("ok    builder b1   "),
         "{report}"
     );
 }
@@ -173,7 +176,7 @@ fn member_2_26_with_hook_only_in_nix_conf_never_runs_it() {
     let (healthy, report) = doctor(&env, &member);
     assert!(!healthy, "{report}");
     assert!(
-        report.contains("FAIL  build-hook  the daemon runs `/usr/bin/nix __build-remote`")
+        report.contains("FAIL  build-hook   the daemon runs `/usr/bin/nix __build-remote`")
             && report.contains(&format!(
                 "fix: nix (Nix) 2.26.3 ignores `build-hook = {}`",
                 member.hook.display()

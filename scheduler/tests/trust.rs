@@ -569,6 +569,46 @@ async fn members_see_only_their_own_leases() {
 }
 
 /// With `open_reads`, members may list hosts and capacity, but still only their own leases.
+/// A member lists the builders it may be sent to with their machines-line fields and
+/// pinned key (what its doctor checks), named as itself; operators, builders and unknown
+/// callers cannot.
+#[tokio::test]
+async fn members_list_their_builders_and_nobody_else_does() {
+    let server = Server::start(auth_config()).await;
+    let _real = real_agent(&server).await;
+    let r = server
+        .lease(Some("bob"))
+        .await
+        .list_builders(proto::ListBuildersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.member, "bob");
+    assert_eq!(r.builders.len(), 1, "{r:?}");
+    let b = &r.builders[0];
+    assert_eq!(
+        (b.host_id.as_str(), b.store_uri.as_str()),
+        ("build01", "ssh-ng://build01")
+    );
+    assert_eq!(
+        String::from_utf8(base64_decode(&b.host_public_key_base64)).unwrap(),
+        KEY.rsplit_once(' ').unwrap().0
+    );
+    for (who, code) in [
+        (None, Code::Unauthenticated),
+        (Some("ops"), Code::PermissionDenied),
+        (Some("build01"), Code::PermissionDenied),
+    ] {
+        let e = server
+            .lease(who)
+            .await
+            .list_builders(proto::ListBuildersRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{who:?}: {e:?}");
+    }
+}
+
 #[tokio::test]
 async fn open_reads_open_the_read_only_calls_to_members() {
     let mut config = auth_config();

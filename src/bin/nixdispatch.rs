@@ -113,13 +113,20 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         features: Vec<String>,
     },
-    /// On a member's machine: which build hook the running nix-daemon really uses, and what
-    /// to change when it is not nixdispatch-hook. Exits 1 when something must change.
+    /// On a member's machine: which build hook the running nix-daemon really uses, whether
+    /// the scheduler is reached and takes the hook's credential, and whether every builder
+    /// the member may be sent to answers over SSH with its pinned host key; a one-line fix
+    /// for each problem. Run it as the user nix-daemon runs as (root). Exits 1 when
+    /// something must change. Uses the hook's configuration, not the flags above.
     Doctor {
         /// The installed nixdispatch-hook to recommend [default: the one next to this
         /// program, else /usr/local/bin/nixdispatch-hook].
         #[arg(long)]
         hook: Option<PathBuf>,
+        /// The hook's configuration file [default: NIXDISPATCH_HOOK_CONFIG of the running
+        /// nix-daemon, else /etc/nixdispatch/hook.toml].
+        #[arg(long, env = "NIXDISPATCH_HOOK_CONFIG")]
+        hook_config: Option<PathBuf>,
     },
     /// The quotas in force, or change one (then the quotas after the change).
     Quota {
@@ -168,10 +175,55 @@ fn default_hook() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/local/bin/nixdispatch-hook"))
 }
 
-/// `nixdispatch doctor`: needs no scheduler.
-async fn doctor(hook: Option<PathBuf>, json: bool) -> anyhow::Result<(String, bool)> {
+/// `nixdispatch doctor`: this machine's Nix, then the scheduler and the builders as the
+/// hook's configuration reaches them.
+async fn doctor(
+    hook: Option<PathBuf>,
+    hook_config: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<(String, bool)> {
+    use nixdispatch::doctor::{Check, Status};
+    use nixdispatch::hook::config::HookConfig;
     let facts = nixdispatch::doctor::probe::facts().await;
-    let report = nixdispatch::doctor::diagnose(&facts, &hook.unwrap_or_else(default_hook));
+    let mut report = nixdispatch::doctor::diagnose(&facts, &hook.unwrap_or_else(default_hook));
+    let path =
+        hook_config.unwrap_or_else(|| HookConfig::path_from_env(facts.hook_config.as_deref()));
+    // The daemon's ssh options, which its builds use; else this shell's.
+    let sshopts = facts
+        .nix_sshopts
+        .clone()
+        .or_else(|| std::env::var("NIX_SSHOPTS").ok())
+        .unwrap_or_default();
+    match HookConfig::load(&path) {
+        Ok(config) => {
+            report.checks.push(Check {
+                name: "hook-config".into(),
+                status: Status::Ok,
+                summary: if path.exists() {
+                    format!("{} (scheduler {})", path.display(), config.scheduler)
+                } else {
+                    format!(
+                        "{} does not exist: the defaults apply (scheduler {})",
+                        path.display(),
+                        config.scheduler
+                    )
+                },
+                fix: None,
+            });
+            report
+                .checks
+                .extend(nixdispatch::doctor::reach::checks(&config, &sshopts).await);
+        }
+        Err(e) => report.checks.push(Check {
+            name: "hook-config".into(),
+            status: Status::Fail,
+            summary: nixdispatch::diag::error_chain(&e),
+            fix: Some(format!(
+                "correct {} (docs/hook.md has a commented example)",
+                path.display()
+            )),
+        }),
+    }
     let out = if json {
         serde_json::to_string_pretty(&report.json())? + "\n"
     } else {
@@ -276,8 +328,8 @@ async fn drain_and_wait(
 
 /// Runs the command; returns what to print and whether all is well.
 async fn run(args: Args) -> anyhow::Result<(String, bool)> {
-    if let Command::Doctor { hook } = args.command {
-        return doctor(hook, args.json).await;
+    if let Command::Doctor { hook, hook_config } = args.command {
+        return doctor(hook, hook_config, args.json).await;
     }
     let mut config = ClientConfig::new(args.scheduler);
     config.credential_file = args.credential_file;

@@ -9,10 +9,14 @@
 //!
 //! Layers: [`Facts`] is what the I/O layer ([`probe`]) collected, as captured text; every
 //! parser and [`diagnose`] are pure, so they are tested on captured inputs. The report is a
-//! list of [`Check`]s: later checks (scheduler, credential, SSH to the builders) add entries
-//! to it without touching these.
+//! list of [`Check`]s. Beyond this machine, [`reach`] asks the scheduler with the hook's
+//! configuration for the builders the member may be sent to and runs `ssh` to each with
+//! its pinned host key; [`remote`] judges what that gave (scheduler unreachable, TLS,
+//! credential refused; host key mismatch, login refused, unreachable, no Nix).
 
 pub mod probe;
+pub mod reach;
+pub mod remote;
 
 use std::path::Path;
 
@@ -33,6 +37,11 @@ pub struct Facts {
     pub nix_conf: Option<(String, String)>,
     /// What could not be found out, and why (shown in the report).
     pub notes: Vec<String>,
+    /// `NIXDISPATCH_HOOK_CONFIG` in the daemon's environment: the hook's configuration file
+    /// the daemon's hook reads.
+    pub hook_config: Option<String>,
+    /// `NIX_SSHOPTS` in the daemon's environment: the ssh options its builds use.
+    pub nix_sshopts: Option<String>,
 }
 
 /// A running `nix-daemon`.
@@ -164,8 +173,8 @@ impl Status {
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
-    /// What was checked, e.g. `build-hook`.
-    pub name: &'static str,
+    /// What was checked, e.g. `build-hook` or `builder b1`.
+    pub name: String,
     /// How it came out.
     pub status: Status,
     /// What was found.
@@ -188,9 +197,9 @@ impl Report {
     }
 }
 
-fn check(name: &'static str, status: Status, summary: String, fix: Option<String>) -> Check {
+fn check(name: impl Into<String>, status: Status, summary: String, fix: Option<String>) -> Check {
     Check {
-        name,
+        name: name.into(),
         status,
         summary,
         fix,
@@ -378,6 +387,8 @@ mod tests {
             config_json: Some(config.to_owned()),
             nix_conf: Some(("/etc/nix/nix.conf".to_owned(), conf.to_owned())),
             notes: Vec::new(),
+            hook_config: None,
+            nix_sshopts: None,
         }
     }
 

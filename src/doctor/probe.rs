@@ -48,6 +48,13 @@ pub async fn facts() -> Facts {
         match std::fs::read(format!("/proc/{pid}/environ")) {
             Ok(raw) => {
                 let vars = split_nul(&raw);
+                let var = |name: &str| {
+                    let prefix = format!("{name}=");
+                    vars.iter()
+                        .find_map(|v| v.strip_prefix(&prefix).map(str::to_owned))
+                };
+                facts.hook_config = var("NIXDISPATCH_HOOK_CONFIG");
+                facts.nix_sshopts = var("NIX_SSHOPTS");
                 env = CONFIG_ENV
                     .iter()
                     .map(|name| {

@@ -177,6 +177,7 @@ fn run_ok(cmd: &mut Command) {
 /// `sshd -i` inside the builder's namespaces.
 pub struct SshEndpoint {
     pub port: u16,
+    addr: std::net::SocketAddr,
     stop: Arc<AtomicBool>,
     sessions: Arc<Mutex<Vec<Child>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -189,7 +190,8 @@ impl SshEndpoint {
         sshd_config: PathBuf,
         log: PathBuf,
     ) -> SshEndpoint {
-        let port = listener.local_addr().unwrap().port();
+        let addr = listener.local_addr().unwrap();
+        let port = addr.port();
         let stop = Arc::new(AtomicBool::new(false));
         let sessions: Arc<Mutex<Vec<Child>>> = Arc::default();
         let (stop2, sessions2) = (stop.clone(), sessions.clone());
@@ -221,6 +223,7 @@ impl SshEndpoint {
         });
         SshEndpoint {
             port,
+            addr,
             stop,
             sessions,
             thread: Some(thread),
@@ -232,7 +235,7 @@ impl Drop for SshEndpoint {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees the flag and drops the listener.
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        let _ = TcpStream::connect(self.addr);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -432,12 +435,64 @@ pub struct Env {
     /// Agents serve the gate socket (`<dir>/gate_<id>.sock`), letting root (every member's
     /// login on the builders here) name members.
     pub gate_sockets: bool,
+    /// Appended to the scheduler's configuration (TOML), e.g. a `[probe]` section. Set
+    /// before starting.
+    pub scheduler_extra: String,
+    /// With [`Env::new_probed`]: the port every builder's sshd listens on, each on a
+    /// loopback address of its own (the scheduler's `[probe] default_port`).
+    pub shared_ssh_port: Option<u16>,
+}
+
+/// Binds one listener per builder, each on its own loopback address and all on the same
+/// port, so that a store URI `ssh-ng://<address>` (Nix 2.8 URIs carry no port) is reachable
+/// both by members (through ssh_config's `Port`) and by the scheduler's own SSH probe (its
+/// `default_port`). Addresses are drawn at random in 127.0.0.0/8 and bound at once; a clash
+/// with another test draws again.
+fn bind_shared_port(n: usize) -> (Vec<(String, TcpListener)>, u16) {
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+    for attempt in 0..64u64 {
+        let x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(attempt * 1442695040888963407);
+        let (a, b) = (((x >> 24) % 250 + 2) as u8, ((x >> 40) % 250 + 2) as u8);
+        let addr = |i: usize| format!("127.{a}.{b}.{}", 10 + i);
+        let Ok(first) = TcpListener::bind((addr(0).as_str(), 0)) else {
+            continue;
+        };
+        let port = first.local_addr().unwrap().port();
+        let mut all = vec![(addr(0), first)];
+        for i in 1..n {
+            match TcpListener::bind((addr(i).as_str(), port)) {
+                Ok(l) => all.push((addr(i), l)),
+                Err(_) => break,
+            }
+        }
+        if all.len() == n {
+            return (all, port);
+        }
+    }
+    panic!("cannot bind {n} loopback addresses on one port");
 }
 
 impl Env {
     /// Sets up the builders (their sshd endpoints and stores), keys and ssh_config; no
     /// scheduler yet.
     pub fn new(specs: &[BuilderSpec]) -> Env {
+        Env::create(specs, false)
+    }
+
+    /// Like [`Env::new`], but each builder's store URI is `ssh-ng://<its loopback address>`
+    /// and all listen on one port ([`Env::shared_ssh_port`]), so that the scheduler's SSH
+    /// probe reaches them at the address their store URI names, as members do.
+    pub fn new_probed(specs: &[BuilderSpec]) -> Env {
+        Env::create(specs, true)
+    }
+
+    fn create(specs: &[BuilderSpec], probed: bool) -> Env {
         require_prerequisites();
         std::fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
         // Under /tmp whatever TMPDIR says: machines in chroots see the host's /tmp at the
@@ -474,8 +529,20 @@ impl Env {
         let ssh_config = d.join("ssh_config");
         let mut cfg = String::new();
         let mut builders = Vec::new();
+        let (mut shared, shared_ssh_port) = if probed {
+            let (l, port) = bind_shared_port(specs.len());
+            (l.into_iter(), Some(port))
+        } else {
+            (Vec::new().into_iter(), None)
+        };
         for spec in specs {
-            let alias = format!("{}-{}", id, spec.id);
+            let (alias, listener) = match shared.next() {
+                Some((address, listener)) => (address, listener),
+                None => (
+                    format!("{}-{}", id, spec.id),
+                    TcpListener::bind("127.0.0.1:0").unwrap(),
+                ),
+            };
             keygen(&format!("host-{}", spec.id));
             let root = d.join(spec.id);
             std::fs::create_dir_all(root.join("nix/store")).unwrap();
@@ -510,8 +577,8 @@ impl Env {
             )
             .unwrap();
             let machine = Namespace::start(&root, spec.nix.chroot().as_deref());
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = listener.local_addr().unwrap().port();
+            let local = listener.local_addr().unwrap();
+            let (host_ip, port) = (local.ip(), local.port());
             let endpoint = if spec.up {
                 Some(SshEndpoint::start(
                     listener,
@@ -527,7 +594,7 @@ impl Env {
             // Strict checking against an empty known_hosts: only the key Nix pins from the
             // machines line (`-oUserKnownHostsFile=...`, matched through HostKeyAlias) works.
             cfg.push_str(&format!(
-                "Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  HostKeyAlias {alias}\n  User root\n  \
+                "Host {alias}\n  HostName {host_ip}\n  Port {port}\n  HostKeyAlias {alias}\n  User root\n  \
                  IdentitiesOnly yes\n  StrictHostKeyChecking yes\n  UserKnownHostsFile {}/keys/known_hosts_empty\n  \
                  GlobalKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n  ConnectTimeout 10\n",
                 d.display()
@@ -559,6 +626,8 @@ impl Env {
             runtime,
             secure: false,
             gate_sockets: false,
+            scheduler_extra: String::new(),
+            shared_ssh_port,
         }
     }
 
@@ -595,8 +664,9 @@ impl Env {
             format!("[leases]\nttl_millis = 3000\n[agents]\nreport_interval_millis = 1000\n\
              [admission]\nmin_free_store_percent = 0.0\nmin_free_store_bytes = 0\n\
              min_free_build_dir_percent = 0.0\nmin_free_build_dir_bytes = 0\n\
-             max_cpu_some_pressure = 100.0\nmax_memory_full_pressure = 100.0\nmax_io_full_pressure = 100.0\n{}",
-            if self.secure { self.secure_scheduler_config() } else { String::new() }
+             max_cpu_some_pressure = 100.0\nmax_memory_full_pressure = 100.0\nmax_io_full_pressure = 100.0\n{}{}",
+            if self.secure { self.secure_scheduler_config() } else { String::new() },
+            self.scheduler_extra,
         ))
         .unwrap();
         let address_file = d.join("scheduler.addr");

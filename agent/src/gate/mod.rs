@@ -29,8 +29,8 @@ use nixdispatch::proto::lease_service_client::LeaseServiceClient;
 use nixdispatch::proto::lease_service_server::{LeaseService, LeaseServiceServer};
 use nixdispatch::proto::{
     AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, KeepAliveResponse,
-    ReleaseRequest, ReleaseResponse, WaitForLeaseRequest, WaitForLeaseResponse, acquire_response,
-    wait_for_lease_response,
+    ListBuildersRequest, ListBuildersResponse, ReleaseRequest, ReleaseResponse,
+    WaitForLeaseRequest, WaitForLeaseResponse, acquire_response, wait_for_lease_response,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
@@ -593,5 +593,16 @@ impl LeaseService for GateService {
                 .remove(&lease_id);
         }
         Ok(Response::new(answer?))
+    }
+
+    /// Not served here: the gate never needs it, and a member lists its builders from its
+    /// own machine with its own credential (`nixdispatch doctor`).
+    async fn list_builders(
+        &self,
+        _request: Request<ListBuildersRequest>,
+    ) -> std::result::Result<Response<ListBuildersResponse>, Status> {
+        Err(Status::unimplemented(
+            "the agent's gate socket serves only what the gate needs; ask the scheduler",
+        ))
     }
 }

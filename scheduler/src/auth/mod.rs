@@ -154,6 +154,21 @@ impl Caller {
         }
     }
 
+    /// The member whose builders this caller may list: `Some(member)`, or `None` in the
+    /// open mode (no members). Operators and hosts are refused: only members are sent to
+    /// builders, and operators list the fleet with `ListHosts`.
+    pub fn builders_view(&self) -> Result<Option<ClientId>, Error> {
+        match &self.identity {
+            Identity::Member(m) => Ok(Some(m.clone())),
+            Identity::Open => Ok(None),
+            Identity::Operator(_) | Identity::Host(_) => Err(self.denied(
+                "list a member's builders",
+                "only members are sent to builders; use a member's credential \
+                 (operators: ListHosts)",
+            )),
+        }
+    }
+
     /// Refuses an agent session for host `id` unless this caller is that host's agent (or
     /// the open mode).
     pub fn require_host(&self, id: &HostId) -> Result<(), Error> {

@@ -695,6 +695,22 @@ impl From<HostView> for proto::HostStatus {
     }
 }
 
+/// A host as a member's machine reaches it: its machines-line fields, nothing else.
+impl From<HostView> for proto::Builder {
+    fn from(h: HostView) -> Self {
+        proto::Builder {
+            host_id: h.spec.id.to_string(),
+            host_public_key_base64: base64::engine::general_purpose::STANDARD
+                .encode(&h.spec.public_key),
+            store_uri: h.spec.store_uri,
+            systems: strings(&h.spec.systems),
+            supported_features: strings(&h.spec.supported_features),
+            mandatory_features: strings(&h.spec.mandatory_features),
+            unavailable_reason: h.unavailable_reason.unwrap_or_default(),
+        }
+    }
+}
+
 impl From<LeaseView> for proto::LeaseStatus {
     fn from(l: LeaseView) -> Self {
         proto::LeaseStatus {

@@ -8,10 +8,11 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 use tracing::{debug, instrument};
 
+use super::admin::HOSTS_PAGE;
 use super::{Shared, WaitStream, convert, metrics};
 use crate::Error;
 use crate::auth::{Caller, Identity, LeaseScope};
-use crate::core::{Decision, Error as CoreError, LeaseRequest, WaitAnswer};
+use crate::core::{Decision, Error as CoreError, HostId, HostState, LeaseRequest, WaitAnswer};
 
 /// Serves leases to build hooks.
 #[derive(Debug, Clone)]
@@ -218,5 +219,39 @@ impl lease_service_server::LeaseService for LeaseService {
             );
         }
         Ok(Response::new(proto::ReleaseResponse { already_released }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn list_builders(
+        &self,
+        request: Request<proto::ListBuildersRequest>,
+    ) -> Result<Response<proto::ListBuildersResponse>, Status> {
+        let member = Caller::of(&request)?.builders_view()?;
+        // In pages, as `ListHosts` reads them: a member's doctor must not hold up other
+        // members' requests for the whole of a large fleet.
+        let mut builders = Vec::new();
+        let mut after: Option<HostId> = None;
+        loop {
+            let now = self.shared.now();
+            let page = self
+                .shared
+                .core()
+                .hosts_page(now, after.as_ref(), HOSTS_PAGE);
+            let full = page.len() == HOSTS_PAGE;
+            after = page.last().map(|h| h.spec.id.clone());
+            builders.extend(
+                page.into_iter()
+                    .filter(|h| matches!(h.state, HostState::Ready | HostState::Stale))
+                    .map(proto::Builder::from),
+            );
+            if !full {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(Response::new(proto::ListBuildersResponse {
+            member: member.map(|m| m.to_string()).unwrap_or_default(),
+            builders,
+        }))
     }
 }
