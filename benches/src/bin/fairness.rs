@@ -198,8 +198,8 @@ fn main() -> anyhow::Result<()> {
          `fairness`): one x86_64-linux builder with 6 slots; one member submits 500 \
          independent builds at t = 0; ten members submit 5 builds each at random times \
          between 60 s and 1,860 s. Durations are the simulator's heavy-tailed ones (median \
-         40 s, mean about 165 s, 1 % take 1-3 h): the flood is about 23 builder-hours, so it \
-         holds the builder for the whole time the others submit. The same runs without the \
+         40 s, 1 % take 1-3 h): the flood is 21 to 28 builder-hours (seeds 1-3), 3.5 to 4.6 \
+         hours of all six slots, so it holds the builder for the whole time the others submit. The same runs without the \
          flood (`fairness-baseline`) give each row's reference.\n"
     )?;
     writeln!(
