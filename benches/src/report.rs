@@ -188,7 +188,9 @@ pub fn markdown(reports: &[ScenarioReport], command: &str, fleet_hosts_table: bo
         s,
         "- **wait** of a build = finish - ready - its run time on its host at full speed: the \
          time it was not progressing at full speed (waiting for a slot, for the client's next \
-         5 s poll, or sharing an oversubscribed host). **queue** = start - ready only.\n\
+         5 s poll, or sharing an oversubscribed host). **queue** = start - ready only. \
+         nixdispatch's policies wait in the core's queue (`WaitForLease`, as today's hook \
+         does); stock Nix and `least-loaded+poll` poll every 5 s.\n\
          - **LB** = max(total work / total capacity, longest build, longest dependency chain, \
          work confined to a group of hosts / its capacity), all with arrival times.\n\
          - **util** = work done / (slots x speed x end), per host: mean (min-max).\n\
@@ -196,7 +198,8 @@ pub fn markdown(reports: &[ScenarioReport], command: &str, fleet_hosts_table: bo
          - **oversub** = the most builds any host ran at once / its slots.\n\
          - *Italic rows* are not the core as it is: `least-loaded+fresh` is nixdispatch's \
          policy with agents reporting on every change (no stale `running_builds`), \
-         `fastest-free` a policy proposed by these benchmarks, plugged into the real core.\n"
+         `fastest-free` a policy proposed by these benchmarks, plugged into the real core, \
+         `least-loaded+poll` nixdispatch with old hooks that poll instead of waiting.\n"
     );
     for r in reports {
         let (hosts, slots, builds, clients, outside) = r.shape;

@@ -37,6 +37,8 @@ pub fn built_in(name: &str, seed: u64) -> anyhow::Result<Scenario> {
     match name {
         "community" => Ok(community(seed)),
         "large" => Ok(large(seed)),
+        "fairness" => Ok(fairness(seed, true)),
+        "fairness-baseline" => Ok(fairness(seed, false)),
         other => anyhow::bail!(
             "unknown scenario `{other}`, expected one of {}",
             BUILT_IN.join(", ")

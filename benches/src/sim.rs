@@ -5,17 +5,29 @@
 //! - **Hosts** run builds by processor sharing: each running build progresses at
 //!   `speed * min(1, slots / running)`. A host given more builds than slots (stock Nix, or
 //!   load from outside the scheduler) gets no more work done, it only stretches every build
-//!   on it. This is the kindest model of oversubscription (real hosts also thrash memory and
-//!   fail SSH starts), so it flatters the policies that oversubscribe. With
-//!   [`SimConfig::oversubscription_penalty`] `a > 0` an oversubscribed host also loses
-//!   efficiency: its rate is divided by `1 + a * (running / slots - 1)`.
+//!   on it. With [`SimConfig::oversubscription_loss`] `L > 0` an oversubscribed host also
+//!   loses efficiency: running `k = running / slots > 1` times its slots it does a fraction
+//!   `1 - L * (1 - 1/k)` of its full-speed work, a loss that grows with `k` but never
+//!   exceeds `L` (cache and memory-bandwidth contention saturate; measured by
+//!   `benches/oversub-calibrate.sh`, see `docs/benchmarks/oversubscription.md`). It does
+//!   not model memory exhaustion (OOM kills, swapping) or failed SSH starts, which are a
+//!   cliff rather than a slope, so it still flatters the policies that oversubscribe.
 //! - **Agents** report every `report_interval` at a per-host phase drawn from the seed, with
 //!   the number of builds running on the host (scheduled and outside ones): what the
 //!   scheduler knows of outside load is up to one interval old.
 //! - **Clients** are Nix daemons with `max-jobs = 0`: a build is asked for the moment it is
-//!   ready; a postponed build waits in the daemon's `waitingForAWhile` list, which the daemon
-//!   wakes every `poll_interval` (Nix's `build-poll-interval`, 5 s) and retries in order.
-//!   Every policy is driven the same way, so every policy pays the same polling granularity.
+//!   ready. Under nixdispatch's policies (every policy that sees global load) the hook waits
+//!   as it does today: a build that finds no host waits on `WaitForLease`, that is in the
+//!   core's queue (`Scheduler::wait`), and starts the instant the core hands it a slot
+//!   (`Scheduler::take_handouts`, drained after every core call that can free one). Stock
+//!   Nix, and nixdispatch with old hooks ([`Variant::Polling`]), poll: a postponed build
+//!   waits in the daemon's `waitingForAWhile` list, which the daemon wakes every
+//!   `poll_interval` (Nix's `build-poll-interval`, 5 s) and retries in order.
+//! - **Derivations** are `/nix/store/<hash>-<id>.drv`: the core learns each name's
+//!   duration from its releases, and a trace's ids are unique, so within one run nothing is
+//!   learned per name (only the overall mean). With [`SimConfig::known_durations`] the core
+//!   starts with every build's duration already learned (as the scheduler's database has
+//!   it for derivations built before), each off by a seeded lognormal error.
 //! - **Leases** are released the instant the build finishes; their TTL is set beyond the
 //!   simulated horizon, so keep-alives are not modelled (they do not affect placement).
 //!
@@ -28,9 +40,9 @@ use std::time::Duration;
 
 use anyhow::bail;
 use nixdispatch_scheduler::core::{
-    BuildOutcome, Candidate, ClientId, CoreConfig, Decision, Feature, HostId, HostReport, HostSpec,
-    LeaseId, LeaseRequest, Policy, PolicyKind, Scheduler, SplitMix64, System, Time, WaitAnswer,
-    WaiterId,
+    BuildOutcome, Candidate, ClientId, CoreConfig, Decision, DurationStat, Feature, HostId,
+    HostReport, HostSpec, LeaseId, LeaseRequest, Policy, PolicyKind, QueueSnapshot, Quotas,
+    Scheduler, SplitMix64, System, Time, WaitAnswer, WaiterId,
 };
 
 use crate::trace::{Fleet, Trace};
@@ -47,10 +59,10 @@ pub enum Variant {
     /// [`FastestFree`], a policy proposed by these benchmarks, plugged into the real core
     /// through its public [`Policy`] trait.
     FastestFree,
-    /// nixdispatch's policy with the scheduler's queue: a build that finds no host waits
-    /// in `Scheduler::wait` (as a hook does after `# accept`) instead of polling, and gets
-    /// the slot its turn brings the instant it frees.
-    Queue,
+    /// nixdispatch's policy with old hooks that poll (`Acquire` answered `postpone`, asked
+    /// again every 5 s) instead of waiting in the queue: first come, first served at poll
+    /// time, as nixdispatch was before the waiting queue.
+    Polling,
 }
 
 impl Variant {
@@ -59,7 +71,7 @@ impl Variant {
         let mut v: Vec<Variant> = PolicyKind::ALL.iter().map(|&k| Variant::Core(k)).collect();
         v.push(Variant::FreshReports);
         v.push(Variant::FastestFree);
-        v.push(Variant::Queue);
+        v.push(Variant::Polling);
         v
     }
 
@@ -69,15 +81,24 @@ impl Variant {
             Variant::Core(k) => k.as_str(),
             Variant::FreshReports => "least-loaded+fresh",
             Variant::FastestFree => "fastest-free",
-            Variant::Queue => "least-loaded+queue",
+            Variant::Polling => "least-loaded+poll",
         }
     }
 
     fn policy(self) -> Box<dyn Policy> {
         match self {
             Variant::Core(k) => k.build(),
-            Variant::FreshReports | Variant::Queue => PolicyKind::LeastLoaded.build(),
+            Variant::FreshReports | Variant::Polling => PolicyKind::LeastLoaded.build(),
             Variant::FastestFree => Box::new(FastestFree),
+        }
+    }
+
+    /// Whether its clients wait in the core's queue (today's hook) rather than poll:
+    /// nixdispatch's policies do, stock Nix and [`Variant::Polling`] do not.
+    pub fn waits(self) -> bool {
+        match self {
+            Variant::Polling => false,
+            v => v.policy().sees_global_load(),
         }
     }
 }
@@ -148,10 +169,16 @@ pub struct SimConfig {
     pub poll_interval: Duration,
     /// Stop with an error when simulated time passes this (a bound on the loop).
     pub horizon: Duration,
-    /// Efficiency lost by an oversubscribed host: with `running > slots` its total rate is
-    /// divided by `1 + penalty * (running / slots - 1)` (memory pressure, cache thrash).
-    /// 0, the published default, charges nothing.
-    pub oversubscription_penalty: f64,
+    /// The most efficiency an oversubscribed host loses, `L` in `[0, 1)`: running
+    /// `k = running / slots > 1` times its slots, its total rate is `1 - L * (1 - 1/k)` of
+    /// its full-speed rate (cache and memory contention). 0 charges nothing.
+    pub oversubscription_loss: f64,
+    /// `Some(sigma)`: the core starts knowing every build's duration (as learned from
+    /// earlier builds of the same derivation), each multiplied by `exp(sigma * N(0,1))`;
+    /// `None`: it learns only from this run's releases.
+    pub known_durations: Option<f64>,
+    /// The core's quotas (e.g. a default per-member maximum of slots).
+    pub quotas: Quotas,
 }
 
 impl SimConfig {
@@ -163,7 +190,9 @@ impl SimConfig {
             report_interval: Duration::from_secs(10),
             poll_interval: Duration::from_secs(5),
             horizon: Duration::from_secs(30 * 86_400),
-            oversubscription_penalty: 0.0,
+            oversubscription_loss: 0.0,
+            known_durations: None,
+            quotas: Quotas::default(),
         }
     }
 }
@@ -230,8 +259,8 @@ struct HostRt {
     version: u64,
     work_done_ms: f64,
     peak: u32,
-    /// [`SimConfig::oversubscription_penalty`].
-    penalty: f64,
+    /// [`SimConfig::oversubscription_loss`].
+    loss: f64,
 }
 
 impl HostRt {
@@ -241,8 +270,9 @@ impl HostRt {
             0.0
         } else {
             let slots = f64::from(self.slots);
-            let over = (n / slots - 1.0).max(0.0);
-            self.speed * (slots / n).min(1.0) / (1.0 + self.penalty * over)
+            let share = (slots / n).min(1.0);
+            // `share = 1/k`: the loss is `L * (1 - 1/k)`, 0 up to the slots, at most `L`.
+            self.speed * share * (1.0 - self.loss * (1.0 - share))
         }
     }
 
@@ -302,7 +332,7 @@ struct Sim<'a> {
     records: Vec<JobRecord>,
     remaining: usize,
     acquires: u64,
-    /// With [`Variant::Queue`]: the build each queued waiter is.
+    /// Under a waiting variant: the build each queued waiter is.
     waiting: HashMap<WaiterId, usize>,
 }
 
@@ -317,9 +347,32 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
         // A simulated fleet starts in steady state, not after a restart.
         startup_window: Duration::ZERO,
         startup_hold: Duration::ZERO,
+        quotas: cfg.quotas.clone(),
         ..CoreConfig::default()
     };
     let mut core = Scheduler::new(core_cfg, cfg.variant.policy(), cfg.seed);
+    if let Some(sigma) = cfg.known_durations {
+        let mut rng = SplitMix64::new(cfg.seed ^ 0x0d0e_a710);
+        let durations = trace
+            .jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| j.host.is_none())
+            .map(|(i, j)| {
+                let err = (sigma * standard_normal(&mut rng)).exp();
+                let stat = DurationStat {
+                    mean_millis: j.duration_s * 1000.0 * err,
+                    samples: 1,
+                };
+                (drv_name_of(i, &j.id), stat)
+            })
+            .collect();
+        core.restore_queue(QueueSnapshot {
+            quotas: cfg.quotas.clone(),
+            durations,
+            usage: Vec::new(),
+        });
+    }
     let mut hosts = Vec::with_capacity(fleet.hosts.len());
     let mut host_index = HashMap::new();
     for (k, h) in fleet.hosts.iter().enumerate() {
@@ -351,7 +404,7 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
             version: 0,
             work_done_ms: 0.0,
             peak: 0,
-            penalty: cfg.oversubscription_penalty,
+            loss: cfg.oversubscription_loss,
         });
     }
 
@@ -377,7 +430,7 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
             system: System::new(&j.system),
             features: j.features.iter().map(Feature::new).collect(),
             client,
-            drv: format!("/nix/store/{}.drv", j.id),
+            drv: format!("/nix/store/{:032}-{}.drv", i, drv_name_of(i, &j.id)),
             missing_deps: trace.deps[i].len(),
             arrived: false,
             ready: 0,
@@ -411,6 +464,33 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
         waiting: HashMap::new(),
     };
     sim.run()
+}
+
+/// The derivation name of build `i`: its id, made a valid store path name (ids are free
+/// text in traces) and unique.
+fn drv_name_of(i: usize, id: &str) -> String {
+    let clean: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "+-._?=".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        format!("build{i}")
+    } else {
+        clean
+    }
+}
+
+/// A standard normal deviate (Box-Muller).
+fn standard_normal(rng: &mut SplitMix64) -> f64 {
+    let u1 = rng.unit().max(1e-12);
+    let u2 = rng.unit();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 fn ms(s: f64) -> u64 {
@@ -544,7 +624,7 @@ impl Sim<'_> {
         };
         self.acquires += 1;
         self.jobs[i].asks += 1;
-        if self.cfg.variant == Variant::Queue {
+        if self.cfg.variant.waits() {
             return match self.core.wait(Time::from_millis(now), &req, None) {
                 WaitAnswer::Granted(g) => {
                     let h = self.host_index[&g.host.id];
@@ -698,7 +778,7 @@ impl Sim<'_> {
 mod tests {
     use super::*;
 
-    fn host(slots: u32, running: usize, penalty: f64) -> HostRt {
+    fn host(slots: u32, running: usize, loss: f64) -> HostRt {
         HostRt {
             id: HostId::new("h"),
             generation: nixdispatch_scheduler::core::Generation(1),
@@ -709,18 +789,23 @@ mod tests {
             version: 0,
             work_done_ms: 0.0,
             peak: 0,
-            penalty,
+            loss,
         }
     }
 
     /// Processor sharing: up to its slots each build runs at full speed; beyond, the host's
-    /// total stays `slots * speed` without a penalty and shrinks with one.
+    /// total stays `slots * speed` without a loss, and with one shrinks by `L * (1 - 1/k)`,
+    /// never by more than `L` however many builds it runs.
     #[test]
     fn oversubscription_rate() {
         assert_eq!(host(4, 2, 0.5).rate(), 2.0);
         assert_eq!(host(4, 4, 0.5).rate(), 2.0);
         assert_eq!(host(4, 8, 0.0).rate(), 1.0);
-        // 8 builds on 4 slots: half speed each, and 1 / (1 + 0.5 * 1) of that.
-        assert!((host(4, 8, 0.5).rate() - 2.0 / 3.0).abs() < 1e-12);
+        // 8 builds on 4 slots: half speed each, and 1 - 0.5 * (1 - 1/2) of that.
+        assert!((host(4, 8, 0.5).rate() - 0.75).abs() < 1e-12);
+        // Bounded: 4,000 builds on 4 slots do at least (1 - L) of the host's work.
+        let h = host(4, 4000, 0.5);
+        let total = h.rate() * 4000.0;
+        assert!(total > 8.0 * 0.5 && total < 8.0 * 0.501, "{total}");
     }
 }

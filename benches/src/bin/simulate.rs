@@ -15,11 +15,13 @@ use nixdispatch_benches::report::{ScenarioReport, markdown, svg};
 use nixdispatch_benches::scenario::{self, Scenario};
 use nixdispatch_benches::sim::{SimConfig, Variant, simulate};
 use nixdispatch_benches::trace::{Fleet, Trace};
+use nixdispatch_scheduler::core::Quotas;
 
 #[derive(Parser, Debug)]
 #[command(about = "Placement-quality simulator: every policy on the same trace and seed")]
 struct Args {
-    /// A built-in scenario (`community`, `large`) or `all`; ignored with `--trace`.
+    /// A built-in scenario (`community`, `large`, `fairness`, `fairness-baseline`) or `all`
+    /// (the first two); ignored with `--trace`.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Seed of the scenario generator, the core's tie-breaks and the report phases.
@@ -43,17 +45,37 @@ struct Args {
     /// Also write each scenario's trace and fleet into this directory, then simulate.
     #[arg(long)]
     emit: Option<PathBuf>,
-    /// Efficiency an oversubscribed host loses: its rate is divided by
-    /// `1 + P * (running / slots - 1)`. 0 (the default) charges nothing.
+    /// The most efficiency an oversubscribed host loses, L in [0, 1): running k times its
+    /// slots it does `1 - L * (1 - 1/k)` of its work. 0 (the default) charges nothing;
+    /// `docs/benchmarks/oversubscription.md` has the measured value.
     #[arg(long, default_value_t = 0.0)]
-    oversubscription_penalty: f64,
+    oversubscription_loss: f64,
+    /// The core starts knowing every build's duration (from earlier builds), each off by a
+    /// lognormal error of this sigma (0: exact). Default: it learns only during the run.
+    #[arg(long)]
+    known_durations: Option<f64>,
+    /// A default quota: at most this many slots per member (the core's
+    /// `default_member_max_slots`). Default: none.
+    #[arg(long)]
+    member_max_slots: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        args.oversubscription_penalty.is_finite() && args.oversubscription_penalty >= 0.0,
-        "--oversubscription-penalty must be a number >= 0"
+        (0.0..1.0).contains(&args.oversubscription_loss),
+        "--oversubscription-loss must be a number in [0, 1), got {}",
+        args.oversubscription_loss
+    );
+    if let Some(s) = args.known_durations {
+        anyhow::ensure!(
+            s.is_finite() && s >= 0.0,
+            "--known-durations must be a number >= 0, got {s}"
+        );
+    }
+    anyhow::ensure!(
+        args.member_max_slots != Some(0),
+        "--member-max-slots must be at least 1"
     );
     let scenarios: Vec<Scenario> = match (&args.trace, &args.fleet) {
         (Some(t), Some(f)) => vec![Scenario {
@@ -89,7 +111,12 @@ fn main() -> anyhow::Result<()> {
         for &p in &policies {
             let started = std::time::Instant::now();
             let cfg = SimConfig {
-                oversubscription_penalty: args.oversubscription_penalty,
+                oversubscription_loss: args.oversubscription_loss,
+                known_durations: args.known_durations,
+                quotas: Quotas {
+                    default_member_max_slots: args.member_max_slots,
+                    ..Quotas::default()
+                },
                 ..SimConfig::new(p, args.seed)
             };
             let r = simulate(&sc.trace, &sc.fleet, &cfg)
