@@ -677,7 +677,10 @@ mod tests {
             );
             assert!(err.to_string().contains("store_uri"), "{err}");
         }
-        for uri in ["ssh-ng://nix@build01.example.org", "ssh://root@127.0.0.1:2222"] {
+        for uri in [
+            "ssh-ng://nix@build01.example.org",
+            "ssh://root@127.0.0.1:2222",
+        ] {
             let config = Config {
                 store_uri: Some(uri.into()),
                 ..explicit(dir.path())

@@ -662,12 +662,24 @@ async fn one_member_cannot_queue_without_bound() {
     let server = Server::start(config).await;
     let _real = real_agent(&server).await;
     let mut alice = server.lease(Some("alice")).await;
-    granted(alice.acquire(acquire("alice", "d0")).await.unwrap().into_inner());
+    granted(
+        alice
+            .acquire(acquire("alice", "d0"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let postponed = |r: proto::AcquireResponse| match r.outcome {
         Some(Outcome::Postpone(p)) => p,
         other => panic!("expected a postponement, got {other:?}"),
     };
-    postponed(alice.acquire(acquire("alice", "p1")).await.unwrap().into_inner());
+    postponed(
+        alice
+            .acquire(acquire("alice", "p1"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let _w1 = queued(&mut alice, "alice", "w1").await;
     let _w2 = queued(&mut alice, "alice", "w2").await;
     let e = alice.wait_for_lease(wait("alice", "w3")).await.unwrap_err();
@@ -677,7 +689,13 @@ async fn one_member_cannot_queue_without_bound() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
     assert!(e.message().contains("queue.max_waiting_per_member"), "{e}");
     // The poller asking again is the same waiting request, not a new one.
-    postponed(alice.acquire(acquire("alice", "p1")).await.unwrap().into_inner());
+    postponed(
+        alice
+            .acquire(acquire("alice", "p1"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     server.grant("bob", "bob", "b").await;
     let mut bob = server.lease(Some("bob")).await;
     let _b = bob.wait_for_lease(wait("bob", "b2")).await.unwrap();
@@ -712,7 +730,10 @@ async fn members_see_only_their_own_waiting_requests() {
         (w.client_id.as_str(), w.drv_path.as_str(), w.system.as_str()),
         ("alice", "/nix/store/a1.drv", "x86_64-linux")
     );
-    assert!(w.streaming && w.position >= 1 && w.pin_host_id.is_empty(), "{w:?}");
+    assert!(
+        w.streaming && w.position >= 1 && w.pin_host_id.is_empty(),
+        "{w:?}"
+    );
     let theirs = waiting("bob").await.unwrap();
     assert_eq!(theirs.len(), 1, "{theirs:?}");
     assert_eq!(theirs[0].drv_path, "/nix/store/b1.drv");

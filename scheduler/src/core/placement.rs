@@ -17,8 +17,8 @@ use super::policy::Candidate;
 use super::registry::{Host, Registry};
 use super::waiters::Via;
 use super::{
-    ClientId, CoreConfig, Decision, Error, Feature, Grant, HostId, HostState, LeaseRequest, Scheduler,
-    System, Time,
+    ClientId, CoreConfig, Decision, Error, Feature, Grant, HostId, HostState, LeaseRequest,
+    Scheduler, System, Time,
 };
 
 /// The hosts that could take a request now.

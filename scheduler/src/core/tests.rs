@@ -944,7 +944,10 @@ fn a_members_waiting_requests_are_capped() {
     cfg.max_waiting_per_member = 2;
     let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
     s.connect(t(0), spec("x", &["x86_64-linux"], 1));
-    let first = granted(s.acquire_capped(t(1), &req("x86_64-linux", "m", "a")).unwrap());
+    let first = granted(
+        s.acquire_capped(t(1), &req("x86_64-linux", "m", "a"))
+            .unwrap(),
+    );
     assert!(matches!(
         s.acquire_capped(t(1), &req("x86_64-linux", "m", "p")),
         Ok(Decision::Postpone { .. })
@@ -984,7 +987,10 @@ fn a_members_waiting_requests_are_capped() {
     s.release(t(4), &first.lease_id, BuildOutcome::Succeeded)
         .unwrap();
     assert_eq!(s.waiting_of(&ClientId::new("m")), 1);
-    assert!(s.wait_capped(t(5), &req("x86_64-linux", "m", "w2"), None).is_ok());
+    assert!(
+        s.wait_capped(t(5), &req("x86_64-linux", "m", "w2"), None)
+            .is_ok()
+    );
     // Uncapped: the simulator's entry point queues past the cap.
     assert!(matches!(
         s.wait(t(6), &req("x86_64-linux", "m", "w3"), None),
