@@ -29,8 +29,9 @@ use crate::core::{HostId, HostSpec};
 pub struct AuthConfig {
     /// Whether members may call the read-only admin RPCs (`ListHosts`, `GetCapacity`,
     /// `ExplainPlacement`). Default `false`: which builders exist and how loaded they are is
-    /// operators' business unless the community decides otherwise. `ListLeases` is always
-    /// open to members, showing only their own leases.
+    /// operators' business unless the community decides otherwise. `ListLeases` and
+    /// `ListWaiting` are always open to members, showing only their own leases and waiting
+    /// requests.
     pub open_reads: bool,
     /// Deprecated (`[auth.limits]`): see [`IdentityLimits`].
     pub limits: IdentityLimits,
