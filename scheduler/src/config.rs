@@ -95,11 +95,13 @@ pub struct QueueConfig {
     /// requests wait (or are declined when they can build locally), also pinned ones; a
     /// gate attaching to its member's own lease takes no lease and is never refused. This is
     /// the one per-member cap: it replaces `auth.limits.max_live_leases_per_member`, still
-    /// read as a deprecated alias when this is left out. Default 64 (left out): the
-    /// community's whole Linux fleet has about 26 build slots, so one member can use all of
-    /// it when nobody else builds (the fair order shares it when others do), yet a runaway
-    /// script cannot pin thousands of leases. `SetQuota` changes it at run time, where an
-    /// operator may also lift it.
+    /// read as a deprecated alias when this is left out. Default (left out): 64 with an
+    /// `[auth]` section, since the community's whole Linux fleet has about 26 build slots,
+    /// so one member can use all of it when nobody else builds (the fair order shares it
+    /// when others do), yet a runaway script cannot pin thousands of leases; none in the open
+    /// mode, where a client id is a label any caller picks, so a cap per label would bound
+    /// nothing (and load tests hold a whole fleet under one). `SetQuota` changes it at run
+    /// time, where an operator may also lift it.
     pub default_member_max_slots: Option<u32>,
     /// Most requests one member may have waiting in the queue at once (`WaitForLease`
     /// streams and postponed `Acquire`s asked again); a new one past it is answered
@@ -138,19 +140,16 @@ pub struct MemberQuotaConfig {
     pub priority: i32,
 }
 
-/// `queue.default_member_max_slots` when it is left out (see there).
+/// `queue.default_member_max_slots` when it is left out and `[auth]` is configured (see
+/// there).
 pub const DEFAULT_MEMBER_MAX_SLOTS: u32 = 64;
 
 impl QueueConfig {
-    /// The core's quotas; `alias` is the deprecated `auth.limits.max_live_leases_per_member`,
-    /// used when `default_member_max_slots` is left out.
-    fn quotas(&self, alias: Option<u32>) -> Quotas {
+    /// The core's quotas; `fallback` is the default member quota when
+    /// `default_member_max_slots` is left out.
+    fn quotas(&self, fallback: Option<u32>) -> Quotas {
         Quotas {
-            default_member_max_slots: Some(
-                self.default_member_max_slots
-                    .or(alias)
-                    .unwrap_or(DEFAULT_MEMBER_MAX_SLOTS),
-            ),
+            default_member_max_slots: self.default_member_max_slots.or(fallback),
             members: self
                 .members
                 .iter()
@@ -523,7 +522,7 @@ impl Config {
         if self.queue.default_member_max_slots == Some(0) {
             return Err(Error::Config {
                 key: "queue.default_member_max_slots".into(),
-                reason: "must be greater than 0 (leave it out for the default, 64)".into(),
+                reason: "must be greater than 0 (leave it out for the default)".into(),
             });
         }
         if let (Some(new), Some(old)) = (
@@ -592,10 +591,14 @@ impl Config {
     }
 
     /// The quotas the configuration sets (operators' `SetQuota` changes, once stored,
-    /// replace them): `[queue]`, with the deprecated alias
-    /// `auth.limits.max_live_leases_per_member` for `queue.default_member_max_slots`.
+    /// replace them): `[queue]`, where a `default_member_max_slots` left out is the
+    /// deprecated alias `auth.limits.max_live_leases_per_member` if set, else
+    /// [`DEFAULT_MEMBER_MAX_SLOTS`] with `[auth]` and none in the open mode.
     pub fn quotas(&self) -> Quotas {
-        self.queue.quotas(self.deprecated_member_cap())
+        let fallback = self
+            .deprecated_member_cap()
+            .or(self.auth.is_some().then_some(DEFAULT_MEMBER_MAX_SLOTS));
+        self.queue.quotas(fallback)
     }
 
     /// The deprecated `auth.limits.max_live_leases_per_member`, when set.
@@ -643,18 +646,12 @@ mod tests {
     fn empty_file_is_defaults() {
         let c = Config::parse("").unwrap();
         assert_eq!(c, Config::default());
-        // The core's own default is no member quota (the simulator measures the queue
-        // without one); the scheduler's is 64.
-        let quotas = Quotas {
-            default_member_max_slots: Some(DEFAULT_MEMBER_MAX_SLOTS),
-            ..Quotas::default()
-        };
+        assert_eq!(c.core(), CoreConfig::default());
+        // With `[auth]`, a member's quota is 64 unless set.
+        let c = Config::parse("[auth]").unwrap();
         assert_eq!(
-            c.core(),
-            CoreConfig {
-                quotas,
-                ..CoreConfig::default()
-            }
+            c.core().quotas.member_max(&ClientId::new("m")),
+            Some(DEFAULT_MEMBER_MAX_SLOTS)
         );
     }
 
