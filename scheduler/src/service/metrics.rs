@@ -24,14 +24,17 @@ pub fn gauge_idle_timeout(report_interval: Duration) -> Duration {
 pub fn describe() {
     describe_counter!(
         "nixdispatch_lease_acquire_total",
-        "Acquire answers, by outcome (granted, postpone, decline, decline_permanently)."
+        "Acquire answers, by outcome (granted, postpone, decline, decline_permanently, and \
+         resource_exhausted past the member's cap on waiting requests)."
     );
     describe_counter!(
         "nixdispatch_lease_refused_total",
         "Acquire answers other than a grant, by outcome (postpone, decline, \
-         decline_permanently) and cause: no_builder, or why a host that builds the system \
-         could not take it (no_slot, draining, probe_failed, late, disconnected, gone, gate, \
-         unreachable, unreachable_for_client, excluded, features, system, none)."
+         decline_permanently, resource_exhausted) and cause: no_builder, quota (the member's \
+         or the system's), waiting_cap (the member's cap on waiting requests), or why a host \
+         that builds the system could not take it (no_slot, draining, probe_failed, late, \
+         disconnected, gone, gate, unreachable, unreachable_for_client, excluded, features, \
+         system, none)."
     );
     describe_histogram!(
         "nixdispatch_lease_acquire_seconds",
@@ -120,7 +123,8 @@ pub fn describe() {
     );
     describe_counter!(
         "nixdispatch_queue_wait_total",
-        "WaitForLease calls, by first answer (granted, queued, decline, decline_permanently)."
+        "WaitForLease calls, by first answer (granted, queued, decline, decline_permanently, \
+         resource_exhausted past the member's cap on waiting requests)."
     );
     describe_gauge!(
         "nixdispatch_queue_waiting",
