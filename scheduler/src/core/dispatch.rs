@@ -269,9 +269,19 @@ impl Scheduler {
     /// Where waiter `id` stands, or `None` when it is no longer waiting (served, cancelled,
     /// or gone).
     pub fn wait_status(&mut self, now: Time, id: WaiterId) -> Option<WaitStatus> {
+        let position = self.position(id);
+        self.status_at(now, id, position)
+    }
+
+    /// Waiter `id`'s status at `position`, with its estimate.
+    pub(super) fn status_at(
+        &mut self,
+        now: Time,
+        id: WaiterId,
+        position: u32,
+    ) -> Option<WaitStatus> {
         let c = self.waiters.get(id)?.class;
         let class = self.waiters.class(c)?.class.clone();
-        let position = self.position(id);
         // Slots of the hosts that serve the class now: `O(hosts)`, so counted at most once
         // a second per class however many waiters ask.
         let (registry, config) = (&self.registry, &self.config);

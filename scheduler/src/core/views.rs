@@ -188,9 +188,20 @@ impl Scheduler {
             .filter(|(_, w)| only.is_none_or(|m| w.client == *m))
             .map(|(id, _)| id)
             .collect();
+        // Each member's fair key once, not once per waiter and member.
+        let keys: std::collections::HashMap<ClientId, super::accounts::FairKey> = self
+            .waiters
+            .members()
+            .map(|m| (m.clone(), self.accounts.fair_key(m)))
+            .collect();
         let mut v = Vec::with_capacity(ids.len());
         for id in ids {
-            let Some(status) = self.wait_status(now, id) else {
+            let position = self.waiters.position(id, |m| {
+                keys.get(m)
+                    .copied()
+                    .unwrap_or_else(|| self.accounts.fair_key(m))
+            });
+            let Some(status) = self.status_at(now, id, position) else {
                 continue;
             };
             let Some(w) = self.waiters.get(id) else {

@@ -289,6 +289,11 @@ impl Waiters {
         self.per_member.get(member).copied().unwrap_or(0)
     }
 
+    /// The members with waiters, in no order.
+    pub(super) fn members(&self) -> impl Iterator<Item = &ClientId> {
+        self.per_member.keys()
+    }
+
     /// Every waiter, in no order.
     pub(super) fn all(&self) -> impl Iterator<Item = (WaiterId, &Waiter)> {
         self.by_id.iter().map(|(id, w)| (*id, w))
