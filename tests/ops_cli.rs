@@ -244,7 +244,8 @@ impl Drop for Tmux {
 }
 
 /// `status --watch` in a real terminal (a tmux pane) shows one screen at a time and
-/// redraws it as the fleet changes: a lease and then a drain appear without restarting it.
+/// redraws it as the fleet changes: a lease, a drain and then a waiting request (in the
+/// queue per member) appear without restarting it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_watch_redraws_in_a_real_terminal() {
     let s = Scheduler::start().await;
@@ -284,5 +285,34 @@ async fn status_watch_redraws_in_a_real_terminal() {
         screen.matches("MEMBER").count(),
         1,
         "one frame on screen:\n{screen}"
+    );
+    // A request waiting for the drained fleet shows in the queue per member.
+    let mut waiting = LeaseServiceClient::new(s.channel.clone())
+        .wait_for_lease(proto::WaitForLeaseRequest {
+            system: "x86_64-linux".into(),
+            drv_path: "/nix/store/two.drv".into(),
+            client_id: "bob".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = waiting.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            first.event,
+            Some(proto::wait_for_lease_response::Event::Waiting(_))
+        ),
+        "{first:?}"
+    );
+    let screen = tmux.screen_with("bob ").await;
+    let row = screen
+        .lines()
+        .skip_while(|l| !l.starts_with("QUEUED FOR"))
+        .find(|l| l.starts_with("bob "))
+        .unwrap_or_else(|| panic!("bob in the queue per member:\n{screen}"));
+    assert!(
+        row.split_whitespace().collect::<Vec<_>>()[1] == "1" && row.ends_with("x86_64-linux:1"),
+        "{row}"
     );
 }

@@ -728,6 +728,55 @@ mod tests {
         }
     }
 
+    /// The store URIs the scheduler refuses at registration (issue 9: `;`, a leading `-`,
+    /// `?remote-program=`, and others outside the shared rule of `nixdispatch::validate`) are
+    /// refused by the agent's config loader at start, naming `store_uri`, instead of
+    /// registering and being refused later; the URIs it accepts pass.
+    #[tokio::test]
+    async fn store_uris_the_scheduler_refuses_fail_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        for uri in [
+            "ssh-ng://b;x",
+            "ssh://-oProxyCommand=x",
+            "ssh-ng://b?remote-program=/tmp/evil",
+            "ssh-ng://b,c",
+            "ssh-ng://b/path",
+            "",
+        ] {
+            let text = format!("store_uri = {uri:?}");
+            let config = Config {
+                store_uri: Config::from_toml(&text).unwrap().store_uri,
+                ..explicit(dir.path())
+            };
+            assert!(
+                nixdispatch::validate::store_uri(uri).is_err(),
+                "the shared rule refuses {uri:?}"
+            );
+            let err = config.resolve().await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidConfig {
+                        key: "store_uri",
+                        ..
+                    }
+                ),
+                "{uri:?}: {err}"
+            );
+            assert!(err.to_string().contains("store_uri"), "{err}");
+        }
+        for uri in [
+            "ssh-ng://nix@build01.example.org",
+            "ssh://root@127.0.0.1:2222",
+        ] {
+            let config = Config {
+                store_uri: Some(uri.into()),
+                ..explicit(dir.path())
+            };
+            assert_eq!(config.resolve().await.unwrap().register.store_uri, uri);
+        }
+    }
+
     /// The credential file is read at start (its header is the shared client's, tested
     /// there); a token that cannot be a header is refused naming `credential_file`.
     #[tokio::test]

@@ -91,9 +91,24 @@ pub struct QueueConfig {
     /// (every third of the lease TTL); `Acquire` is not held. Default: a third of
     /// `leases.ttl_millis` plus 1000 (21000 at the default TTL).
     pub restart_hold_millis: Option<u64>,
-    /// Most live leases of one member; default none (unlimited): the fair order already
-    /// shares a full fleet, a quota is for a member who must never hold more.
+    /// Most live leases one member may hold at once, on every system together; past it its
+    /// requests wait (or are declined when they can build locally), also pinned ones; a
+    /// gate attaching to its member's own lease takes no lease and is never refused. This is
+    /// the one per-member cap: it replaces `auth.limits.max_live_leases_per_member`, still
+    /// read as a deprecated alias when this is left out. Default (left out): 64 with an
+    /// `[auth]` section, since the community's whole Linux fleet has about 26 build slots,
+    /// so one member can use all of it when nobody else builds (the fair order shares it
+    /// when others do), yet a runaway script cannot pin thousands of leases; none in the open
+    /// mode, where a client id is a label any caller picks, so a cap per label would bound
+    /// nothing (and load tests hold a whole fleet under one). `SetQuota` changes it at run
+    /// time, where an operator may also lift it.
     pub default_member_max_slots: Option<u32>,
+    /// Most requests one member may have waiting in the queue at once (`WaitForLease`
+    /// streams and postponed `Acquire`s asked again); a new one past it is answered
+    /// `RESOURCE_EXHAUSTED`. Default 256: a member's Nix asks for at most `max-jobs` builds
+    /// at once per machine, so a few busy machines stay far below it, while one caller can
+    /// no longer queue tens of thousands of requests and slow the queue for everyone.
+    pub max_waiting_per_member: usize,
     /// Members' own quotas and priorities (`[queue.members."alice-laptop"]`).
     pub members: BTreeMap<String, MemberQuotaConfig>,
     /// Most live leases for builds of a system (`[queue.systems] "x86_64-linux" = 20`).
@@ -107,6 +122,7 @@ impl Default for QueueConfig {
             progress_interval_millis: 5_000,
             restart_hold_millis: None,
             default_member_max_slots: None,
+            max_waiting_per_member: 256,
             members: BTreeMap::new(),
             systems: BTreeMap::new(),
         }
@@ -124,11 +140,16 @@ pub struct MemberQuotaConfig {
     pub priority: i32,
 }
 
+/// `queue.default_member_max_slots` when it is left out and `[auth]` is configured (see
+/// there).
+pub const DEFAULT_MEMBER_MAX_SLOTS: u32 = 64;
+
 impl QueueConfig {
-    /// The core's quotas.
-    pub fn quotas(&self) -> Quotas {
+    /// The core's quotas; `fallback` is the default member quota when
+    /// `default_member_max_slots` is left out.
+    fn quotas(&self, fallback: Option<u32>) -> Quotas {
         Quotas {
-            default_member_max_slots: self.default_member_max_slots,
+            default_member_max_slots: self.default_member_max_slots.or(fallback),
             members: self
                 .members
                 .iter()
@@ -495,6 +516,29 @@ impl Config {
         }
         positive("queue.claim_millis", self.queue.claim_millis)?;
         positive(
+            "queue.max_waiting_per_member",
+            self.queue.max_waiting_per_member as u64,
+        )?;
+        if self.queue.default_member_max_slots == Some(0) {
+            return Err(Error::Config {
+                key: "queue.default_member_max_slots".into(),
+                reason: "must be greater than 0 (leave it out for the default)".into(),
+            });
+        }
+        if let (Some(new), Some(old)) = (
+            self.queue.default_member_max_slots,
+            self.deprecated_member_cap(),
+        ) && new != old
+        {
+            return Err(Error::Config {
+                key: "auth.limits.max_live_leases_per_member".into(),
+                reason: format!(
+                    "is deprecated and says {old}, but queue.default_member_max_slots says \
+                     {new}: remove the deprecated key"
+                ),
+            });
+        }
+        positive(
             "queue.progress_interval_millis",
             self.queue.progress_interval_millis,
         )?;
@@ -546,6 +590,25 @@ impl Config {
         Ok(())
     }
 
+    /// The quotas the configuration sets (operators' `SetQuota` changes, once stored,
+    /// replace them): `[queue]`, where a `default_member_max_slots` left out is the
+    /// deprecated alias `auth.limits.max_live_leases_per_member` if set, else
+    /// [`DEFAULT_MEMBER_MAX_SLOTS`] with `[auth]` and none in the open mode.
+    pub fn quotas(&self) -> Quotas {
+        let fallback = self
+            .deprecated_member_cap()
+            .or(self.auth.is_some().then_some(DEFAULT_MEMBER_MAX_SLOTS));
+        self.queue.quotas(fallback)
+    }
+
+    /// The deprecated `auth.limits.max_live_leases_per_member`, when set.
+    pub fn deprecated_member_cap(&self) -> Option<u32> {
+        self.auth
+            .as_ref()
+            .and_then(|a| a.limits.max_live_leases_per_member)
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     /// The core's view of this configuration.
     pub fn core(&self) -> CoreConfig {
         CoreConfig {
@@ -564,7 +627,8 @@ impl Config {
                     .restart_hold_millis
                     .unwrap_or(self.leases.ttl_millis / 3 + 1000),
             ),
-            quotas: self.queue.quotas(),
+            quotas: self.quotas(),
+            max_waiting_per_member: self.queue.max_waiting_per_member,
             admission: self.admission.clone(),
             forget_gone_after: Duration::from_millis(self.agents.forget_gone_after_millis),
             probe: self.probe.policy(),
@@ -583,6 +647,12 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.core(), CoreConfig::default());
+        // With `[auth]`, a member's quota is 64 unless set.
+        let c = Config::parse("[auth]").unwrap();
+        assert_eq!(
+            c.core().quotas.member_max(&ClientId::new("m")),
+            Some(DEFAULT_MEMBER_MAX_SLOTS)
+        );
     }
 
     /// Every key can be set.
@@ -686,6 +756,10 @@ mod tests {
         assert!(example.tls.enabled() && !example.tls.allow_plaintext);
         let auth = example.auth.clone().expect("the example configures [auth]");
         assert_eq!(auth.limits, crate::auth::config::IdentityLimits::default());
+        assert_eq!(
+            example.quotas().default_member_max_slots,
+            Some(DEFAULT_MEMBER_MAX_SLOTS)
+        );
         assert!(!auth.open_reads);
         let rest = Config {
             listen: Config::default().listen,
@@ -694,6 +768,39 @@ mod tests {
             ..example
         };
         assert_eq!(rest, Config::default());
+    }
+
+    /// `auth.limits.max_live_leases_per_member` is read as the deprecated alias of
+    /// `queue.default_member_max_slots`, the one per-member cap; set to another value next
+    /// to the new key, it is refused with both names; 0 is refused.
+    #[test]
+    fn the_old_member_cap_is_an_alias_of_the_queue_quota() {
+        let c = Config::parse("[auth.limits]\nmax_live_leases_per_member = 5").unwrap();
+        assert_eq!(c.quotas().default_member_max_slots, Some(5));
+        assert_eq!(c.core().quotas.member_max(&ClientId::new("m")), Some(5));
+        let c = Config::parse(
+            "[queue]\ndefault_member_max_slots = 5\n[auth.limits]\nmax_live_leases_per_member = 5",
+        )
+        .unwrap();
+        assert_eq!(c.quotas().default_member_max_slots, Some(5));
+        let e = Config::parse(
+            "[queue]\ndefault_member_max_slots = 6\n[auth.limits]\nmax_live_leases_per_member = 5",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("auth.limits.max_live_leases_per_member")
+                && e.contains("queue.default_member_max_slots"),
+            "{e}"
+        );
+        let e = Config::parse("[queue]\ndefault_member_max_slots = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue.default_member_max_slots"), "{e}");
+        let e = Config::parse("[queue]\nmax_waiting_per_member = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue.max_waiting_per_member"), "{e}");
     }
 
     /// Out-of-range values are rejected with their dotted key.

@@ -197,6 +197,10 @@ impl From<Error> for tonic::Status {
                 }
                 CoreError::Superseded { .. } => tonic::Status::aborted(msg),
                 CoreError::NotHolder { .. } => tonic::Status::permission_denied(msg),
+                // Named here, where the core's limit meets the configuration's key.
+                CoreError::TooManyWaiting { .. } => tonic::Status::resource_exhausted(format!(
+                    "{msg} (queue.max_waiting_per_member); wait for some to be served"
+                )),
             },
             Error::Unauthenticated { .. } => tonic::Status::unauthenticated(msg),
             Error::PermissionDenied { .. } | Error::NotProvisioned { .. } => {

@@ -628,17 +628,13 @@ async fn open_reads_open_the_read_only_calls_to_members() {
     assert_eq!(e.code(), Code::PermissionDenied);
 }
 
-/// One member cannot hold every slot: past its cap of live leases it is postponed while
-/// another member is still granted.
+/// One member cannot hold every slot: past its cap of live leases (the queue's default
+/// member quota, the one per-member cap) it is postponed while another member is still
+/// granted.
 #[tokio::test]
 async fn one_member_cannot_hold_every_slot() {
     let mut config = auth_config();
-    config
-        .auth
-        .as_mut()
-        .unwrap()
-        .limits
-        .max_live_leases_per_member = Some(2);
+    config.queue.default_member_max_slots = Some(2);
     let server = Server::start(config).await;
     let _real = real_agent(&server).await;
     let mut alice = server.lease(Some("alice")).await;
@@ -661,6 +657,143 @@ async fn one_member_cannot_hold_every_slot() {
         other => panic!("expected a postponement, got {other:?}"),
     }
     server.grant("bob", "bob", "b").await;
+}
+
+/// A stream `WaitForLease` for `drv`, as `who`, whose first event says it waits.
+async fn queued(
+    leases: &mut LeaseServiceClient<AuthChannel>,
+    who: &str,
+    drv: &str,
+) -> Streaming<proto::WaitForLeaseResponse> {
+    let mut stream = leases
+        .wait_for_lease(wait(who, drv))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            first.event,
+            Some(proto::wait_for_lease_response::Event::Waiting(_))
+        ),
+        "{first:?}"
+    );
+    stream
+}
+
+fn wait(client_id: &str, drv: &str) -> proto::WaitForLeaseRequest {
+    proto::WaitForLeaseRequest {
+        system: "x86_64-linux".into(),
+        drv_path: format!("/nix/store/{drv}.drv"),
+        client_id: client_id.into(),
+        ..Default::default()
+    }
+}
+
+/// One member cannot queue without bound: past `queue.max_waiting_per_member` waiting
+/// requests (streams and postponed polls together) a new `WaitForLease` or `Acquire` is
+/// `RESOURCE_EXHAUSTED`, naming the setting; a poll repeating a request that already waits
+/// keeps its place; another member is not affected.
+#[tokio::test]
+async fn one_member_cannot_queue_without_bound() {
+    let mut config = auth_config();
+    config.queue.default_member_max_slots = Some(1);
+    config.queue.max_waiting_per_member = 3;
+    let server = Server::start(config).await;
+    let _real = real_agent(&server).await;
+    let mut alice = server.lease(Some("alice")).await;
+    granted(
+        alice
+            .acquire(acquire("alice", "d0"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let postponed = |r: proto::AcquireResponse| match r.outcome {
+        Some(Outcome::Postpone(p)) => p,
+        other => panic!("expected a postponement, got {other:?}"),
+    };
+    postponed(
+        alice
+            .acquire(acquire("alice", "p1"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let _w1 = queued(&mut alice, "alice", "w1").await;
+    let _w2 = queued(&mut alice, "alice", "w2").await;
+    let e = alice.wait_for_lease(wait("alice", "w3")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("queue.max_waiting_per_member"), "{e}");
+    let e = alice.acquire(acquire("alice", "p2")).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("queue.max_waiting_per_member"), "{e}");
+    // The poller asking again is the same waiting request, not a new one.
+    postponed(
+        alice
+            .acquire(acquire("alice", "p1"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    server.grant("bob", "bob", "b").await;
+    let mut bob = server.lease(Some("bob")).await;
+    let _b = bob.wait_for_lease(wait("bob", "b2")).await.unwrap();
+}
+
+/// `ListWaiting` shows a member its own waiting requests only (never another member's
+/// derivation paths), an operator everyone's, and a builder's credential nothing.
+#[tokio::test]
+async fn members_see_only_their_own_waiting_requests() {
+    let mut config = auth_config();
+    config.queue.default_member_max_slots = Some(1);
+    let server = Server::start(config).await;
+    let _real = real_agent(&server).await;
+    server.grant("alice", "alice", "a0").await;
+    server.grant("bob", "bob", "b0").await;
+    let mut alice = server.lease(Some("alice")).await;
+    let mut bob = server.lease(Some("bob")).await;
+    let _a = queued(&mut alice, "alice", "a1").await;
+    let _b = queued(&mut bob, "bob", "b1").await;
+    let s = &server;
+    let waiting = |who: &'static str| async move {
+        s.admin(Some(who))
+            .await
+            .list_waiting(proto::ListWaitingRequest {})
+            .await
+            .map(|r| r.into_inner().waiting)
+    };
+    let mine = waiting("alice").await.unwrap();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let w = &mine[0];
+    assert_eq!(
+        (w.client_id.as_str(), w.drv_path.as_str(), w.system.as_str()),
+        ("alice", "/nix/store/a1.drv", "x86_64-linux")
+    );
+    assert!(
+        w.streaming && w.position >= 1 && w.pin_host_id.is_empty(),
+        "{w:?}"
+    );
+    let theirs = waiting("bob").await.unwrap();
+    assert_eq!(theirs.len(), 1, "{theirs:?}");
+    assert_eq!(theirs[0].drv_path, "/nix/store/b1.drv");
+    let all = waiting("ops").await.unwrap();
+    let members: Vec<&str> = all.iter().map(|w| w.client_id.as_str()).collect();
+    assert_eq!(members, ["alice", "bob"]);
+    assert_eq!(
+        waiting("build01").await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        server
+            .admin(None)
+            .await
+            .list_waiting(proto::ListWaitingRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
 }
 
 /// Store URIs the hook could not use (`;`, a leading `-`, `?remote-program=`) are refused at

@@ -241,7 +241,7 @@ fn secs(v: f64) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// The three answers `status` shows.
+/// The four answers `status` shows.
 async fn snapshot(admin: &mut Admin) -> anyhow::Result<status::Snapshot> {
     Ok(status::Snapshot {
         hosts: admin
@@ -259,6 +259,11 @@ async fn snapshot(admin: &mut Admin) -> anyhow::Result<status::Snapshot> {
             .await?
             .into_inner()
             .leases,
+        waiting: admin
+            .list_waiting(proto::ListWaitingRequest {})
+            .await?
+            .into_inner()
+            .waiting,
     })
 }
 

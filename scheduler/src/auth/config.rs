@@ -1,11 +1,9 @@
 //! `[auth]`: members, operators and provisioned builders, each with the SHA-256 of its
-//! token (never the token), and the per-member caps.
+//! token (never the token). The per-member caps are the queue's (`[queue]`).
 //!
 //! ```toml
 //! [auth]
 //! open_reads = false
-//! [auth.limits]
-//! max_live_leases_per_member = 64
 //! [[auth.members]]
 //! name = "alice"
 //! token_sha256 = "…"        # printf %s "$(cat alice.token)" | sha256sum
@@ -31,10 +29,11 @@ use crate::core::{HostId, HostSpec};
 pub struct AuthConfig {
     /// Whether members may call the read-only admin RPCs (`ListHosts`, `GetCapacity`,
     /// `ExplainPlacement`). Default `false`: which builders exist and how loaded they are is
-    /// operators' business unless the community decides otherwise. `ListLeases` is always
-    /// open to members, showing only their own leases.
+    /// operators' business unless the community decides otherwise. `ListLeases` and
+    /// `ListWaiting` are always open to members, showing only their own leases and waiting
+    /// requests.
     pub open_reads: bool,
-    /// Per-member caps.
+    /// Deprecated (`[auth.limits]`): see [`IdentityLimits`].
     pub limits: IdentityLimits,
     /// Members: `[[auth.members]]`, one per person. Default: none.
     pub members: Vec<PrincipalEntry>,
@@ -46,24 +45,14 @@ pub struct AuthConfig {
     pub hosts: Vec<HostEntry>,
 }
 
-/// `[auth.limits]`: what one member may hold at once.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+/// `[auth.limits]`: deprecated; the per-member caps are the queue's.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityLimits {
-    /// Live leases one member may hold at once; past it, `Acquire` postpones. Default 64:
-    /// the community's whole Linux fleet has about 26 build slots, so one member can use all
-    /// of it when nobody else builds, yet a runaway script cannot pin thousands of leases.
-    /// Unset (`max_live_leases_per_member` left out with the section written) keeps 64; there
-    /// is no "unlimited".
+    /// Deprecated alias of `queue.default_member_max_slots` (the one per-member cap on live
+    /// leases), read when that is left out and logged as a warning at start; both set to
+    /// different values is an error. Default: none.
     pub max_live_leases_per_member: Option<usize>,
-}
-
-impl Default for IdentityLimits {
-    fn default() -> Self {
-        Self {
-            max_live_leases_per_member: Some(64),
-        }
-    }
 }
 
 /// A member or an operator.

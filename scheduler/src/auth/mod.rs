@@ -113,12 +113,13 @@ impl Caller {
         }
     }
 
-    /// Whose leases this caller may see: `None` for everybody's (operators, open mode),
-    /// `Some(member)` for its own only. Hosts see none.
-    pub fn lease_view(&self) -> Result<Option<ClientId>, Error> {
+    /// Whose leases and waiting requests this caller may see (`action` names the call):
+    /// `None` for everybody's (operators, open mode), `Some(member)` for its own only, so
+    /// that no member ever sees another's derivation paths. Hosts see none.
+    pub fn member_view(&self, action: &str) -> Result<Option<ClientId>, Error> {
         match &self.identity {
             Identity::Member(m) => Ok(Some(m.clone())),
-            Identity::Host(_) => Err(self.denied("list leases", "hosts hold no leases")),
+            Identity::Host(_) => Err(self.denied(action, "hosts hold no leases and wait for none")),
             Identity::Open | Identity::Operator(_) => Ok(None),
         }
     }
@@ -224,8 +225,6 @@ pub struct Authority {
     members: HashMap<ClientId, ()>,
     /// Read-only admin calls open to members.
     open_reads: bool,
-    /// Per-member caps.
-    pub(crate) limits: config::IdentityLimits,
     /// Provisioned builders: from the configuration, and from operators at run time.
     hosts: RwLock<Provisioned>,
     /// The host ids the configuration provisions: the API may not change those.
@@ -246,7 +245,6 @@ impl Authority {
                 principals: HashMap::new(),
                 members: HashMap::new(),
                 open_reads: true,
-                limits: config::IdentityLimits::default(),
                 hosts: RwLock::new(hosts),
                 configured_hosts: Default::default(),
             });
@@ -271,7 +269,6 @@ impl Authority {
             principals,
             members,
             open_reads: config.open_reads,
-            limits: config.limits.clone(),
             hosts: RwLock::new(hosts),
             configured_hosts: config.hosts.iter().map(HostEntry::host_id).collect(),
         })
@@ -383,11 +380,6 @@ impl Authority {
             .unwrap_or_else(|p| p.into_inner())
             .by_token(digest)
             .is_some_and(|other| other != *id)
-    }
-
-    /// The cap on live leases per member, if any.
-    pub fn max_leases_per_member(&self) -> Option<usize> {
-        self.limits.max_live_leases_per_member
     }
 }
 

@@ -75,7 +75,7 @@ impl Refusal {
     pub(super) fn describe(&self, member: &ClientId, system: &System) -> String {
         match self {
             Refusal::Member { max } => {
-                format!("member {member} holds its quota of {max} slots")
+                format!("member {member} holds its quota of {max} live leases (its limit)")
             }
             Refusal::System { max } => format!("{system} builds hold their quota of {max} slots"),
         }

@@ -28,7 +28,9 @@ use super::eligibility;
 use super::registry::{Host, Registry};
 use super::waiters::{Class, Handout, Key, NewWaiter, Via, WaiterId, Waiters};
 use super::{BuildOutcome, durations};
-use super::{ClientId, Grant, HostId, HostState, LeaseEnd, LeaseId, LeaseRequest, Scheduler, Time};
+use super::{
+    ClientId, Error, Grant, HostId, HostState, LeaseEnd, LeaseId, LeaseRequest, Scheduler, Time,
+};
 
 /// How many of a member's waiters are looked at to find one that does not exclude a host.
 /// Exclusions are rare (a retry after `HOST_UNREACHABLE`), so a member whose first few
@@ -123,17 +125,46 @@ impl Scheduler {
     /// the request is queued rather than placed: a host may still run builds from before the
     /// restart that neither its report nor a re-attached lease shows yet.
     pub fn wait(&mut self, now: Time, req: &LeaseRequest, pin: Option<&HostId>) -> WaitAnswer {
+        // Without a cap nothing is refused; the fallback only keeps the types honest.
+        self.wait_in(now, req, pin, None)
+            .unwrap_or_else(|e| WaitAnswer::Decline {
+                reason: e.to_string(),
+            })
+    }
+
+    /// [`wait`](Self::wait) under the member's cap on waiting requests
+    /// (`CoreConfig::max_waiting_per_member`): a request that would queue while its member
+    /// already has that many waiting is refused with [`Error::TooManyWaiting`] and not
+    /// queued. A repeat of a request already waiting, a grant, an attach and a decline are
+    /// never refused.
+    pub fn wait_capped(
+        &mut self,
+        now: Time,
+        req: &LeaseRequest,
+        pin: Option<&HostId>,
+    ) -> Result<WaitAnswer, Error> {
+        let cap = self.config.max_waiting_per_member;
+        self.wait_in(now, req, pin, Some(cap))
+    }
+
+    fn wait_in(
+        &mut self,
+        now: Time,
+        req: &LeaseRequest,
+        pin: Option<&HostId>,
+        cap: Option<usize>,
+    ) -> Result<WaitAnswer, Error> {
         // `pin` or the request's own `pin_host`: one pin, as `acquire` has it.
         let pin = pin.or(req.pin_host.as_ref());
         self.expire(now);
         self.accounts.arrive(&req.client);
         if let Some(g) = self.claim_held(now, req) {
-            return WaitAnswer::Granted(g);
+            return Ok(WaitAnswer::Granted(g));
         }
         // Attaching takes no slot, so neither the startup hold nor the queue delays it.
         if let Some(g) = pin.and_then(|p| self.attach(now, p, req)) {
             self.waiters.remove_request(&req.client, &req.drv_path);
-            return WaitAnswer::Granted(g);
+            return Ok(WaitAnswer::Granted(g));
         }
         let why = if self.holding(now) || (self.starting(now) && !self.unreported.is_empty()) {
             Some("builders are re-registering after the scheduler's start".to_owned())
@@ -141,31 +172,58 @@ impl Scheduler {
             match self.place(now, req, pin) {
                 Ok(g) => {
                     self.waiters.remove_request(&req.client, &req.drv_path);
-                    return WaitAnswer::Granted(g);
+                    return Ok(WaitAnswer::Granted(g));
                 }
                 Err(why) => why,
             }
         };
         if !self.starting(now) && !self.could_ever_serve(now, req, pin) {
             self.waiters.remove_request(&req.client, &req.drv_path);
-            return WaitAnswer::DeclinePermanently {
+            return Ok(WaitAnswer::DeclinePermanently {
                 reason: self.never_reason(req, pin),
-            };
+            });
         }
         let reason = why.unwrap_or_else(|| format!("no builder free for {}", req.system));
         if req.can_build_locally {
             self.waiters.remove_request(&req.client, &req.drv_path);
-            return WaitAnswer::Decline { reason };
+            return Ok(WaitAnswer::Decline { reason });
         }
+        self.check_waiting_cap(req, cap)?;
         let waiter = self.enqueue(now, req, pin, Via::Stream);
         let status = self
             .wait_status(now, waiter)
             .expect("the waiter was just queued");
-        WaitAnswer::Queued {
+        Ok(WaitAnswer::Queued {
             waiter,
             status,
             reason,
+        })
+    }
+
+    /// Refuses to queue `req` when its member already has `cap` requests waiting and `req`
+    /// is not one of them (a repeat keeps its place).
+    pub(super) fn check_waiting_cap(
+        &self,
+        req: &LeaseRequest,
+        cap: Option<usize>,
+    ) -> Result<(), Error> {
+        match cap {
+            Some(limit)
+                if self.waiters.find(&req.client, &req.drv_path).is_none()
+                    && self.waiters.waiting_of(&req.client) >= limit =>
+            {
+                Err(Error::TooManyWaiting {
+                    member: req.client.to_string(),
+                    limit,
+                })
+            }
+            _ => Ok(()),
         }
+    }
+
+    /// Requests `member` has waiting in the queue.
+    pub fn waiting_of(&self, member: &ClientId) -> usize {
+        self.waiters.waiting_of(member)
     }
 
     /// Whether `now` is within the startup hold (`CoreConfig::startup_hold`): no slot goes
@@ -211,9 +269,19 @@ impl Scheduler {
     /// Where waiter `id` stands, or `None` when it is no longer waiting (served, cancelled,
     /// or gone).
     pub fn wait_status(&mut self, now: Time, id: WaiterId) -> Option<WaitStatus> {
+        let position = self.position(id);
+        self.status_at(now, id, position)
+    }
+
+    /// Waiter `id`'s status at `position`, with its estimate.
+    pub(super) fn status_at(
+        &mut self,
+        now: Time,
+        id: WaiterId,
+        position: u32,
+    ) -> Option<WaitStatus> {
         let c = self.waiters.get(id)?.class;
         let class = self.waiters.class(c)?.class.clone();
-        let position = self.position(id);
         // Slots of the hosts that serve the class now: `O(hosts)`, so counted at most once
         // a second per class however many waiters ask.
         let (registry, config) = (&self.registry, &self.config);

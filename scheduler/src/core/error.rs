@@ -29,4 +29,13 @@ pub enum Error {
         /// The lease id asked for.
         lease_id: String,
     },
+    /// The member already has its limit of requests waiting in the queue, and this one
+    /// would wait too (`CoreConfig::max_waiting_per_member`).
+    #[error("member {member} already has {limit} requests waiting, its limit")]
+    TooManyWaiting {
+        /// The member.
+        member: String,
+        /// The limit in force.
+        limit: usize,
+    },
 }

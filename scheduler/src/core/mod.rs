@@ -67,7 +67,7 @@ pub use policy::{
 pub use probe::{Breaker, BreakerChange, ProbeFailure, ProbePolicy, ProbeTarget, ProbeVerdict};
 pub use rng::SplitMix64;
 pub use types::*;
-pub use views::{CapacityView, Explanation, HostView, LeaseView, Verdict};
+pub use views::{CapacityView, Explanation, HostView, LeaseView, Verdict, WaitingView};
 pub use waiters::{Handout, WaiterId};
 
 use accounts::Accounts;
@@ -141,6 +141,12 @@ pub struct CoreConfig {
     pub forget_gone_after: Duration,
     /// The scheduler's SSH probes of builders.
     pub probe: ProbePolicy,
+    /// Most requests one member may have waiting in the queue (streams and pollers); a new
+    /// one that would wait past it is refused with [`Error::TooManyWaiting`]. Applied by
+    /// [`Scheduler::acquire_capped`] and [`Scheduler::wait_capped`], the server's entry
+    /// points; [`Scheduler::acquire`] and [`Scheduler::wait`] leave it out, so that the
+    /// simulator measures the queue itself.
+    pub max_waiting_per_member: usize,
 }
 
 /// How many distinct clients must report a host unreachable before it is held back for
@@ -164,6 +170,7 @@ impl Default for CoreConfig {
             unreachable_cooldown: Duration::from_secs(60),
             forget_gone_after: Duration::from_secs(3600),
             probe: ProbePolicy::default(),
+            max_waiting_per_member: 256,
         }
     }
 }

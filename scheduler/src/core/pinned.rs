@@ -136,6 +136,31 @@ mod tests {
         ));
     }
 
+    /// The member's quota is the one cap on every path that takes a slot: a pinned request
+    /// of a member at its quota waits like an unpinned one, while a gate attaching to the
+    /// member's own lease takes no slot and is granted.
+    #[test]
+    fn the_member_quota_caps_pinned_grants_but_not_attaching() {
+        let mut s = two_hosts();
+        let mut q = s.quotas().clone();
+        q.default_member_max_slots = Some(1);
+        s.set_quotas(t(0), q);
+        let mut hook = req("alice", "x", None);
+        hook.exclude_hosts.insert(HostId::new("big"));
+        let h = grant(s.acquire(t(1), &hook));
+        assert_eq!(h.host.id.as_str(), "gated");
+        match s.acquire(t(2), &req("alice", "y", Some("big"))) {
+            Decision::Postpone { reason, .. } => assert!(reason.contains("quota of 1"), "{reason}"),
+            other => panic!("expected the quota to hold, got {other:?}"),
+        }
+        assert!(matches!(
+            s.wait(t(2), &req("alice", "z", Some("big")), None),
+            WaitAnswer::Queued { .. }
+        ));
+        let g = grant(s.acquire(t(3), &req("alice", "x", Some("gated"))));
+        assert_eq!((g.attached, g.lease_id), (true, h.lease_id));
+    }
+
     /// `WaitForLease` pinned to the host attaches exactly like `Acquire`: one pin, one path.
     #[test]
     fn a_pinned_wait_attaches_to_the_hooks_lease_too() {

@@ -17,8 +17,8 @@ use super::policy::Candidate;
 use super::registry::{Host, Registry};
 use super::waiters::Via;
 use super::{
-    ClientId, CoreConfig, Decision, Feature, Grant, HostId, HostState, LeaseRequest, Scheduler,
-    System, Time,
+    ClientId, CoreConfig, Decision, Error, Feature, Grant, HostId, HostState, LeaseRequest,
+    Scheduler, System, Time,
 };
 
 /// The hosts that could take a request now.
@@ -109,18 +109,41 @@ impl Scheduler {
     /// the streams of `WaitForLease`; when its turn comes its grant is held until it asks
     /// again (within the claim TTL).
     pub fn acquire(&mut self, now: Time, req: &LeaseRequest) -> Decision {
+        // Without a cap nothing is refused; the fallback only keeps the types honest.
+        self.acquire_in(now, req, None)
+            .unwrap_or_else(|e| Decision::Decline {
+                reason: e.to_string(),
+            })
+    }
+
+    /// [`acquire`](Self::acquire) under the member's cap on waiting requests
+    /// (`CoreConfig::max_waiting_per_member`): a request that would be postponed (and wait
+    /// in the queue) while its member already has that many waiting is refused with
+    /// [`Error::TooManyWaiting`] and not queued. A poller asking again for a request that
+    /// already waits is never refused.
+    pub fn acquire_capped(&mut self, now: Time, req: &LeaseRequest) -> Result<Decision, Error> {
+        let cap = self.config.max_waiting_per_member;
+        self.acquire_in(now, req, Some(cap))
+    }
+
+    fn acquire_in(
+        &mut self,
+        now: Time,
+        req: &LeaseRequest,
+        cap: Option<usize>,
+    ) -> Result<Decision, Error> {
         self.expire(now);
         self.accounts.arrive(&req.client);
         if let Some(g) = self.claim_held(now, req) {
-            return Decision::Granted(g);
+            return Ok(Decision::Granted(g));
         }
         let pin = req.pin_host.as_ref();
         match self.place(now, req, pin) {
             Ok(g) => {
                 self.waiters.remove_request(&req.client, &req.drv_path);
-                Decision::Granted(g)
+                Ok(Decision::Granted(g))
             }
-            Err(reason) => self.no_host(now, req, pin, reason),
+            Err(reason) => self.no_host(now, req, pin, reason, cap),
         }
     }
 
@@ -320,14 +343,15 @@ impl Scheduler {
         req: &LeaseRequest,
         pin: Option<&HostId>,
         example: Option<String>,
-    ) -> Decision {
+        cap: Option<usize>,
+    ) -> Result<Decision, Error> {
         if let Some(p) = pin {
             if !self.could_ever_serve(now, req, pin) {
                 self.refusal_cause = "no_builder";
                 self.waiters.remove_request(&req.client, &req.drv_path);
-                return Decision::DeclinePermanently {
+                return Ok(Decision::DeclinePermanently {
                     reason: self.never_reason(req, Some(p)),
-                };
+                });
             }
         } else if !self.could_ever_build(now, &req.system, &req.required_features) {
             self.refusal_cause = "no_builder";
@@ -337,7 +361,7 @@ impl Scheduler {
                 let fs: Vec<&str> = req.required_features.iter().map(Feature::as_str).collect();
                 let _ = write!(reason, " with features {}", fs.join(","));
             }
-            return Decision::DeclinePermanently { reason };
+            return Ok(Decision::DeclinePermanently { reason });
         }
         let reason = match example {
             Some(why) => format!("no builder free for {} (e.g. {why})", req.system),
@@ -345,15 +369,19 @@ impl Scheduler {
         };
         if req.can_build_locally {
             self.waiters.remove_request(&req.client, &req.drv_path);
-            return Decision::Decline { reason };
+            return Ok(Decision::Decline { reason });
+        }
+        if let Err(e) = self.check_waiting_cap(req, cap) {
+            self.refusal_cause = "waiting_cap";
+            return Err(e);
         }
         let waiter = self.enqueue(now, req, pin, Via::Poll);
         let position = self.position(waiter);
-        Decision::Postpone {
+        Ok(Decision::Postpone {
             retry_after: self.config.postpone_retry,
             position,
             reason,
-        }
+        })
     }
 
     /// Whether some host that is not gone (drained ones included) could ever build this.

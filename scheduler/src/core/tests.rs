@@ -719,7 +719,7 @@ pub(super) fn oracle_pick(s: &Scheduler, now: Time, id: &HostId, free: u32) -> O
     let host = s.registry.get(id)?;
     let cands: Vec<(WaiterId, &waiters::Waiter, &Class)> = s
         .waiters
-        .iter()
+        .all()
         .filter_map(|(wid, w)| {
             let class = &s.waiters.class(w.class)?.class;
             (fits(host, class)
@@ -931,6 +931,77 @@ fn a_new_plain_request_skips_a_protected_last_slot() {
     // Now nothing waits: a plain request takes the plain host.
     let g3 = wait_granted(s.wait(t(6), &req("x86_64-linux", "alice", "c"), None));
     assert_eq!(g3.host.id.as_str(), "plain");
+}
+
+/// The cap on a member's waiting requests: past `max_waiting_per_member` the capped entry
+/// points refuse a request that would wait (streams and pollers counted together) and do
+/// not queue it; a poller repeating a waiting request, a request that is granted, one that
+/// declines and another member are not refused; a served waiter frees room; the uncapped
+/// entry points (the simulator's) never refuse.
+#[test]
+fn a_members_waiting_requests_are_capped() {
+    let mut cfg = started();
+    cfg.max_waiting_per_member = 2;
+    let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
+    s.connect(t(0), spec("x", &["x86_64-linux"], 1));
+    let first = granted(
+        s.acquire_capped(t(1), &req("x86_64-linux", "m", "a"))
+            .unwrap(),
+    );
+    assert!(matches!(
+        s.acquire_capped(t(1), &req("x86_64-linux", "m", "p")),
+        Ok(Decision::Postpone { .. })
+    ));
+    assert!(matches!(
+        s.wait_capped(t(1), &req("x86_64-linux", "m", "w"), None),
+        Ok(WaitAnswer::Queued { .. })
+    ));
+    assert_eq!(s.waiting_of(&ClientId::new("m")), 2);
+    let over = Error::TooManyWaiting {
+        member: "m".into(),
+        limit: 2,
+    };
+    assert_eq!(
+        s.wait_capped(t(2), &req("x86_64-linux", "m", "w2"), None),
+        Err(over.clone())
+    );
+    assert_eq!(
+        s.acquire_capped(t(2), &req("x86_64-linux", "m", "p2")),
+        Err(over)
+    );
+    assert_eq!(s.waiting_of(&ClientId::new("m")), 2, "nothing was queued");
+    // The poller asking again keeps its place; one that may build locally declines.
+    assert!(matches!(
+        s.acquire_capped(t(3), &req("x86_64-linux", "m", "p")),
+        Ok(Decision::Postpone { .. })
+    ));
+    let local = LeaseRequest {
+        can_build_locally: true,
+        ..req("x86_64-linux", "m", "l")
+    };
+    assert!(matches!(
+        s.acquire_capped(t(3), &local),
+        Ok(Decision::Decline { .. })
+    ));
+    // The slot frees: the first waiter is served, so `m` may queue one more.
+    s.release(t(4), &first.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.waiting_of(&ClientId::new("m")), 1);
+    assert!(
+        s.wait_capped(t(5), &req("x86_64-linux", "m", "w2"), None)
+            .is_ok()
+    );
+    // Uncapped: the simulator's entry point queues past the cap.
+    assert!(matches!(
+        s.wait(t(6), &req("x86_64-linux", "m", "w3"), None),
+        WaitAnswer::Queued { .. }
+    ));
+    assert_eq!(s.waiting_of(&ClientId::new("m")), 3);
+    // Another member is not affected.
+    assert!(matches!(
+        s.wait_capped(t(7), &req("x86_64-linux", "n", "w"), None),
+        Ok(WaitAnswer::Queued { .. })
+    ));
 }
 
 /// Member and system quotas refuse at the limit with a reason naming it; an operator

@@ -55,6 +55,27 @@ pub struct LeaseView {
     pub expires_in: Duration,
 }
 
+/// A waiting request as operators (all of them) and its member (its own) see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WaitingView {
+    /// The member it waits for.
+    pub client: ClientId,
+    /// The system asked for.
+    pub system: System,
+    /// The features asked for.
+    pub features: BTreeSet<Feature>,
+    /// The derivation.
+    pub drv_path: String,
+    /// Where it stands (see `WaitStatus`).
+    pub status: super::WaitStatus,
+    /// Since it started waiting.
+    pub waited: Duration,
+    /// The one host it may take, for a builder-side gate's request.
+    pub pin: Option<HostId>,
+    /// Whether it waits on a `WaitForLease` stream (else by polling `Acquire`).
+    pub streaming: bool,
+}
+
 /// Capacity of one system.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct CapacityView {
@@ -152,6 +173,62 @@ impl Scheduler {
             })
             .collect();
         v.sort_by(|a, b| b.age.cmp(&a.age).then_with(|| a.id.cmp(&b.id)));
+        v
+    }
+
+    /// The requests waiting in the queue, of `only` that member when given, sorted by
+    /// member, system and position. Sweeps pollers that stopped asking first, like
+    /// [`Self::capacity`]. `O(waiters × members)` for the positions: bounded by the
+    /// per-member cap on waiting requests.
+    pub fn waiting_list(&mut self, now: Time, only: Option<&ClientId>) -> Vec<WaitingView> {
+        self.waiters.expire(now, self.config.waiter_ttl);
+        let ids: Vec<_> = self
+            .waiters
+            .all()
+            .filter(|(_, w)| only.is_none_or(|m| w.client == *m))
+            .map(|(id, _)| id)
+            .collect();
+        // Each member's fair key once, not once per waiter and member.
+        let keys: std::collections::HashMap<ClientId, super::accounts::FairKey> = self
+            .waiters
+            .members()
+            .map(|m| (m.clone(), self.accounts.fair_key(m)))
+            .collect();
+        let mut v = Vec::with_capacity(ids.len());
+        for id in ids {
+            let position = self.waiters.position(id, |m| {
+                keys.get(m)
+                    .copied()
+                    .unwrap_or_else(|| self.accounts.fair_key(m))
+            });
+            let Some(status) = self.status_at(now, id, position) else {
+                continue;
+            };
+            let Some(w) = self.waiters.get(id) else {
+                continue;
+            };
+            let Some(q) = self.waiters.class(w.class) else {
+                continue;
+            };
+            v.push(WaitingView {
+                client: w.client.clone(),
+                system: q.class.system.clone(),
+                features: q.class.features.clone(),
+                drv_path: w.drv_path.clone(),
+                status,
+                waited: now.since(w.since),
+                pin: q.class.pin.clone(),
+                streaming: w.via == super::waiters::Via::Stream,
+            });
+        }
+        v.sort_by(|a, b| {
+            (&a.client, &a.system, a.status.position, &a.drv_path).cmp(&(
+                &b.client,
+                &b.system,
+                b.status.position,
+                &b.drv_path,
+            ))
+        });
         v
     }
 

@@ -87,6 +87,8 @@ pub struct Handout {
 pub(super) struct Waiters {
     by_id: HashMap<WaiterId, Waiter>,
     by_request: HashMap<(ClientId, String), WaiterId>,
+    /// Waiters per member, for the cap on a member's waiting requests.
+    per_member: HashMap<ClientId, usize>,
     classes: HashMap<u32, ClassQueue>,
     class_ids: HashMap<Class, u32>,
     next_class: u32,
@@ -178,6 +180,7 @@ impl Waiters {
             self.polls.insert((now, id));
         }
         self.by_request.insert(request, id);
+        *self.per_member.entry(w.client.clone()).or_default() += 1;
         self.by_id.insert(
             id,
             Waiter {
@@ -205,12 +208,6 @@ impl Waiters {
         }
     }
 
-    /// Every waiter, in no order.
-    #[cfg(test)]
-    pub(super) fn iter(&self) -> impl Iterator<Item = (WaiterId, &Waiter)> {
-        self.by_id.iter().map(|(id, w)| (*id, w))
-    }
-
     /// Waiter `id`.
     pub(super) fn get(&self, id: WaiterId) -> Option<&Waiter> {
         self.by_id.get(&id)
@@ -231,6 +228,12 @@ impl Waiters {
         let w = self.by_id.remove(&id)?;
         self.by_request
             .remove(&(w.client.clone(), w.drv_path.clone()));
+        if let Some(n) = self.per_member.get_mut(&w.client) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_member.remove(&w.client);
+            }
+        }
         if w.via == Via::Poll {
             self.polls.remove(&(w.last_seen, id));
         }
@@ -279,6 +282,21 @@ impl Waiters {
     /// Class `c`.
     pub(super) fn class(&self, c: u32) -> Option<&ClassQueue> {
         self.classes.get(&c)
+    }
+
+    /// Waiters of `member`.
+    pub(super) fn waiting_of(&self, member: &ClientId) -> usize {
+        self.per_member.get(member).copied().unwrap_or(0)
+    }
+
+    /// The members with waiters, in no order.
+    pub(super) fn members(&self) -> impl Iterator<Item = &ClientId> {
+        self.per_member.keys()
+    }
+
+    /// Every waiter, in no order.
+    pub(super) fn all(&self) -> impl Iterator<Item = (WaiterId, &Waiter)> {
+        self.by_id.iter().map(|(id, w)| (*id, w))
     }
 
     /// Waiters.

@@ -124,11 +124,24 @@ impl admin_service_server::AdminService for AdminService {
     }
 
     #[instrument(level = "debug", skip_all)]
+    async fn list_waiting(
+        &self,
+        request: Request<proto::ListWaitingRequest>,
+    ) -> Result<Response<proto::ListWaitingResponse>, Status> {
+        let only = Caller::of(&request)?.member_view("list waiting requests")?;
+        let now = self.shared.now();
+        let waiting = self.shared.core().waiting_list(now, only.as_ref());
+        Ok(Response::new(proto::ListWaitingResponse {
+            waiting: waiting.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all)]
     async fn list_leases(
         &self,
         request: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
-        let only = Caller::of(&request)?.lease_view()?;
+        let only = Caller::of(&request)?.member_view("list leases")?;
         let now = self.shared.now();
         let mut leases = {
             let mut core = self.shared.core();

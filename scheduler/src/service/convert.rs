@@ -12,7 +12,7 @@ use crate::Error;
 use crate::core::{
     BuildOutcome, CapacityView, ClientId, Decision, DiskSpace, Explanation, Feature, Grant, HostId,
     HostReport, HostSpec, HostState, HostView, LeaseId, LeaseRequest, LeaseView, LoadAverage,
-    MemberQuota, MemberView, Pressure, Quotas, System, WaitAnswer, WaitStatus,
+    MemberQuota, MemberView, Pressure, Quotas, System, WaitAnswer, WaitStatus, WaitingView,
 };
 
 /// Most systems one host may serve.
@@ -721,6 +721,22 @@ impl From<LeaseView> for proto::LeaseStatus {
             drv_path: l.drv_path,
             age_millis: millis(l.age),
             expires_in_millis: millis(l.expires_in),
+        }
+    }
+}
+
+impl From<WaitingView> for proto::WaitingRequest {
+    fn from(w: WaitingView) -> Self {
+        proto::WaitingRequest {
+            client_id: w.client.to_string(),
+            system: w.system.to_string(),
+            required_features: w.features.iter().map(|f| f.as_str().to_owned()).collect(),
+            drv_path: w.drv_path,
+            position: w.status.position,
+            waited_millis: millis(w.waited),
+            estimated_wait_millis: millis(w.status.estimate),
+            pin_host_id: w.pin.map(|p| p.to_string()).unwrap_or_default(),
+            streaming: w.streaming,
         }
     }
 }

@@ -60,14 +60,19 @@ impl lease_service_server::LeaseService for LeaseService {
         let (grant_tx, grant_rx) = oneshot::channel();
         let answer = {
             let mut core = self.shared.core();
-            let answer = core.wait(now, &req, pin.as_ref());
+            let answer = core.wait_capped(now, &req, pin.as_ref());
             // Registered under the core's lock: no grant can be made before this exists.
-            if let WaitAnswer::Queued { waiter, .. } = &answer {
+            if let Ok(WaitAnswer::Queued { waiter, .. }) = &answer {
                 self.shared.streams().insert(*waiter, grant_tx);
             }
             answer
         };
         self.shared.deliver();
+        let answer = answer.map_err(|e| {
+            debug!(error = %e, "refused");
+            metrics::queue_wait("resource_exhausted");
+            Status::from(Error::from(e))
+        })?;
         let stream = match answer {
             WaitAnswer::Queued {
                 waiter,
@@ -111,6 +116,15 @@ impl lease_service_server::LeaseService for LeaseService {
         let now = self.shared.now();
         let (decision, cause) = self.shared.acquire_capped(now, &req);
         self.shared.deliver();
+        let decision = match decision {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(error = %e, "refused");
+                metrics::acquire("resource_exhausted", started.elapsed().as_secs_f64());
+                metrics::refused("resource_exhausted", cause);
+                return Err(Error::from(e).into());
+            }
+        };
         let outcome = match &decision {
             Decision::Granted(g) => {
                 debug!(host = %g.host.id, lease = %g.lease_id, used = g.slots_used, "granted");

@@ -8,7 +8,7 @@ use metrics::{
 
 use std::time::Duration;
 
-use crate::core::{Breaker, CapacityView, HostState, HostView};
+use crate::core::{Breaker, CapacityView, HostState, HostView, MemberView};
 
 /// How long a gauge may stay unchanged before the exporter drops its series, for agents
 /// that report every `report_interval`. Every gauge is written at least once per report
@@ -24,14 +24,17 @@ pub fn gauge_idle_timeout(report_interval: Duration) -> Duration {
 pub fn describe() {
     describe_counter!(
         "nixdispatch_lease_acquire_total",
-        "Acquire answers, by outcome (granted, postpone, decline, decline_permanently)."
+        "Acquire answers, by outcome (granted, postpone, decline, decline_permanently, and \
+         resource_exhausted past the member's cap on waiting requests)."
     );
     describe_counter!(
         "nixdispatch_lease_refused_total",
         "Acquire answers other than a grant, by outcome (postpone, decline, \
-         decline_permanently) and cause: no_builder, or why a host that builds the system \
-         could not take it (no_slot, draining, probe_failed, late, disconnected, gone, gate, \
-         unreachable, unreachable_for_client, excluded, features, system, none)."
+         decline_permanently, resource_exhausted) and cause: no_builder, quota (the member's \
+         or the system's), waiting_cap (the member's cap on waiting requests), or why a host \
+         that builds the system could not take it (no_slot, draining, probe_failed, late, \
+         disconnected, gone, gate, unreachable, unreachable_for_client, excluded, features, \
+         system, none)."
     );
     describe_histogram!(
         "nixdispatch_lease_acquire_seconds",
@@ -120,7 +123,8 @@ pub fn describe() {
     );
     describe_counter!(
         "nixdispatch_queue_wait_total",
-        "WaitForLease calls, by first answer (granted, queued, decline, decline_permanently)."
+        "WaitForLease calls, by first answer (granted, queued, decline, decline_permanently, \
+         resource_exhausted past the member's cap on waiting requests)."
     );
     describe_gauge!(
         "nixdispatch_queue_waiting",
@@ -147,6 +151,40 @@ pub fn describe() {
         "nixdispatch_queue_progress_total",
         "Position checks of waiting streams."
     );
+    describe_counter!(
+        "nixdispatch_member_builds_total",
+        "Leases of the member that ended after a build ran (released as succeeded or failed). \
+         One series per member: members are provisioned (about a hundred); at most \
+         MEMBER_SERIES_MAX in the open mode, where client ids are unauthenticated labels."
+    );
+    describe_counter!(
+        "nixdispatch_member_build_seconds_total",
+        Unit::Seconds,
+        "Whole seconds the member's builds held their slots."
+    );
+    describe_counter!(
+        "nixdispatch_member_wait_seconds_total",
+        Unit::Seconds,
+        "Whole seconds the member's requests waited in the queue before their grants."
+    );
+}
+
+/// Most members given their own series: far above a community's provisioned members, and a
+/// bound on what unauthenticated client ids can add in the open mode.
+pub const MEMBER_SERIES_MAX: usize = 1000;
+
+/// Publishes each member's usage (as `GetUsage` shows it: since the member was first seen,
+/// restored across restarts) as counters. The first [`MEMBER_SERIES_MAX`] members by id.
+pub(crate) fn members(members: &[MemberView]) {
+    for m in members.iter().take(MEMBER_SERIES_MAX) {
+        let member = m.member.to_string();
+        counter!("nixdispatch_member_builds_total", "member" => member.clone())
+            .absolute(m.usage.builds);
+        counter!("nixdispatch_member_build_seconds_total", "member" => member.clone())
+            .absolute(m.usage.build_millis / 1000);
+        counter!("nixdispatch_member_wait_seconds_total", "member" => member)
+            .absolute(m.usage.wait_millis / 1000);
+    }
 }
 
 pub(crate) fn queue_wait(outcome: &'static str) {

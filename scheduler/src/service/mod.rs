@@ -173,7 +173,7 @@ impl Shared {
             "queue state restored"
         );
         core.restore_queue(QueueSnapshot {
-            quotas: queue.quotas.unwrap_or_else(|| config.queue.quotas()),
+            quotas: queue.quotas.unwrap_or_else(|| config.quotas()),
             durations: queue.durations,
             usage: queue.usage,
         });
@@ -351,8 +351,8 @@ impl Shared {
     }
 
     /// Publishes the fleet's gauges (capacity per system, every host's state, availability,
-    /// probe breaker and report age). Reads the hosts in pages like `ListHosts`, letting go
-    /// of the core between them.
+    /// probe breaker and report age) and each member's usage counters. Reads the hosts in
+    /// pages like `ListHosts`, letting go of the core between them.
     pub(crate) async fn fleet_metrics(&self) {
         let capacity = {
             let now = self.now();
@@ -360,6 +360,8 @@ impl Shared {
         };
         metrics::systems(&capacity);
         metrics::touch_agent_streams();
+        let members = self.core().members();
+        metrics::members(&members);
         let mut after: Option<HostId> = None;
         loop {
             let now = self.now();

@@ -39,7 +39,8 @@ impl LeaseIds for OsLeaseIds {
 }
 
 /// The authority of `config`, with the builders operators provisioned earlier (from the
-/// store). Logs loudly when it is the open mode.
+/// store). Logs loudly when it is the open mode, and when the deprecated per-member cap is
+/// set.
 pub(crate) fn authority(config: &Config, store: &Store) -> Result<Authority, Error> {
     let provisioned = store.provisioned_hosts()?;
     let authority = Authority::new(config.auth.as_ref(), provisioned)?;
@@ -49,37 +50,29 @@ pub(crate) fn authority(config: &Config, store: &Store) -> Result<Authority, Err
              taken at its word; fine on loopback for trying nixdispatch, never for a fleet"
         );
     }
+    if let Some(n) = config.deprecated_member_cap() {
+        tracing::warn!(
+            max_live_leases_per_member = n,
+            "auth.limits.max_live_leases_per_member is deprecated: it is read as \
+             queue.default_member_max_slots, the one per-member cap; set that instead"
+        );
+    }
     Ok(authority)
 }
 
 impl Shared {
-    /// Decides `req` (whose client is already the authenticated member): past the member's
-    /// cap on live leases it is postponed, or declined when it can build locally, without
-    /// reaching placement; otherwise the core decides. One hold of the core's lock, so the
-    /// cap cannot be raced.
-    pub(crate) fn acquire_capped(&self, now: Time, req: &LeaseRequest) -> (Decision, &'static str) {
+    /// Decides `req` (whose client is already the authenticated member) under the member's
+    /// caps, which are the core's: its quota of live leases (`queue.default_member_max_slots`
+    /// or its own) in admission, and its cap on waiting requests
+    /// (`queue.max_waiting_per_member`) when it would wait. Returns the decision and why
+    /// nothing was granted (for metrics), read under the same hold of the core.
+    pub(crate) fn acquire_capped(
+        &self,
+        now: Time,
+        req: &LeaseRequest,
+    ) -> (Result<Decision, crate::core::Error>, &'static str) {
         let mut core = self.core();
-        if self.auth.enforced()
-            && let Some(cap) = self.auth.max_leases_per_member()
-            && core.leases_held_by(&req.client) >= cap
-        {
-            let reason = format!(
-                "member {} holds {cap} live leases, its limit (auth.limits.max_live_leases_per_member)",
-                req.client
-            );
-            let decision = if req.can_build_locally {
-                Decision::Decline { reason }
-            } else {
-                Decision::Postpone {
-                    retry_after: core.config().postpone_retry,
-                    position: 0,
-                    reason,
-                }
-            };
-            return (decision, "member_lease_cap");
-        }
-        // The refusal cause is read under the same hold of the core as the decision.
-        let decision = core.acquire(now, req);
+        let decision = core.acquire_capped(now, req);
         (decision, core.refusal_cause())
     }
 }
