@@ -176,8 +176,7 @@ fn run(
     };
     let stamps = env.path().join(format!("stamps-{}", env.tag(name)));
     std::fs::create_dir_all(&stamps).unwrap();
-    std::fs::set_permissions(&stamps, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-        .unwrap();
+    std::fs::set_permissions(&stamps, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let fixture = env.path().join("queue-e2e.nix");
     let t0 = uptime();
     let children: Vec<(Child, u32)> = side
@@ -562,7 +561,11 @@ fn special_builds_against_stock_nix() {
         size.per_member, size.secs
     );
     for r in [&stock_run, &our_run] {
-        let first = r.stamps.iter().map(|s| s.start).fold(f64::INFINITY, f64::min);
+        let first = r
+            .stamps
+            .iter()
+            .map(|s| s.start)
+            .fold(f64::INFINITY, f64::min);
         let mut waits: Vec<f64> = r
             .stamps
             .iter()

@@ -567,9 +567,9 @@ impl Config {
                 self.agents.report_interval_millis + self.agents.grace_millis,
             ),
             startup_hold: Duration::from_millis(
-                self.queue
-                    .restart_hold_millis
-                    .unwrap_or((self.leases.ttl_millis / 3).min(KEEP_ALIVE_EVERY_MAX_MILLIS) + 1000),
+                self.queue.restart_hold_millis.unwrap_or(
+                    (self.leases.ttl_millis / 3).min(KEEP_ALIVE_EVERY_MAX_MILLIS) + 1000,
+                ),
             ),
             quotas: self.queue.quotas(),
             admission: self.admission.clone(),
@@ -583,6 +583,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The restart hold is one keep-alive period of the hooks (a third of the lease TTL, at
+    /// most 5 s) plus a second, unless set.
+    #[test]
+    fn the_restart_hold_follows_the_keep_alive_period() {
+        let mut c = Config::default();
+        assert_eq!(c.core().startup_hold, Duration::from_secs(6));
+        c.leases.ttl_millis = 3_000;
+        assert_eq!(c.core().startup_hold, Duration::from_secs(2));
+        c.queue.restart_hold_millis = Some(0);
+        assert_eq!(c.core().startup_hold, Duration::ZERO);
+    }
 
     /// An empty file is the embedded defaults, and they agree with the core's defaults.
     #[test]

@@ -478,7 +478,9 @@ impl Env {
         std::fs::copy(busybox().unwrap(), d.join("bb/busybox")).unwrap();
         for fixture in ["hook-e2e.nix", "queue-e2e.nix"] {
             std::fs::copy(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix").join(fixture),
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/nix")
+                    .join(fixture),
                 d.join(fixture),
             )
             .unwrap();
@@ -506,7 +508,10 @@ impl Env {
             // Builders on one kernel share nixbld users: no build users; no substituters.
             let mut conf = "substituters =\nsandbox = false\nbuild-users-group =\n".to_owned();
             if !spec.extra_systems.is_empty() {
-                conf.push_str(&format!("extra-platforms = {}\n", spec.extra_systems.join(" ")));
+                conf.push_str(&format!(
+                    "extra-platforms = {}\n",
+                    spec.extra_systems.join(" ")
+                ));
             }
             if !spec.features.is_empty() {
                 conf.push_str(&format!("system-features = {}\n", spec.features.join(" ")));
