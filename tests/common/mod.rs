@@ -280,8 +280,12 @@ impl Namespace {
     /// inside), a `/proc` of its own and an empty `/run`: the cached chroot is never written.
     pub(crate) fn start(root: &Path, chroot: Option<&Path>) -> Namespace {
         let script = match chroot {
+            // An empty home for root too: sshd runs each session's command through root's
+            // shell, which would otherwise read the test machine's own dotfiles (a shell
+            // init that takes a lock, e.g. pyenv's, stalls concurrent sessions for seconds).
             None => format!(
-                "mount --bind '{}/nix' /nix && exec sleep infinity",
+                "mkdir -p '{0}/home' && mount --bind '{0}/home' /root && \
+                 mount --bind '{0}/nix' /nix && exec sleep infinity",
                 root.display()
             ),
             Some(c) => format!(
