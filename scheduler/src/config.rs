@@ -73,6 +73,11 @@ impl Default for Config {
     }
 }
 
+/// The longest pause between two keep-alives of a lease that clients keep (the protocol's
+/// rule, see `Granted.lease_ttl_millis`, which the hook follows), milliseconds: a lease
+/// granted before a restart re-attaches within this of the scheduler's start.
+pub const KEEP_ALIVE_EVERY_MAX_MILLIS: u64 = 5_000;
+
 /// `[queue]`: waiting for a lease, and quotas.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -88,8 +93,10 @@ pub struct QueueConfig {
     pub progress_interval_millis: u64,
     /// After a start, no slot goes to a waiting request for this long, milliseconds, while
     /// the holders of leases granted before a restart re-attach them with their keep-alives
-    /// (every third of the lease TTL); `Acquire` is not held. Default: a third of
-    /// `leases.ttl_millis` plus 1000 (21000 at the default TTL).
+    /// (every third of the lease TTL, at most 5 s apart: the protocol's rule, see
+    /// `Granted.lease_ttl_millis`); `Acquire` is not held. Default: that keep-alive period
+    /// plus 1000 (6000 at the default TTL). A host's slots also wait for its agent's first
+    /// report, which shows the builds still running there.
     pub restart_hold_millis: Option<u64>,
     /// Most live leases one member may hold at once, on every system together; past it its
     /// requests wait (or are declined when they can build locally), also pinned ones; a
@@ -623,9 +630,9 @@ impl Config {
                 self.agents.report_interval_millis + self.agents.grace_millis,
             ),
             startup_hold: Duration::from_millis(
-                self.queue
-                    .restart_hold_millis
-                    .unwrap_or(self.leases.ttl_millis / 3 + 1000),
+                self.queue.restart_hold_millis.unwrap_or(
+                    (self.leases.ttl_millis / 3).min(KEEP_ALIVE_EVERY_MAX_MILLIS) + 1000,
+                ),
             ),
             quotas: self.quotas(),
             max_waiting_per_member: self.queue.max_waiting_per_member,
@@ -640,6 +647,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The restart hold is one keep-alive period of the hooks (a third of the lease TTL, at
+    /// most 5 s) plus a second, unless set.
+    #[test]
+    fn the_restart_hold_follows_the_keep_alive_period() {
+        let mut c = Config::default();
+        assert_eq!(c.core().startup_hold, Duration::from_secs(6));
+        c.leases.ttl_millis = 3_000;
+        assert_eq!(c.core().startup_hold, Duration::from_secs(2));
+        c.queue.restart_hold_millis = Some(0);
+        assert_eq!(c.core().startup_hold, Duration::ZERO);
+    }
 
     /// An empty file is the embedded defaults, and they agree with the core's defaults.
     #[test]

@@ -58,6 +58,30 @@ impl Env {
     /// `place`, with the hook configuration `hook_config` (see [`Env::write_hook_config`]).
     /// The daemon may only build through the hook (`max-jobs = 0`, no `builders`).
     pub fn start_member(&self, nix: NixVersion, place: HookPlace, hook_config: &Path) -> Member {
+        let hook = self.bin("nixdispatch-hook");
+        let mut conf = "substituters =\nsandbox = false\nbuild-users-group =\nbuilders =\n\
+                        max-jobs = 0\nbuild-poll-interval = 1\n"
+            .to_owned();
+        if place == HookPlace::NixConf {
+            conf.push_str(&format!("build-hook = {}\n", hook.display()));
+        }
+        let mut args: Vec<&std::ffi::OsStr> = Vec::new();
+        if place == HookPlace::DaemonCommandLine {
+            args.extend(["--option".as_ref(), "build-hook".as_ref(), hook.as_os_str()]);
+        }
+        self.start_member_with(nix, &conf, &args, hook_config)
+    }
+
+    /// Starts a member's machine running `nix` whose daemon reads `nix_conf` as its
+    /// nix.conf and gets `daemon_args` (e.g. `--option build-hook ...`); a member of stock
+    /// Nix has `builders` there and no nixdispatch at all.
+    pub fn start_member_with(
+        &self,
+        nix: NixVersion,
+        nix_conf: &str,
+        daemon_args: &[&std::ffi::OsStr],
+        hook_config: &Path,
+    ) -> Member {
         let d = self.path();
         // The unprivileged user reads the derivations' files and the test directory.
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -68,19 +92,10 @@ impl Env {
         }
         std::os::unix::fs::chown(root.join("home"), Some(USER_ID), Some(USER_ID)).unwrap();
         let hook = self.bin("nixdispatch-hook");
-        let mut conf = "substituters =\nsandbox = false\nbuild-users-group =\nbuilders =\n\
-                        max-jobs = 0\nbuild-poll-interval = 1\n"
-            .to_owned();
-        if place == HookPlace::NixConf {
-            conf.push_str(&format!("build-hook = {}\n", hook.display()));
-        }
-        std::fs::write(root.join("conf/nix.conf"), conf).unwrap();
+        std::fs::write(root.join("conf/nix.conf"), nix_conf).unwrap();
         let machine = Namespace::start(&root, nix.chroot().as_deref());
         let mut cmd = machine.command(Path::new("nix-daemon"));
-        cmd.arg("--daemon");
-        if place == HookPlace::DaemonCommandLine {
-            cmd.args(["--option", "build-hook"]).arg(&hook);
-        }
+        cmd.arg("--daemon").args(daemon_args);
         let log = std::fs::File::create(d.join(format!("log/member{n}-daemon.log"))).unwrap();
         let daemon = ChildGuard::spawn(
             &format!("{nix} nix-daemon"),
@@ -119,21 +134,30 @@ impl Member {
     /// `nix-build` of the fixture by an unprivileged user, through the daemon, under
     /// `timeout`.
     pub fn nix_build(&self, args: &[&str]) -> NixRun {
+        let mut cmd = self.nix_build_command(&self.fixture, args);
+        let started = Instant::now();
+        let out = cmd.output().expect("nix-build");
+        NixRun::from_output(&out, started.elapsed())
+    }
+
+    /// The command of [`Member::nix_build`] for the expression `file`, to be run in the
+    /// background (stdout and stderr piped).
+    pub fn nix_build_command(&self, file: &Path, args: &[&str]) -> Command {
         let mut cmd = Command::new("nsenter");
         cmd.args(self.machine.nsenter_args())
             .args(["-S", USER, "-G", USER, "--", "timeout", "120", "nix-build"])
             .arg("--no-out-link")
-            .arg(&self.fixture)
+            .arg(file)
             .args(args)
             .env("NIX_REMOTE", "daemon")
             .env("NIX_CONF_DIR", self.root.join("conf"))
             .env("HOME", self.root.join("home"))
             .env_remove("XDG_CACHE_HOME")
             .env_remove("XDG_CONFIG_HOME")
-            .stdin(Stdio::null());
-        let started = Instant::now();
-        let out = cmd.output().expect("nix-build");
-        NixRun::from_output(&out, started.elapsed())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
     }
 
     /// A store path of the member's machine, as a path the test can read.

@@ -283,8 +283,12 @@ impl Namespace {
     /// inside), a `/proc` of its own and an empty `/run`: the cached chroot is never written.
     pub(crate) fn start(root: &Path, chroot: Option<&Path>) -> Namespace {
         let script = match chroot {
+            // An empty home for root too: sshd runs each session's command through root's
+            // shell, which would otherwise read the test machine's own dotfiles (a shell
+            // init that takes a lock, e.g. pyenv's, stalls concurrent sessions for seconds).
             None => format!(
-                "mount --bind '{}/nix' /nix && exec sleep infinity",
+                "mkdir -p '{0}/home' && mount --bind '{0}/home' /root && \
+                 mount --bind '{0}/nix' /nix && exec sleep infinity",
                 root.display()
             ),
             Some(c) => format!(
@@ -398,6 +402,12 @@ pub struct BuilderSpec {
     /// systems, features, `max-jobs` and `build-users-group` (set in the builder's nix.conf,
     /// features `e2e` and `nix-<version>`).
     pub discover: bool,
+    /// Systems it builds besides this machine's (`extra-platforms` in its nix.conf, and
+    /// announced by its agent), e.g. `i686-linux`.
+    pub extra_systems: &'static [&'static str],
+    /// Its `system-features` (set in its nix.conf and announced by its agent); none when
+    /// empty.
+    pub features: &'static [&'static str],
 }
 
 impl BuilderSpec {
@@ -410,7 +420,18 @@ impl BuilderSpec {
             wrong_pinned_key: false,
             nix: NixVersion::V2_8,
             discover: false,
+            extra_systems: &[],
+            features: &[],
         }
+    }
+}
+
+impl BuilderSpec {
+    /// Every system it builds: this machine's first.
+    pub fn systems(&self) -> Vec<String> {
+        std::iter::once(this_system())
+            .chain(self.extra_systems.iter().map(|s| (*s).to_owned()))
+            .collect()
     }
 }
 
@@ -441,6 +462,12 @@ pub struct Env {
     /// With [`Env::new_probed`]: the port every builder's sshd listens on, each on a
     /// loopback address of its own (the scheduler's `[probe] default_port`).
     pub shared_ssh_port: Option<u16>,
+    /// Give the scheduler a state database file in the test directory (`[state]
+    /// database`), kept across its restarts. Set before starting.
+    pub state_db: bool,
+    /// The scheduler's `[leases] ttl_millis`: 3000 unless set before starting, so the hook's
+    /// keep-alives really matter during a build.
+    pub lease_ttl_millis: u64,
 }
 
 /// Binds one listener per builder, each on its own loopback address and all on the same
@@ -511,11 +538,15 @@ impl Env {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         std::fs::copy(busybox().unwrap(), d.join("bb/busybox")).unwrap();
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/nix/hook-e2e.nix"),
-            d.join("hook-e2e.nix"),
-        )
-        .unwrap();
+        for fixture in ["hook-e2e.nix", "queue-e2e.nix"] {
+            std::fs::copy(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/nix")
+                    .join(fixture),
+                d.join(fixture),
+            )
+            .unwrap();
+        }
         let keygen = |name: &str| {
             run_ok(
                 Command::new("ssh-keygen")
@@ -550,6 +581,15 @@ impl Env {
             std::fs::write(root.join("nix/builder-id"), format!("{}\n", spec.id)).unwrap();
             // Builders on one kernel share nixbld users: no build users; no substituters.
             let mut conf = "substituters =\nsandbox = false\nbuild-users-group =\n".to_owned();
+            if !spec.extra_systems.is_empty() {
+                conf.push_str(&format!(
+                    "extra-platforms = {}\n",
+                    spec.extra_systems.join(" ")
+                ));
+            }
+            if !spec.features.is_empty() {
+                conf.push_str(&format!("system-features = {}\n", spec.features.join(" ")));
+            }
             if spec.discover {
                 conf.push_str(&format!(
                     "max-jobs = {}\nsystem-features = e2e nix-{}\n",
@@ -628,6 +668,8 @@ impl Env {
             gate_sockets: false,
             scheduler_extra: String::new(),
             shared_ssh_port,
+            state_db: false,
+            lease_ttl_millis: 3000,
         }
     }
 
@@ -657,14 +699,20 @@ impl Env {
     fn start_scheduler(&mut self, listen: &str) -> String {
         let d = self.path().to_owned();
         let config = d.join("scheduler.toml");
-        // A short lease TTL so the hook's keep-alives really matter during a build;
-        // admission gates open (this shared 2-core machine may report any pressure).
+        // A short lease TTL by default (`lease_ttl_millis`) so the hook's keep-alives really
+        // matter during a build; admission gates open (this shared 2-core machine may report any pressure).
         std::fs::write(
             &config,
-            format!("[leases]\nttl_millis = 3000\n[agents]\nreport_interval_millis = 1000\n\
+            format!("[leases]\nttl_millis = {}\n[agents]\nreport_interval_millis = 1000\n\
              [admission]\nmin_free_store_percent = 0.0\nmin_free_store_bytes = 0\n\
              min_free_build_dir_percent = 0.0\nmin_free_build_dir_bytes = 0\n\
-             max_cpu_some_pressure = 100.0\nmax_memory_full_pressure = 100.0\nmax_io_full_pressure = 100.0\n{}{}",
+             max_cpu_some_pressure = 100.0\nmax_memory_full_pressure = 100.0\nmax_io_full_pressure = 100.0\n{}{}{}",
+            self.lease_ttl_millis,
+            if self.state_db {
+                format!("[state]\ndatabase = \"{}\"\n", d.join("scheduler.sqlite3").display())
+            } else {
+                String::new()
+            },
             if self.secure { self.secure_scheduler_config() } else { String::new() },
             self.scheduler_extra,
         ))
@@ -814,11 +862,11 @@ impl Env {
             if !spec.discover {
                 cmd.args([
                     "--systems",
-                    &this_system(),
+                    &spec.systems().join(","),
                     "--max-jobs",
                     &spec.max_jobs.to_string(),
                     "--features",
-                    "",
+                    &spec.features.join(","),
                     "--build-users-group",
                     "",
                 ]);
@@ -856,8 +904,15 @@ impl Env {
     /// Kills the scheduler (SIGKILL: no goodbye, all its state lost) and starts a new one on
     /// the same address; its agents reconnect by themselves.
     pub fn restart_scheduler(&mut self) {
+        self.restart_scheduler_after(Duration::ZERO);
+    }
+
+    /// Kills the scheduler (SIGKILL) and starts a new one on the same address (and state
+    /// database) `down` later: an outage of that length.
+    pub fn restart_scheduler_after(&mut self, down: Duration) {
         let url = self.scheduler_addr.clone().expect("a running scheduler");
         self.stop_scheduler();
+        std::thread::sleep(down);
         let listen = url
             .trim_start_matches("https://")
             .trim_start_matches("http://")
@@ -905,12 +960,23 @@ impl Env {
 
     /// Writes the hook's configuration; `extra` is appended verbatim (TOML).
     pub fn write_hook_config(&self, scheduler_url: &str, extra: &str) -> PathBuf {
-        let p = self.path().join("hook.toml");
+        self.write_hook_config_named("", scheduler_url, extra)
+    }
+
+    /// [`Env::write_hook_config`] for one of several members: `hook-<name>.toml`, client id
+    /// `e2e-<env>-<name>`, log `log/hook-<name>.log` (`name` empty: the shared defaults).
+    pub fn write_hook_config_named(&self, name: &str, scheduler_url: &str, extra: &str) -> PathBuf {
+        let suffix = if name.is_empty() {
+            String::new()
+        } else {
+            format!("-{name}")
+        };
+        let p = self.path().join(format!("hook{suffix}.toml"));
         std::fs::write(
             &p,
             format!(
-                "scheduler = \"{scheduler_url}\"\n{{secure}}client_id = \"e2e-{}\"\nssh_identity = \"{}\"\n\
-                 log_file = \"{}/log/hook.log\"\nlog_level = \"debug\"\n{extra}\n[timeouts]\nconnect_millis = 500\n\
+                "scheduler = \"{scheduler_url}\"\n{{secure}}client_id = \"e2e-{}{suffix}\"\nssh_identity = \"{}\"\n\
+                 log_file = \"{}/log/hook{suffix}.log\"\nlog_level = \"debug\"\n{extra}\n[timeouts]\nconnect_millis = 500\n\
                  try_millis = 1500\nreacquire_millis = 30000\n",
                 self.id,
                 self.client_key.display(),
@@ -931,6 +997,25 @@ impl Env {
         )
         .unwrap();
         p
+    }
+
+    /// A machines line for the builder of `spec`, with its systems and features, as a
+    /// member of stock Nix would write it.
+    pub fn machines_line_of(&self, spec: &BuilderSpec) -> String {
+        let b = self.builder(spec.id);
+        let features = if spec.features.is_empty() {
+            "-".to_owned()
+        } else {
+            spec.features.join(",")
+        };
+        format!(
+            "{} {} {} {} 1 {features} - {}",
+            b.store_uri(),
+            spec.systems().join(","),
+            self.client_key.display(),
+            spec.max_jobs,
+            b.host_key_base64()
+        )
     }
 
     /// A machines line for a builder, as a static fallback.

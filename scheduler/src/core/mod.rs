@@ -125,8 +125,8 @@ pub struct CoreConfig {
     pub startup_window: Duration,
     /// How long after the start no slot is handed to a waiter at all: builds granted before
     /// a restart that are still copying inputs show in no agent report, only in their
-    /// holders' keep-alives, which re-attach them within a third of the lease TTL. Default
-    /// `lease_ttl / 3` plus a second.
+    /// holders' keep-alives, which re-attach them within a third of the lease TTL or 5 s,
+    /// whichever is shorter (the protocol's rule). Default: that period plus a second.
     pub startup_hold: Duration,
     /// Admission gates.
     pub admission: Admission,
@@ -164,7 +164,7 @@ impl Default for CoreConfig {
             claim_ttl: Duration::from_secs(10),
             quotas: Quotas::default(),
             startup_window: Duration::from_secs(30),
-            startup_hold: Duration::from_secs(21),
+            startup_hold: Duration::from_secs(6),
             admission: Admission::default(),
             remembered_leases: 65_536,
             unreachable_cooldown: Duration::from_secs(60),
