@@ -30,7 +30,7 @@ use crate::client::ClientConfig;
 use crate::proto::{AcquireRequest, BuildOutcome, KeepAliveRequest, WaitForLeaseRequest};
 
 /// Read size of the relay: large, so that uploads move in few system calls.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 1 << 20;
 
 /// The largest `.drv` file the gate reads for a BuildPaths (derivations are kilobytes).
 const MAX_DRV_FILE: u64 = 16 << 20;
@@ -450,6 +450,11 @@ impl<G: Grammar + Send + 'static> Up<'_, G> {
         let shared = self.shared;
         let write = |r: std::io::Result<()>| r.map_err(|_| UpEnd::DaemonClosed);
         let mut off = 0;
+        // Input bytes to forward as they are, not written yet: consecutive steps that
+        // forward input (an upload's framed chunks, 32 KiB each from Nix) become one write
+        // per read instead of one per chunk. Flushed before anything else is written or
+        // anything can wait, so the order of bytes never changes.
+        let mut unsent = 0..0;
         while off < data.len() {
             let adv = shared
                 .session
@@ -458,10 +463,21 @@ impl<G: Grammar + Send + 'static> Up<'_, G> {
                 .client_step(&data[off..]);
             let start = off;
             off += adv.consumed;
+            let flush = !matches!(adv.forward, Forward::Nothing) || adv.event.is_some();
+            if flush && !(matches!(adv.forward, Forward::Input) && unsent.end == start) {
+                if !unsent.is_empty() {
+                    write(self.child_in.write_all(&data[unsent]).await)?;
+                }
+                unsent = start..start;
+            }
             match adv.forward {
                 Forward::Nothing => {}
-                Forward::Input => write(self.child_in.write_all(&data[start..off]).await)?,
+                Forward::Input => unsent.end = off,
                 Forward::Bytes(b) => write(self.child_in.write_all(&b).await)?,
+            }
+            if adv.event.is_some() && !unsent.is_empty() {
+                write(self.child_in.write_all(&data[unsent]).await)?;
+                unsent = off..off;
             }
             match adv.event {
                 None => {}
@@ -516,6 +532,9 @@ impl<G: Grammar + Send + 'static> Up<'_, G> {
                 // is unreachable in practice: never spin.
                 break;
             }
+        }
+        if !unsent.is_empty() {
+            write(self.child_in.write_all(&data[unsent]).await)?;
         }
         Ok(())
     }

@@ -5,12 +5,14 @@
 //!
 //! Builds of the fixture record, on the builder, how many builds of the fixture were
 //! running when they started (`/nix/gate-peaks` in the builder's own `/nix`), so that the
-//! peak per builder is measured from the builder's side.
+//! peak per builder is measured from the builder's side, and when each started and ended
+//! (`/nix/gate-times`, the builder's uptime in seconds).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::{Env, NixRun};
+use super::nixver::NixVersion;
+use super::{Env, Namespace, NixRun};
 
 /// The gate binary of this workspace.
 pub fn gate_bin() -> PathBuf {
@@ -58,6 +60,23 @@ pub struct Member {
     pub conf_dir: PathBuf,
 }
 
+/// A member's machine running a stock Nix of another version than the host's (see
+/// [`Env::stock_machine`]); the processes inside end with it.
+pub struct StockMachine {
+    /// The Nix it runs.
+    pub nix: NixVersion,
+    /// Its `/nix` is `root/nix`.
+    pub root: PathBuf,
+    ns: Namespace,
+}
+
+impl StockMachine {
+    /// A store path of this machine, as a path the test can read.
+    pub fn host_path(&self, store_path: &str) -> PathBuf {
+        self.root.join(store_path.trim_start_matches('/'))
+    }
+}
+
 /// The Nix fixture of these tests: `n` independent leaves that sleep `sleep` seconds and
 /// record the running count on the builder.
 const FIXTURE: &str = r#"
@@ -74,7 +93,9 @@ let
       ${bb} touch /nix/gate-running/$$
       n=$(${bb} ls /nix/gate-running | ${bb} wc -l)
       echo $n >> /nix/gate-peaks
+      t0=$(${bb} cut -d' ' -f1 /proc/uptime)
       ${bb} sleep ${sleep}
+      echo "gate${toString i}-${tag} $t0 $(${bb} cut -d' ' -f1 /proc/uptime)" >> /nix/gate-times
       ${bb} rm /nix/gate-running/$$
       echo "gate${toString i} $(${bb} cat /nix/builder-id 2>/dev/null || echo local) $n" > $out
     '' ];
@@ -228,7 +249,44 @@ impl Env {
 
     /// The stock `nix-build` of the gate fixture as member `m` (under `timeout`).
     pub fn member_build_command(&self, m: &Member, tag: &str, n: u32, sleep: &str) -> Command {
-        let mut cmd = Command::new("timeout");
+        self.member_build_command_on(None, m, tag, n, sleep)
+    }
+
+    /// A member's machine running `nix` with nothing of nixdispatch: its own `/nix`, in a
+    /// namespace whose root is that version's chroot (see [`NixVersion::chroot`]).
+    pub fn stock_machine(&self, nix: NixVersion) -> StockMachine {
+        let root = self
+            .path()
+            .join(format!("stock-{}", nix.label().replace('.', "")));
+        std::fs::create_dir_all(root.join("nix/store")).unwrap();
+        let ns = Namespace::start(&root, nix.chroot().as_deref());
+        let out = ns
+            .command(Path::new("nix"))
+            .arg("--version")
+            .output()
+            .unwrap();
+        let version = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            version.contains(&format!(" {}.", nix.label())),
+            "{nix} machine runs {version}"
+        );
+        StockMachine { nix, root, ns }
+    }
+
+    /// The stock `nix-build` of the gate fixture as member `m`, on `machine` (`None`: the
+    /// host's Nix and `/nix`), under `timeout`.
+    pub fn member_build_command_on(
+        &self,
+        machine: Option<&StockMachine>,
+        m: &Member,
+        tag: &str,
+        n: u32,
+        sleep: &str,
+    ) -> Command {
+        let mut cmd = match machine {
+            Some(machine) => machine.ns.command(Path::new("timeout")),
+            None => Command::new("timeout"),
+        };
         cmd.args(["240", "nix-build", "--no-out-link"])
             .arg(self.path().join("gate-e2e.nix"))
             .args([
@@ -275,6 +333,23 @@ impl Env {
             known.display()
         );
         (host, opts)
+    }
+
+    /// The fixture's builds on builder `id`, in the order they ended: the derivation's name
+    /// (`gate<i>-<tag>`) and its start and end in seconds of the builder's uptime.
+    pub fn gate_times(&self, id: &str) -> Vec<(String, f64, f64)> {
+        std::fs::read_to_string(self.builder(id).root.join("nix/gate-times"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((
+                    w.next()?.to_owned(),
+                    w.next()?.parse().ok()?,
+                    w.next()?.parse().ok()?,
+                ))
+            })
+            .collect()
     }
 
     /// The running counts the fixture's builds saw when they started on builder `id`.
