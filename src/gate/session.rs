@@ -301,6 +301,13 @@ impl<G: Grammar> Session<G> {
                     event: None,
                 }
             }
+            Err(Stop::NeedPeer) if self.server_lost => {
+                // The daemon's stream is no longer followed, so its version will never be
+                // known: waiting for it would stall the client.
+                self.pending.truncate(before);
+                let reason = "the daemon's version is unknown (its stream is not followed)";
+                self.desync(before, data, reason.into())
+            }
             Err(Stop::NeedPeer) => {
                 self.pending.truncate(before);
                 Advance {

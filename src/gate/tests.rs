@@ -491,6 +491,26 @@ fn unknown_streams_pass_through() {
     );
 }
 
+/// Found by fuzzing (`gate_session`): a daemon whose first words are not the serve
+/// protocol's is no longer followed, so its version is never known; the client's next
+/// message must then pass through, not wait for that version forever.
+#[test]
+fn a_lost_daemon_never_stalls_the_client() {
+    let mut s = Session::new(Serve::new());
+    let hello = [u(serve::MAGIC_1), u(0x205)].concat();
+    assert_eq!(s.client_step(&hello).consumed, hello.len());
+    let events = s.server_observe(&[u(0xdead_beef), u(0x205)].concat());
+    assert!(
+        matches!(events.as_slice(), [ServerEvent::Desync(_)]),
+        "{events:?}"
+    );
+    let next = [u(1), u(0), u(0), u(0)].concat();
+    let a = s.client_step(&next);
+    assert!(matches!(a.event, Some(ClientEvent::Desync(_))), "{a:?}");
+    assert_eq!((a.consumed, a.forward), (next.len(), Forward::Bytes(next)));
+    assert!(s.passing_through());
+}
+
 /// Drives arbitrary client bytes the way the relay does and returns what was forwarded
 /// plus what is still held; panics on a stall.
 fn drive_garbage<G: Grammar>(s: &mut Session<G>, data: &[u8], split: usize) -> Vec<u8> {
