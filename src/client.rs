@@ -22,6 +22,24 @@ use crate::proto::admin_service_client::AdminServiceClient;
 use crate::proto::agent_service_client::AgentServiceClient;
 use crate::proto::lease_service_client::LeaseServiceClient;
 
+/// The longest pause between two keep-alives of a lease, whatever its TTL (the protocol's
+/// rule, see `Granted.lease_ttl_millis`). A scheduler restarted mid-build holds its queue
+/// until every lease granted before the restart has had its next keep-alive (which
+/// re-attaches it), so this bounds that hold: 5 s, against 20 s for a third of the default
+/// 60 s TTL; a thousand running builds cost 200 calls a second.
+pub const KEEP_ALIVE_EVERY_MAX: Duration = Duration::from_secs(5);
+
+/// How often a lease holder (the hook, the gate, the agent's gate socket) keeps alive a
+/// lease of `ttl`: a third of it, at most
+/// [`KEEP_ALIVE_EVERY_MAX`], at least 100 ms.
+pub fn keep_alive_every(ttl: Duration) -> Duration {
+    if ttl.is_zero() {
+        KEEP_ALIVE_EVERY_MAX
+    } else {
+        (ttl / 3).clamp(Duration::from_millis(100), KEEP_ALIVE_EVERY_MAX)
+    }
+}
+
 /// How to reach the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -270,6 +288,20 @@ pub fn admin_client(channel: AuthChannel) -> AdminServiceClient<AuthChannel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A third of the TTL, but never more than 5 s apart (a restarted scheduler's hold) nor
+    /// less than 100 ms.
+    #[test]
+    fn keep_alives_come_every_third_of_the_ttl_at_most_5_s_apart() {
+        let s = Duration::from_secs;
+        assert_eq!(keep_alive_every(s(3)), s(1));
+        assert_eq!(keep_alive_every(s(60)), s(5));
+        assert_eq!(keep_alive_every(Duration::ZERO), s(5));
+        assert_eq!(
+            keep_alive_every(Duration::from_millis(30)),
+            Duration::from_millis(100)
+        );
+    }
 
     /// The token is trimmed and sent as a bearer header; bad tokens are refused.
     #[test]

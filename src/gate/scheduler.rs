@@ -92,9 +92,10 @@ pub(super) struct Scheduler {
     bound: Duration,
 }
 
-/// How often to keep alive a lease of `ttl_millis`: a third of it, at least 100 ms.
+/// How often to keep alive a lease of `ttl_millis` (the hook's cadence, so that a restarted
+/// scheduler's hold covers gated builds too).
 fn keep_alive_every(ttl_millis: u64) -> Duration {
-    Duration::from_millis((ttl_millis / 3).max(100))
+    crate::client::keep_alive_every(Duration::from_millis(ttl_millis))
 }
 
 fn status_text(s: &tonic::Status) -> String {

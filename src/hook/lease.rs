@@ -366,28 +366,11 @@ impl Leases {
     }
 }
 
-/// The longest pause between two keep-alives of a lease, whatever its TTL (the protocol's
-/// rule, see `Granted.lease_ttl_millis`). A scheduler restarted mid-build holds its queue
-/// until every lease granted before the restart has had its next keep-alive (which
-/// re-attaches it), so this bounds that hold: 5 s, against 20 s for a third of the default
-/// 60 s TTL; a thousand running builds cost 200 calls a second.
-pub(crate) const KEEP_ALIVE_EVERY_MAX: Duration = Duration::from_secs(5);
-
 /// After a failed keep-alive (the scheduler away), the next one comes this soon, so that a
 /// scheduler coming back learns of the lease at once.
 const KEEP_ALIVE_RETRY: Duration = Duration::from_secs(1);
 
-/// How often to keep alive a lease of `ttl`: a third of it, at most
-/// [`KEEP_ALIVE_EVERY_MAX`], at least 100 ms.
-fn keep_alive_every(ttl: Duration) -> Duration {
-    if ttl.is_zero() {
-        KEEP_ALIVE_EVERY_MAX
-    } else {
-        (ttl / 3).clamp(Duration::from_millis(100), KEEP_ALIVE_EVERY_MAX)
-    }
-}
-
-/// Keeps `grant`'s lease alive (see [`keep_alive_every`]), for as long as it is polled. A
+/// Keeps `grant`'s lease alive (see [`keep_alive_every`](crate::client::keep_alive_every)), for as long as it is polled. A
 /// failed keep-alive is logged once, tried again within [`KEEP_ALIVE_RETRY`], and the build
 /// goes on.
 async fn keep_alive(
@@ -396,7 +379,7 @@ async fn keep_alive(
     t: &TryRequest,
     rpc_timeout: Duration,
 ) -> std::convert::Infallible {
-    let period = keep_alive_every(grant.lease_ttl);
+    let period = crate::client::keep_alive_every(grant.lease_ttl);
     let mut next = period;
     let mut warned = false;
     loop {
@@ -411,24 +394,5 @@ async fn keep_alive(
                 period.min(KEEP_ALIVE_RETRY)
             }
         };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A third of the TTL, but never more than 5 s apart (a restarted scheduler's hold) nor
-    /// less than 100 ms.
-    #[test]
-    fn keep_alives_come_every_third_of_the_ttl_at_most_5_s_apart() {
-        let s = Duration::from_secs;
-        assert_eq!(keep_alive_every(s(3)), s(1));
-        assert_eq!(keep_alive_every(s(60)), s(5));
-        assert_eq!(keep_alive_every(Duration::ZERO), s(5));
-        assert_eq!(
-            keep_alive_every(Duration::from_millis(30)),
-            Duration::from_millis(100)
-        );
     }
 }
