@@ -613,8 +613,12 @@ fn a_flood_does_not_starve_a_later_member() {
         builds[builds.len() / 2],
         builds.last().unwrap()
     );
+    // B's first build gets one of the next two slots that free (first come, first served
+    // would grant the 4 or more of A's builds already waiting first). B's builds then go
+    // one at a time, each behind B's own previous one on its fair share of one slot of
+    // two, so each later one may see up to two of A's grants per build of B's ahead of it.
     assert!(
-        overtaken.iter().all(|&n| n <= 2),
+        overtaken.iter().enumerate().all(|(i, &n)| n <= 2 * (i + 1)),
         "A's builds granted while each of B's waited: {overtaken:?}\n{text}"
     );
 }
@@ -646,21 +650,18 @@ fn newer_nix_members_are_gated_on_older_and_newer_builders() {
         .collect();
     let machines = [NixVersion::V2_26, NixVersion::V2_34].map(|v| env.stock_machine(v));
     let machine = |nix: NixVersion| machines.iter().find(|m| m.nix == nix);
-    let children: Vec<_> = plan
-        .iter()
-        .zip(&members)
-        .map(|(&(_, nix, scheme, builder), m)| {
-            env.member_nix_conf(m, &[builder], scheme, 2);
-            let tag = env.tag(&m.name);
-            let child = env
-                .member_build_command_on(machine(nix), m, &tag, 2, "1")
-                .spawn()
-                .expect("nix-build");
-            (tag, child)
-        })
-        .collect();
+    // One member at a time: members uploading the same input (busybox) to one Nix 2.8
+    // builder at the same moment over ssh:// and ssh-ng:// have seen that builder answer
+    // "dependency ... does not exist" (see docs/gate.md, known issues); this test is
+    // about each version pairing being gated, not about that race.
     let gate_logs = || -> String { logs.iter().map(|l| read_log(l)).collect() };
-    for ((name, nix, scheme, builder), (tag, child)) in plan.iter().zip(children) {
+    for ((name, nix, scheme, builder), m) in plan.iter().zip(&members) {
+        env.member_nix_conf(m, &[builder], scheme, 2);
+        let tag = env.tag(&m.name);
+        let child = env
+            .member_build_command_on(machine(*nix), m, &tag, 2, "1")
+            .spawn()
+            .expect("nix-build");
         let run = finish(child);
         let pair = format!("{name}: {nix} over {scheme} to {builder}");
         assert!(
