@@ -329,8 +329,12 @@ mod with_a_scheduler {
             .await
             .unwrap();
         let err = built_on_b1(hook.await.unwrap());
+        // Its place is shown when it accepts ("waits for an x86_64-linux builder (queue
+        // position 1)"), and again in the stream's progress lines if the wait lasts long
+        // enough for one ("waiting for an x86_64-linux builder: position 1").
         assert!(
-            err.contains("waiting for an x86_64-linux builder: position 1"),
+            err.contains("x86_64-linux builder (queue position 1)")
+                || err.contains("waiting for an x86_64-linux builder: position 1"),
             "{err}"
         );
         let usage = admin
