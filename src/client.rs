@@ -285,6 +285,38 @@ pub fn admin_client(channel: AuthChannel) -> AdminServiceClient<AuthChannel> {
     AdminServiceClient::new(channel)
 }
 
+/// Every waiting request the caller may see, following `ListWaiting`'s pages of
+/// `page_size` requests (0: the scheduler's default) until the last. Each page is one call,
+/// so the scheduler lets go of its queue between pages; a request that starts or stops
+/// waiting meanwhile may be missing, no other is missing or listed twice.
+pub async fn list_waiting(
+    admin: &mut AdminServiceClient<AuthChannel>,
+    page_size: u32,
+) -> Result<Vec<crate::proto::WaitingRequest>, tonic::Status> {
+    let mut waiting = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_waiting(crate::proto::ListWaitingRequest {
+                page_size,
+                page_token: page_token.clone(),
+            })
+            .await?
+            .into_inner();
+        waiting.extend(page.waiting);
+        if page.next_page_token.is_empty() {
+            return Ok(waiting);
+        }
+        // A scheduler that hands back the token it was sent would keep this asking forever.
+        if page.next_page_token == page_token {
+            return Err(tonic::Status::internal(
+                "ListWaiting answered the page token it was sent: the listing does not advance",
+            ));
+        }
+        page_token = page.next_page_token;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

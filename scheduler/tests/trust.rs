@@ -759,7 +759,7 @@ async fn members_see_only_their_own_waiting_requests() {
     let waiting = |who: &'static str| async move {
         s.admin(Some(who))
             .await
-            .list_waiting(proto::ListWaitingRequest {})
+            .list_waiting(proto::ListWaitingRequest::default())
             .await
             .map(|r| r.into_inner().waiting)
     };
@@ -788,12 +788,106 @@ async fn members_see_only_their_own_waiting_requests() {
         server
             .admin(None)
             .await
-            .list_waiting(proto::ListWaitingRequest {})
+            .list_waiting(proto::ListWaitingRequest::default())
             .await
             .unwrap_err()
             .code(),
         Code::Unauthenticated
     );
+}
+
+/// `ListWaiting` answers in pages: following `next_page_token` lists every waiting request
+/// once, in order; a member's pages hold its own requests only; a request that joins the
+/// queue behind the cursor between two pages is listed; a bad page size or token is
+/// `INVALID_ARGUMENT` naming the field.
+#[tokio::test]
+async fn waiting_requests_are_listed_in_pages() {
+    let mut config = auth_config();
+    config.queue.default_member_max_slots = Some(1);
+    let server = Server::start(config).await;
+    let _real = real_agent(&server).await;
+    server.grant("alice", "alice", "a0").await;
+    server.grant("bob", "bob", "b0").await;
+    let mut alice = server.lease(Some("alice")).await;
+    let mut bob = server.lease(Some("bob")).await;
+    let mut streams = Vec::new();
+    for drv in ["a3", "a1", "a2"] {
+        streams.push(queued(&mut alice, "alice", drv).await);
+    }
+    for drv in ["b2", "b1"] {
+        streams.push(queued(&mut bob, "bob", drv).await);
+    }
+    let names = |w: &[proto::WaitingRequest]| -> Vec<String> {
+        w.iter()
+            .map(|w| format!("{}:{}", w.client_id, w.drv_path))
+            .collect()
+    };
+    let everyone = [
+        "alice:/nix/store/a1.drv",
+        "alice:/nix/store/a2.drv",
+        "alice:/nix/store/a3.drv",
+        "bob:/nix/store/b1.drv",
+        "bob:/nix/store/b2.drv",
+    ];
+    let mut ops = server.admin(Some("ops")).await;
+    for size in [1, 2, 4, 5, 0] {
+        let all = client::list_waiting(&mut ops, size).await.unwrap();
+        assert_eq!(names(&all), everyone, "pages of {size}");
+    }
+    // Page by page: full pages carry a token, the last page none.
+    let page = |size, token: &str| proto::ListWaitingRequest {
+        page_size: size,
+        page_token: token.into(),
+    };
+    let first = ops.list_waiting(page(2, "")).await.unwrap().into_inner();
+    assert_eq!(names(&first.waiting), everyone[..2]);
+    assert!(!first.next_page_token.is_empty());
+    // A request that joins behind the cursor before the next page is read is listed.
+    streams.push(queued(&mut bob, "bob", "b0x").await);
+    let mut rest = Vec::new();
+    let mut token = first.next_page_token;
+    while !token.is_empty() {
+        let p = ops
+            .list_waiting(page(2, &token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(p.waiting.len() <= 2, "{:?}", p.waiting);
+        rest.extend(p.waiting);
+        token = p.next_page_token;
+    }
+    assert_eq!(
+        names(&rest),
+        [
+            "alice:/nix/store/a3.drv",
+            "bob:/nix/store/b0x.drv",
+            "bob:/nix/store/b1.drv",
+            "bob:/nix/store/b2.drv",
+        ]
+    );
+    // A member's pages hold its own requests only, even with a token naming another's.
+    let mut a = server.admin(Some("alice")).await;
+    let mine = client::list_waiting(&mut a, 1).await.unwrap();
+    assert_eq!(names(&mine), everyone[..3]);
+    let to_bob = ops.list_waiting(page(4, "")).await.unwrap().into_inner();
+    assert_eq!(to_bob.waiting[3].drv_path, "/nix/store/b0x.drv");
+    let after_bob = a
+        .list_waiting(page(3, &to_bob.next_page_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after_bob.waiting.is_empty(), "{:?}", after_bob.waiting);
+    assert!(after_bob.next_page_token.is_empty());
+    // Bad pages name their field.
+    for (request, field) in [
+        (page(1001, ""), "page_size"),
+        (page(0, "not a token"), "page_token"),
+        (page(0, "YWxpY2U"), "page_token"),
+    ] {
+        let e = a.list_waiting(request).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(field), "{e:?}");
+    }
 }
 
 /// Store URIs the hook could not use (`;`, a leading `-`, `?remote-program=`) are refused at

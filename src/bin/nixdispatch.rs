@@ -259,11 +259,7 @@ async fn snapshot(admin: &mut Admin) -> anyhow::Result<status::Snapshot> {
             .await?
             .into_inner()
             .leases,
-        waiting: admin
-            .list_waiting(proto::ListWaitingRequest {})
-            .await?
-            .into_inner()
-            .waiting,
+        waiting: client::list_waiting(admin, 0).await?,
     })
 }
 

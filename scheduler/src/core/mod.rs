@@ -67,7 +67,9 @@ pub use policy::{
 pub use probe::{Breaker, BreakerChange, ProbeFailure, ProbePolicy, ProbeTarget, ProbeVerdict};
 pub use rng::SplitMix64;
 pub use types::*;
-pub use views::{CapacityView, Explanation, HostView, LeaseView, Verdict, WaitingView};
+pub use views::{
+    CapacityView, Explanation, HostView, LeaseView, Verdict, WaitingCursor, WaitingView,
+};
 pub use waiters::{Handout, WaiterId};
 
 use accounts::Accounts;

@@ -76,6 +76,18 @@ pub struct WaitingView {
     pub streaming: bool,
 }
 
+/// Where a page of [`Scheduler::waiting_page`] starts: after this request, in the listing's
+/// order (member, system, derivation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitingCursor {
+    /// The member of the last request listed.
+    pub client: ClientId,
+    /// Its system.
+    pub system: System,
+    /// Its derivation.
+    pub drv_path: String,
+}
+
 /// Capacity of one system.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct CapacityView {
@@ -176,18 +188,49 @@ impl Scheduler {
         v
     }
 
-    /// The requests waiting in the queue, of `only` that member when given, sorted by
-    /// member, system and position. Sweeps pollers that stopped asking first, like
-    /// [`Self::capacity`]. `O(waiters × members)` for the positions: bounded by the
-    /// per-member cap on waiting requests.
-    pub fn waiting_list(&mut self, now: Time, only: Option<&ClientId>) -> Vec<WaitingView> {
+    /// Up to `limit` of the requests waiting in the queue after `after` (from the first for
+    /// `None`), of `only` that member when given, sorted by member, system and derivation:
+    /// a page, so that a reader of a long queue lets go of the core between pages. The
+    /// order is by the request's identity, not by its position, because positions move
+    /// while the queue is read page by page: a cursor on them would skip or repeat
+    /// requests. Sweeps pollers that stopped asking first, like [`Self::capacity`].
+    /// `O(waiters)` to pick the page, `O(limit × members)` for its positions. Returns the
+    /// page, and where the next one starts when more requests follow.
+    pub fn waiting_page(
+        &mut self,
+        now: Time,
+        only: Option<&ClientId>,
+        after: Option<&WaitingCursor>,
+        limit: usize,
+    ) -> (Vec<WaitingView>, Option<WaitingCursor>) {
         self.waiters.expire(now, self.config.waiter_ttl);
-        let ids: Vec<_> = self
+        let mut page: Vec<_> = self
             .waiters
             .all()
             .filter(|(_, w)| only.is_none_or(|m| w.client == *m))
-            .map(|(id, _)| id)
+            .filter_map(|(id, w)| {
+                let system = &self.waiters.class(w.class)?.class.system;
+                let key = (&w.client, system, w.drv_path.as_str());
+                after
+                    .is_none_or(|a| key > (&a.client, &a.system, a.drv_path.as_str()))
+                    .then_some((key, id))
+            })
             .collect();
+        let more = page.len() > limit;
+        if more {
+            page.select_nth_unstable(limit);
+            page.truncate(limit);
+        }
+        page.sort_unstable();
+        let next = page
+            .last()
+            .filter(|_| more)
+            .map(|((client, system, drv), _)| WaitingCursor {
+                client: (*client).clone(),
+                system: (*system).clone(),
+                drv_path: (*drv).to_owned(),
+            });
+        let ids: Vec<_> = page.into_iter().map(|(_, id)| id).collect();
         // Each member's fair key once, not once per waiter and member.
         let keys: std::collections::HashMap<ClientId, super::accounts::FairKey> = self
             .waiters
@@ -221,15 +264,7 @@ impl Scheduler {
                 streaming: w.via == super::waiters::Via::Stream,
             });
         }
-        v.sort_by(|a, b| {
-            (&a.client, &a.system, a.status.position, &a.drv_path).cmp(&(
-                &b.client,
-                &b.system,
-                b.status.position,
-                &b.drv_path,
-            ))
-        });
-        v
+        (v, next)
     }
 
     /// Capacity per system, sorted by system.

@@ -129,10 +129,23 @@ impl admin_service_server::AdminService for AdminService {
         request: Request<proto::ListWaitingRequest>,
     ) -> Result<Response<proto::ListWaitingResponse>, Status> {
         let only = Caller::of(&request)?.member_view("list waiting requests")?;
+        let (size, after) = convert::waiting_page(request.get_ref()).map_err(|e| {
+            metrics::rejected("admin");
+            Status::from(e)
+        })?;
+        // One page per call, so one hold of the core per page: a long queue's listing does
+        // not hold up members' requests for the whole of it (the client follows the tokens).
         let now = self.shared.now();
-        let waiting = self.shared.core().waiting_list(now, only.as_ref());
+        let (waiting, next) =
+            self.shared
+                .core()
+                .waiting_page(now, only.as_ref(), after.as_ref(), size);
         Ok(Response::new(proto::ListWaitingResponse {
             waiting: waiting.into_iter().map(Into::into).collect(),
+            next_page_token: next
+                .as_ref()
+                .map(convert::waiting_token)
+                .unwrap_or_default(),
         }))
     }
 

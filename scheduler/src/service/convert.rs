@@ -12,7 +12,8 @@ use crate::Error;
 use crate::core::{
     BuildOutcome, CapacityView, ClientId, Decision, DiskSpace, Explanation, Feature, Grant, HostId,
     HostReport, HostSpec, HostState, HostView, LeaseId, LeaseRequest, LeaseView, LoadAverage,
-    MemberQuota, MemberView, Pressure, Quotas, System, WaitAnswer, WaitStatus, WaitingView,
+    MemberQuota, MemberView, Pressure, Quotas, System, WaitAnswer, WaitStatus, WaitingCursor,
+    WaitingView,
 };
 
 /// Most systems one host may serve.
@@ -741,6 +742,61 @@ impl From<WaitingView> for proto::WaitingRequest {
     }
 }
 
+/// `ListWaiting`'s page size when the request leaves it unset: about a millisecond of the
+/// core's time per page (positions cost `O(members)` each).
+pub(crate) const WAITING_PAGE: usize = 256;
+/// The largest page `ListWaiting` answers: bounds how long one page holds the core.
+pub(crate) const MAX_WAITING_PAGE: usize = 1000;
+
+/// The validated page of a `ListWaiting`: its size, and where it starts.
+pub(crate) fn waiting_page(
+    r: &proto::ListWaitingRequest,
+) -> Result<(usize, Option<WaitingCursor>), Error> {
+    let size = match usize::try_from(r.page_size).unwrap_or(usize::MAX) {
+        0 => WAITING_PAGE,
+        n if n > MAX_WAITING_PAGE => {
+            return Err(Error::invalid(
+                "page_size",
+                format!("{n} is over the largest page, {MAX_WAITING_PAGE}"),
+            ));
+        }
+        n => n,
+    };
+    if r.page_token.is_empty() {
+        return Ok((size, None));
+    }
+    let bad = || {
+        Error::invalid(
+            "page_token",
+            "not a `next_page_token` of ListWaiting (send it back unchanged, or empty for the \
+             first page)",
+        )
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&r.page_token)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let [client, sys, drv] = text
+        .split('\0')
+        .collect::<Vec<_>>()
+        .try_into()
+        .map_err(|_| bad())?;
+    let cursor = WaitingCursor {
+        client: client_id("page_token", client).map_err(|_| bad())?,
+        system: system("page_token", sys).map_err(|_| bad())?,
+        drv_path: drv.to_owned(),
+    };
+    drv_path("page_token", drv).map_err(|_| bad())?;
+    Ok((size, Some(cursor)))
+}
+
+/// The `next_page_token` that starts a `ListWaiting` page after `c`: opaque to clients,
+/// the cursor's three parts (none can hold a NUL) in URL-safe base64.
+pub(crate) fn waiting_token(c: &WaitingCursor) -> String {
+    let raw = format!("{}\0{}\0{}", c.client, c.system, c.drv_path);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
 impl From<CapacityView> for proto::SystemCapacity {
     fn from(c: CapacityView) -> Self {
         proto::SystemCapacity {
@@ -1064,6 +1120,53 @@ mod tests {
             duration_millis: 0,
         };
         assert_eq!(field_of(release(&r).unwrap_err()), "lease_id");
+    }
+
+    /// A `ListWaiting` token names the request it follows and reads back as that cursor;
+    /// a page size of 0 is the default and one over the largest is refused.
+    #[test]
+    fn waiting_pages_round_trip_and_bad_ones_name_their_field() {
+        let cursor = WaitingCursor {
+            client: ClientId::new("alice@example"),
+            system: System::new("x86_64-linux"),
+            drv_path: "/nix/store/abc-hello-2.12.drv".into(),
+        };
+        let request = |page_size, page_token: String| proto::ListWaitingRequest {
+            page_size,
+            page_token,
+        };
+        assert_eq!(
+            waiting_page(&request(0, String::new())).unwrap(),
+            (WAITING_PAGE, None)
+        );
+        assert_eq!(
+            waiting_page(&request(7, waiting_token(&cursor))).unwrap(),
+            (7, Some(cursor.clone()))
+        );
+        assert_eq!(
+            waiting_page(&request(1000, String::new())).unwrap().0,
+            MAX_WAITING_PAGE
+        );
+        assert_eq!(
+            field_of(waiting_page(&request(1001, String::new())).unwrap_err()),
+            "page_size"
+        );
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        for token in [
+            "%%%".to_owned(),
+            b64("alice\0x86_64-linux"),
+            b64("alice\0x86_64-linux\0/nix/store/a.drv\0more"),
+            b64("alice\0x86 64\0/nix/store/a.drv"),
+            b64("\0x86_64-linux\0/nix/store/a.drv"),
+            b64("alice\0x86_64-linux\0relative.drv"),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([0xff, 0xfe]),
+        ] {
+            assert_eq!(
+                field_of(waiting_page(&request(0, token.clone())).unwrap_err()),
+                "page_token",
+                "{token}"
+            );
+        }
     }
 
     /// The granted host key is the base64 of the key line, as Nix's machines file wants it.
