@@ -172,6 +172,66 @@ pub fn store_uri(v: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// Where an ssh store URI sends ssh: its scheme, user, host and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshAddress {
+    /// `ssh-ng://` (the worker protocol) rather than `ssh://` (the serve protocol).
+    pub ng: bool,
+    /// The login user the URI names.
+    pub user: Option<String>,
+    /// Host name, ssh_config alias or address (IPv6 without brackets).
+    pub host: String,
+    /// The port the URI names.
+    pub port: Option<u16>,
+}
+
+/// Splits `ssh://[user@]host[:port][/…][?…]` (or `ssh-ng://…`; `[v6]` for IPv6) into where
+/// ssh connects. It only splits: it refuses what cannot be split (another scheme, an
+/// unclosed `[`, no host, a port that is not a number), and leaves what a grant may hold to
+/// [`store_uri`].
+pub fn ssh_address(uri: &str) -> Result<SshAddress, Invalid> {
+    let (ng, rest) = if let Some(r) = uri.strip_prefix("ssh-ng://") {
+        (true, r)
+    } else if let Some(r) = uri.strip_prefix("ssh://") {
+        (false, r)
+    } else {
+        return Err(invalid(format!(
+            "store URI `{uri}` is not ssh:// or ssh-ng://"
+        )));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let (user, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u.to_owned()), h),
+        None => (None, authority),
+    };
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| invalid(format!("store URI `{uri}`: unclosed `[`")))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(invalid(format!("store URI `{uri}` names no host")));
+    }
+    let port = port
+        .map(|p| {
+            p.parse()
+                .map_err(|_| invalid(format!("store URI `{uri}`: bad port `{p}`")))
+        })
+        .transpose()?;
+    Ok(SshAddress {
+        ng,
+        user,
+        host: host.to_owned(),
+        port,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +274,46 @@ mod tests {
             "",
         ] {
             assert!(store_uri(uri).is_err(), "{uri} was accepted");
+        }
+    }
+
+    /// Store URIs of both schemes split into user, host (IPv6 without its brackets) and
+    /// port, whatever path or query follows; what cannot be split is refused, saying why.
+    #[test]
+    fn ssh_addresses() {
+        let a = |u: &str| ssh_address(u).unwrap();
+        let parts = |a: SshAddress| (a.ng, a.user, a.host, a.port);
+        assert_eq!(
+            parts(a("ssh-ng://nix@build01.example.org")),
+            (true, Some("nix".into()), "build01.example.org".into(), None)
+        );
+        assert_eq!(
+            parts(a("ssh://10.0.0.1:2222?compress=true")),
+            (false, None, "10.0.0.1".into(), Some(2222))
+        );
+        assert_eq!(
+            parts(a("ssh://root@[::1]:2200/")),
+            (false, Some("root".into()), "::1".into(), Some(2200))
+        );
+        assert_eq!(parts(a("ssh://[fe80::1]")).3, None);
+        // The last `@` ends the user, the last `:` starts the port.
+        assert_eq!(
+            parts(a("ssh://a@b@host:22")),
+            (false, Some("a@b".into()), "host".into(), Some(22))
+        );
+        // Splitting is not validating: `store_uri` refuses this one, the split does not.
+        assert_eq!(a("ssh://-oProxyCommand=x").host, "-oProxyCommand=x");
+        for (uri, why) in [
+            ("http://host", "is not ssh:// or ssh-ng://"),
+            ("ssh://[::1:22", "unclosed `[`"),
+            ("ssh://user@", "names no host"),
+            ("ssh-ng://", "names no host"),
+            ("ssh://[]:22", "names no host"),
+            ("ssh://host:x", "bad port `x`"),
+            ("ssh://host:70000", "bad port `70000`"),
+        ] {
+            let e = ssh_address(uri).unwrap_err();
+            assert!(e.0.contains(why), "{uri}: {e}");
         }
     }
 

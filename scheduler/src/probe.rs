@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nixdispatch::validate;
 use russh::keys::ssh_key::PublicKey;
 use russh::keys::{Algorithm, HashAlg, PrivateKey, PrivateKeyWithHashAlg};
 use russh::{ChannelMsg, client};
@@ -31,41 +32,14 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `ssh://[user@]host[:port][/…][?…]` (or `ssh-ng://`); `[v6]` for IPv6.
+    /// Where `uri` sends ssh ([`validate::ssh_address`]), on `default_port` when it names
+    /// none.
     pub(crate) fn parse(uri: &str, default_port: u16) -> Result<Self, String> {
-        let rest = uri
-            .strip_prefix("ssh://")
-            .or_else(|| uri.strip_prefix("ssh-ng://"))
-            .ok_or_else(|| format!("store URI `{uri}` is not ssh:// or ssh-ng://"))?;
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let (user, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u.to_owned()), h),
-            None => (None, authority),
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("store URI `{uri}`: unclosed `[`"))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (hostport, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("store URI `{uri}` names no host"));
-        }
-        let port = match port {
-            Some(p) => p
-                .parse()
-                .map_err(|_| format!("store URI `{uri}`: bad port `{p}`"))?,
-            None => default_port,
-        };
+        let a = validate::ssh_address(uri).map_err(|e| e.0)?;
         Ok(Self {
-            user,
-            host: host.to_owned(),
-            port,
+            user: a.user,
+            host: a.host,
+            port: a.port.unwrap_or(default_port),
         })
     }
 }

@@ -5,6 +5,7 @@
 //! functions turn it into [`Check`]s with one-line fixes, and say how to run `ssh`.
 
 use super::{Check, Status, check};
+use crate::validate;
 
 /// How asking the scheduler went.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,45 +135,18 @@ pub struct SshTarget {
 }
 
 impl SshTarget {
-    /// Parses `ssh://[user@]host[:port][?…]` or `ssh-ng://…`.
+    /// Parses `ssh://[user@]host[:port][?…]` or `ssh-ng://…` ([`validate::ssh_address`]),
+    /// refusing a host that ssh would read as an option.
     pub fn parse(uri: &str) -> Result<SshTarget, String> {
-        let (ng, rest) = if let Some(r) = uri.strip_prefix("ssh-ng://") {
-            (true, r)
-        } else if let Some(r) = uri.strip_prefix("ssh://") {
-            (false, r)
-        } else {
-            return Err(format!("store URI `{uri}` is not ssh:// or ssh-ng://"));
-        };
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let (user, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u.to_owned()), h),
-            None => (None, authority),
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("store URI `{uri}`: unclosed `[`"))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (hostport, None),
-            }
-        };
-        if host.is_empty() || host.starts_with('-') {
+        let a = validate::ssh_address(uri).map_err(|e| e.0)?;
+        if a.host.starts_with('-') {
             return Err(format!("store URI `{uri}` names no usable host"));
         }
-        let port = port
-            .map(|p| {
-                p.parse()
-                    .map_err(|_| format!("store URI `{uri}`: bad port `{p}`"))
-            })
-            .transpose()?;
         Ok(SshTarget {
-            ng,
-            user,
-            host: host.to_owned(),
-            port,
+            ng: a.ng,
+            user: a.user,
+            host: a.host,
+            port: a.port,
         })
     }
 
