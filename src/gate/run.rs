@@ -691,6 +691,22 @@ async fn wait_for_slot<G: Grammar>(
             };
             sched.acquire(request, &ctx.host_id).await
         };
+        // Tells the member where the build stands, when due: a stream's estimate or a
+        // poll's position, worded alike.
+        let mut progress = |position: u32, estimate: Option<Duration>, reason: &str| {
+            let now = started.elapsed();
+            let every = GateConfig::millis(t.progress_every_millis);
+            if wait::should_show(shown, position, now, every) {
+                show(wait::waiting_text(
+                    &ctx.host_id,
+                    position,
+                    now,
+                    estimate,
+                    reason,
+                ));
+                shown = Some((position, now));
+            }
+        };
         match verdict {
             Verdict::Granted {
                 lease_id,
@@ -738,22 +754,7 @@ async fn wait_for_slot<G: Grammar>(
                 reason,
             } => {
                 breaks = 0;
-                let now = started.elapsed();
-                if wait::should_show(
-                    shown,
-                    position,
-                    now,
-                    GateConfig::millis(t.progress_every_millis),
-                ) {
-                    show(wait::waiting_text(
-                        &ctx.host_id,
-                        position,
-                        now,
-                        Some(estimate),
-                        &reason,
-                    ));
-                    shown = Some((position, now));
-                }
+                progress(position, Some(estimate), &reason);
             }
             Verdict::Broken { error } => {
                 breaks += 1;
@@ -767,22 +768,7 @@ async fn wait_for_slot<G: Grammar>(
                 position,
                 reason,
             } => {
-                let now = started.elapsed();
-                if wait::should_show(
-                    shown,
-                    position,
-                    now,
-                    GateConfig::millis(t.progress_every_millis),
-                ) {
-                    show(wait::waiting_text(
-                        &ctx.host_id,
-                        position,
-                        now,
-                        None,
-                        &reason,
-                    ));
-                    shown = Some((position, now));
-                }
+                progress(position, None, &reason);
                 tokio::time::sleep(wait::poll_delay(
                     retry_after,
                     GateConfig::millis(t.poll_min_millis),
