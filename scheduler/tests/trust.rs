@@ -48,7 +48,7 @@ impl Server {
             },
         ));
         let dir = tempfile::tempdir().unwrap();
-        for name in ["alice", "bob", "ops", "build01", "stranger"] {
+        for name in ["alice", "bob", "ops", "build01", "build02", "stranger"] {
             std::fs::write(dir.path().join(format!("{name}.token")), token(name)).unwrap();
         }
         Server {
@@ -888,6 +888,58 @@ async fn waiting_requests_are_listed_in_pages() {
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().contains(field), "{e:?}");
     }
+}
+
+/// A builder's credential lists the leases on its own host and no other (its agent asks
+/// there who holds a lease its gate keeps, after a restart); it still reads no queue.
+#[tokio::test]
+async fn a_builder_lists_only_the_leases_on_its_own_host() {
+    let mut config = auth_config();
+    if let Some(auth) = config.auth.as_mut() {
+        auth.hosts.push(HostEntry {
+            id: "build02".into(),
+            store_uri: "ssh-ng://build02".into(),
+            public_key: KEY.into(),
+            token_sha256: digest_of(&token("build02")).to_hex(),
+        });
+    }
+    let server = Server::start(config).await;
+    let _one = real_agent(&server).await;
+    let mut two = Agent::open(
+        server.as_(Some("build02")).await,
+        register("build02", "ssh-ng://build02", KEY, 4),
+    )
+    .await
+    .unwrap();
+    two.next().await.unwrap();
+    for (host, member) in [("build01", "bob"), ("build02", "alice")] {
+        let answer = server
+            .lease(Some(host))
+            .await
+            .acquire(AcquireRequest {
+                pin_host: host.into(),
+                ..acquire(member, &format!("{member}-on-{host}"))
+            })
+            .await;
+        granted(answer.unwrap().into_inner());
+    }
+    for (host, member) in [("build01", "bob"), ("build02", "alice")] {
+        let seen: Vec<(String, String)> = server
+            .leases_of(host)
+            .await
+            .into_iter()
+            .map(|l| (l.host_id, l.client_id))
+            .collect();
+        assert_eq!(seen, [(host.to_owned(), member.to_owned())], "{host}");
+    }
+    assert_eq!(server.leases_of("ops").await.len(), 2);
+    let e = server
+        .admin(Some("build01"))
+        .await
+        .list_waiting(proto::ListWaitingRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
 }
 
 /// Store URIs the hook could not use (`;`, a leading `-`, `?remote-program=`) are refused at

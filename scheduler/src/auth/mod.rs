@@ -113,14 +113,26 @@ impl Caller {
         }
     }
 
-    /// Whose leases and waiting requests this caller may see (`action` names the call):
-    /// `None` for everybody's (operators, open mode), `Some(member)` for its own only, so
-    /// that no member ever sees another's derivation paths. Hosts see none.
+    /// Whose waiting requests this caller may see (`action` names the call): `None` for
+    /// everybody's (operators, open mode), `Some(member)` for its own only, so that no
+    /// member ever sees another's derivation paths. Hosts see none (leases:
+    /// [`Self::lease_view`]).
     pub fn member_view(&self, action: &str) -> Result<Option<ClientId>, Error> {
         match &self.identity {
             Identity::Member(m) => Ok(Some(m.clone())),
-            Identity::Host(_) => Err(self.denied(action, "hosts hold no leases and wait for none")),
+            Identity::Host(_) => Err(self.denied(action, "builders do not read the queue")),
             Identity::Open | Identity::Operator(_) => Ok(None),
+        }
+    }
+
+    /// Whose leases this caller may list: a member its own, a builder those on its own host
+    /// (builds it runs anyway; its agent asks after a restart which member holds a lease
+    /// its gate keeps), operators and the open mode everybody's.
+    pub fn lease_view(&self) -> LeaseScope {
+        match &self.identity {
+            Identity::Member(m) => LeaseScope::Member(m.clone()),
+            Identity::Host(h) => LeaseScope::Host(h.clone()),
+            Identity::Open | Identity::Operator(_) => LeaseScope::Anyone,
         }
     }
 

@@ -8,7 +8,7 @@ use tracing::{info, instrument};
 
 use super::trust::off_runtime;
 use super::{Shared, convert, metrics};
-use crate::auth::Caller;
+use crate::auth::{Caller, LeaseScope};
 use crate::core::HostId;
 
 /// Lets operators inspect and steer the scheduler.
@@ -154,14 +154,18 @@ impl admin_service_server::AdminService for AdminService {
         &self,
         request: Request<proto::ListLeasesRequest>,
     ) -> Result<Response<proto::ListLeasesResponse>, Status> {
-        let only = Caller::of(&request)?.member_view("list leases")?;
+        let scope = Caller::of(&request)?.lease_view();
         let now = self.shared.now();
         let mut leases = {
             let mut core = self.shared.core();
             core.expire(now);
             core.leases(now)
         };
-        leases.retain(|l| only.as_ref().is_none_or(|m| l.client == *m));
+        leases.retain(|l| match &scope {
+            LeaseScope::Member(m) => l.client == *m,
+            LeaseScope::Host(h) => l.host == *h,
+            LeaseScope::Anyone => true,
+        });
         Ok(Response::new(proto::ListLeasesResponse {
             leases: leases.into_iter().map(Into::into).collect(),
         }))
