@@ -27,7 +27,7 @@ nice_cmd=(nice -n 19)
 if command -v ionice >/dev/null; then nice_cmd+=(ionice -c3); fi
 # Release build with debug assertions, so that arithmetic overflow is a finding too. Without
 # AddressSanitizer: the workspace denies `unsafe_code` (the exceptions, the agent's statvfs
-# and getpwuid_r calls, are not fuzzed), so ASan could only find bugs in dependencies, and it
+# and getpwuid_r/getpwnam_r calls, are not fuzzed), so ASan could only find bugs in dependencies, and it
 # cost a factor of about five in executions per second.
 build_flags=(--debug-assertions --sanitizer none)
 libfuzzer_flags=(-max_total_time="$seconds" -timeout=10 -print_final_stats=1)

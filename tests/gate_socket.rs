@@ -47,6 +47,11 @@ fn sha256_hex(text: &str) -> String {
 impl Fixture {
     /// Starts everything; `may_name` is the agent's `[gate] may_name_members`.
     fn start(may_name: &[&str]) -> Fixture {
+        Fixture::start_with(may_name, 3000)
+    }
+
+    /// [`Fixture::start`] with leases that live `ttl_millis` unless kept alive.
+    fn start_with(may_name: &[&str], ttl_millis: u64) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         // Other users reach the socket below it.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -69,7 +74,7 @@ impl Fixture {
         std::fs::write(
             d.join("scheduler.toml"),
             format!(
-                "[agents]\nreport_interval_millis = 1000\ngrace_millis = 2000\n[leases]\nttl_millis = 3000\n\
+                "[agents]\nreport_interval_millis = 1000\ngrace_millis = 2000\n[leases]\nttl_millis = {ttl_millis}\n\
                  [auth]\n[[auth.operators]]\nname = \"ops\"\ntoken_sha256 = \"{}\"\n\
                  [[auth.hosts]]\nid = \"b1\"\nstore_uri = \"ssh-ng://b1\"\npublic_key = \"{}\"\ntoken_sha256 = \"{}\"\n",
                 token("operator"),
@@ -99,14 +104,25 @@ impl Fixture {
             dir,
         };
         f.start_scheduler("127.0.0.1:0");
-        let d = f.dir.path();
-        let log = std::fs::File::create(d.join("agent.log")).unwrap();
-        f._agent = ChildGuard::spawn(
+        f.start_agent();
+        f
+    }
+
+    /// Starts the agent (its log appended to `agent.log`) and waits for it to be ready and
+    /// to serve the socket.
+    fn start_agent(&mut self) {
+        let d = self.dir.path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("agent.log"))
+            .unwrap();
+        self._agent = ChildGuard::spawn(
             "nixdispatch-agent",
             Command::new(workspace_bin("nixdispatch-agent"))
                 .arg("--config")
                 .arg(d.join("agent.toml"))
-                .args(["--scheduler", &f.url, "--host-id", "b1"])
+                .args(["--scheduler", &self.url, "--host-id", "b1"])
                 .args(["--store-uri", "ssh-ng://b1", "--host-key-file"])
                 .arg(d.join("hostkey.pub"))
                 .args(["--systems", &this_system(), "--max-jobs", "4"])
@@ -118,11 +134,18 @@ impl Fixture {
                 .stdout(Stdio::null())
                 .stderr(log),
         );
-        f.wait_ready();
+        self.wait_ready();
         wait_for(Duration::from_secs(20), "the gate socket", || {
-            f.socket().exists().then_some(())
+            self.socket().exists().then_some(())
         });
-        f
+    }
+
+    /// Kills the agent (every lease binding it held in memory is lost) and starts a new one.
+    fn restart_agent(&mut self) {
+        self._agent.stop();
+        // The new agent replaces it; its appearance is the new agent's readiness.
+        let _ = std::fs::remove_file(self.socket());
+        self.start_agent();
     }
 
     fn socket(&self) -> PathBuf {
@@ -377,6 +400,68 @@ fn the_socket_acts_for_the_peer_and_leases_survive_a_restart() {
     assert!(f.leases().iter().all(|l| l.lease_id != lease));
     let log = f.log("agent.log");
     assert!(log.contains("serving the gate socket"), "{log}");
+}
+
+/// An agent restart loses the leases' bindings, not the leases: asked to keep alive or
+/// release a lease it does not know, the agent asks the scheduler who holds it and binds it
+/// again only to a uid acting for that member. Another user (`bin`) is refused before and
+/// after the owner's keep-alive, stating the owner or not; the owner (`nobody`) keeps
+/// alive and releases; a user listed in `may_name_members` (`daemon`) gets back the lease
+/// it took for a member it names (`alice`), but not one of a member that is a local user of
+/// its own (`nobody`).
+#[test]
+fn leases_bound_through_the_socket_survive_an_agent_restart() {
+    // Leases live a minute: the restart must not let them expire between keep-alives.
+    let mut f = Fixture::start_with(&["daemon"], 60_000);
+    let lease = granted_lease(&f.call_as(
+        "nobody",
+        "WaitForLease",
+        &wait_body("00000000000000000000000000000004-four", ""),
+    ));
+    let named = granted_lease(&f.call_as(
+        "daemon",
+        "WaitForLease",
+        &wait_body("00000000000000000000000000000005-five", "alice"),
+    ));
+    let keep =
+        |id: &str, client: &str| format!("{{\"lease_id\": \"{id}\", \"client_id\": \"{client}\"}}");
+    let release =
+        |id: &str| format!("{{\"lease_id\": \"{id}\", \"outcome\": \"BUILD_OUTCOME_SUCCEEDED\"}}");
+    let kept = |out: String| {
+        assert!(out.contains("leaseTtlMillis"), "{out}");
+    };
+    let denied = |out: String| {
+        assert!(out.contains("PermissionDenied"), "{out}");
+    };
+    kept(f.call_as("nobody", "KeepAlive", &keep(&lease, "")));
+    kept(f.call_as("daemon", "KeepAlive", &keep(&named, "alice")));
+
+    f.restart_agent();
+    // Not bound to anybody now: the scheduler's answer decides, and it names nobody.
+    denied(f.call_as("bin", "KeepAlive", &keep(&lease, "")));
+    denied(f.call_as("bin", "KeepAlive", &keep(&lease, "nobody")));
+    denied(f.call_as("bin", "Release", &release(&lease)));
+    // `daemon` may name members, but `nobody` is a user here whose own gate took it.
+    denied(f.call_as("daemon", "KeepAlive", &keep(&lease, "nobody")));
+    kept(f.call_as("nobody", "KeepAlive", &keep(&lease, "")));
+    denied(f.call_as("bin", "KeepAlive", &keep(&lease, "")));
+    kept(f.call_as("daemon", "KeepAlive", &keep(&named, "alice")));
+    let leases = f.leases();
+    let holder = |id: &str| {
+        leases
+            .iter()
+            .find(|l| l.lease_id == id)
+            .map(|l| l.client_id.clone())
+    };
+    assert_eq!(holder(&lease).as_deref(), Some("nobody"), "{leases:?}");
+    assert_eq!(holder(&named).as_deref(), Some("alice"), "{leases:?}");
+    let out = f.call_as("nobody", "Release", &release(&lease));
+    assert!(!out.contains("ERROR"), "{out}");
+    let out = f.call_as("daemon", "Release", &release(&named));
+    assert!(!out.contains("ERROR"), "{out}");
+    assert!(f.leases().is_empty(), "{:?}", f.leases());
+    let log = f.log("agent.log");
+    assert!(log.contains("lease bound again"), "{log}");
 }
 
 /// The client's side of a worker handshake at 1.34 (Nix 2.8), then a BuildDerivation of a

@@ -12,6 +12,13 @@
 //! - A lease granted through the socket is bound to the connecting uid: only that uid may
 //!   keep it alive or release it here. Keep-alives are forwarded with the lease's details,
 //!   so that after a scheduler restart the lease is re-attached and its build stays counted.
+//! - The bindings live in memory. After an agent restart, a keep-alive or release of a
+//!   lease the agent does not know makes it ask the scheduler (with the builder's
+//!   credential, which lists the leases on this host) who holds it; it binds the lease to
+//!   the asking uid only when the lease is on this host and held by the member that uid
+//!   acts for: its user name, or the member a `may_name_members` user names unless that
+//!   member is another local user (whose own gate may have held it). Another uid still
+//!   cannot keep alive or release it.
 //! - Bounds: at most `max_connections` connections (and `max_connections_per_user` per
 //!   uid), a few streams per connection, every forwarded call within `rpc_timeout_millis`;
 //!   the socket's tasks never wait on the capacity stream's and the reverse.
@@ -29,7 +36,7 @@ use nixdispatch::proto::lease_service_client::LeaseServiceClient;
 use nixdispatch::proto::lease_service_server::{LeaseService, LeaseServiceServer};
 use nixdispatch::proto::{
     AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, KeepAliveResponse,
-    ListBuildersRequest, ListBuildersResponse, ReleaseRequest, ReleaseResponse,
+    ListBuildersRequest, ListBuildersResponse, ListLeasesRequest, ReleaseRequest, ReleaseResponse,
     WaitForLeaseRequest, WaitForLeaseResponse, acquire_response, wait_for_lease_response,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -260,7 +267,8 @@ struct Inner {
     config: GateSocketConfig,
     prepared: Prepared,
     host_id: String,
-    upstream: tokio::sync::Mutex<Option<LeaseServiceClient<AuthChannel>>>,
+    /// The connection to the scheduler, made on first use and forgotten when it breaks.
+    upstream: tokio::sync::Mutex<Option<AuthChannel>>,
     bound: Mutex<HashMap<String, Bound>>,
 }
 
@@ -344,8 +352,8 @@ impl GateService {
         }
     }
 
-    /// A connected client of the scheduler, within the call bound.
-    async fn upstream(&self) -> Result<LeaseServiceClient<AuthChannel>> {
+    /// A connection to the scheduler, within the call bound.
+    async fn upstream(&self) -> Result<AuthChannel> {
         let mut slot = self.inner.upstream.lock().await;
         if let Some(c) = &*slot {
             return Ok(c.clone());
@@ -358,16 +366,25 @@ impl GateService {
             .map_err(|e| Error::GateUpstream {
                 reason: nixdispatch::diag::error_chain(&e),
             })?;
-        let c = nixdispatch::client::lease_client(channel);
-        *slot = Some(c.clone());
-        Ok(c)
+        *slot = Some(channel.clone());
+        Ok(channel)
     }
 
-    /// Runs one forwarded call within the bound; the scheduler's own answers (errors
-    /// included) pass through, a transport failure forgets the connection.
+    /// Runs one forwarded `LeaseService` call ([`Self::call`]).
     async fn forward<T, F, Fut>(&self, f: F) -> std::result::Result<T, Status>
     where
         F: FnOnce(LeaseServiceClient<AuthChannel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        self.call(|ch| f(nixdispatch::client::lease_client(ch)))
+            .await
+    }
+
+    /// Runs one call to the scheduler within the bound; the scheduler's own answers
+    /// (errors included) pass through, a transport failure forgets the connection.
+    async fn call<T, F, Fut>(&self, f: F) -> std::result::Result<T, Status>
+    where
+        F: FnOnce(AuthChannel) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<Response<T>, Status>>,
     {
         let c = self.upstream().await?;
@@ -405,7 +422,23 @@ impl GateService {
         if g.attached || g.host_id != self.inner.host_id {
             return;
         }
-        let now = Instant::now();
+        tracing::info!(lease_id = %g.lease_id, uid, member, drv, "gate socket: lease granted");
+        self.bind(
+            &g.lease_id,
+            Bound {
+                uid,
+                member: member.to_owned(),
+                system: system.to_owned(),
+                drv_path: drv.to_owned(),
+                seen: Instant::now(),
+            },
+        );
+    }
+
+    /// Binds `lease_id`, forgetting stale bindings first, and the stalest one when
+    /// [`MAX_BOUND`] are bound.
+    fn bind(&self, lease_id: &str, b: Bound) {
+        let now = b.seen;
         let mut bound = self.inner.bound.lock().expect("bound lock");
         bound.retain(|_, b| now.duration_since(b.seen) < STALE);
         if bound.len() >= MAX_BOUND
@@ -416,17 +449,7 @@ impl GateService {
         {
             bound.remove(&oldest);
         }
-        tracing::info!(lease_id = %g.lease_id, uid, member, drv, "gate socket: lease granted");
-        bound.insert(
-            g.lease_id.clone(),
-            Bound {
-                uid,
-                member: member.to_owned(),
-                system: system.to_owned(),
-                drv_path: drv.to_owned(),
-                seen: now,
-            },
-        );
+        bound.insert(lease_id.to_owned(), b);
     }
 
     /// The binding of `lease_id`, which must be `peer`'s.
@@ -443,6 +466,97 @@ impl GateService {
             )),
             Some(b) => Ok(b.clone()),
         }
+    }
+
+    /// The binding of `lease_id` for `peer`, which states member `stated` (a keep-alive's
+    /// `client_id`; empty: itself). A lease this agent does not know (it restarted since the
+    /// grant) is looked up at the scheduler and bound to `peer` when it is on this host and
+    /// held by the member `peer` acts for; otherwise it stays unknown (`NOT_FOUND`), or is
+    /// refused when another member holds it.
+    async fn binding(
+        &self,
+        peer: &Peer,
+        lease_id: &str,
+        stated: &str,
+        action: &str,
+    ) -> std::result::Result<Bound, Status> {
+        match self.bound_to(peer, lease_id, action) {
+            Err(Error::GateUnknownLease { .. }) => {}
+            known => return known.map_err(Status::from),
+        }
+        let member = self.member(peer, stated)?;
+        let unknown = || {
+            Status::from(Error::GateUnknownLease {
+                lease_id: lease_id.to_owned(),
+            })
+        };
+        // The builder's credential lists the leases on this host only.
+        let listed = self
+            .call(|ch| async move {
+                nixdispatch::client::admin_client(ch)
+                    .list_leases(ListLeasesRequest {})
+                    .await
+            })
+            .await;
+        let leases = match listed {
+            Ok(r) => r.leases,
+            // A scheduler that predates builders listing their leases: unknown, as before.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unimplemented
+                ) =>
+            {
+                tracing::warn!(lease_id, error = %status_text(&s), "gate socket: the scheduler does not say who holds a lease");
+                return Err(unknown());
+            }
+            Err(s) => return Err(s),
+        };
+        let Some(lease) = leases
+            .into_iter()
+            .find(|l| l.lease_id == lease_id && l.host_id == self.inner.host_id)
+        else {
+            return Err(unknown());
+        };
+        if lease.client_id != member {
+            return Err(refused(
+                peer,
+                format!("{action} lease {lease_id}"),
+                "the scheduler says another member holds it",
+            )
+            .into());
+        }
+        // A `may_name_members` user acts for members it names, but a member that is a local
+        // user of its own may have got the lease through its own gate: that one is not
+        // handed to the naming user (it stays unknown, as before the restart it was not
+        // theirs to touch).
+        if peer.name.as_deref() != Some(member.as_str()) {
+            let name = member.clone();
+            let lookup = tokio::task::spawn_blocking(move || passwd::uid_of(&name));
+            let owner = match tokio::time::timeout(self.bound_for(), lookup).await {
+                Ok(Ok(uid)) => uid,
+                // NSS did not answer: the lease stays unknown rather than guessed.
+                _ => return Err(unknown()),
+            };
+            if owner.is_some_and(|uid| uid != peer.uid) {
+                return Err(refused(
+                    peer,
+                    format!("{action} lease {lease_id}"),
+                    format!("{member} is a user of this host; only its own gates may"),
+                )
+                .into());
+            }
+        }
+        let b = Bound {
+            uid: peer.uid,
+            member,
+            system: lease.system,
+            drv_path: lease.drv_path,
+            seen: Instant::now(),
+        };
+        tracing::info!(lease_id, uid = peer.uid, member = %b.member, drv = %b.drv_path, "gate socket: lease bound again (the agent restarted since its grant)");
+        self.bind(lease_id, b.clone());
+        Ok(b)
     }
 }
 
@@ -545,8 +659,14 @@ impl LeaseService for GateService {
         request: Request<KeepAliveRequest>,
     ) -> std::result::Result<Response<KeepAliveResponse>, Status> {
         let peer = peer_of(&request)?;
-        let lease_id = request.into_inner().lease_id;
-        let b = self.bound_to(&peer, &lease_id, "keep alive")?;
+        let KeepAliveRequest {
+            lease_id,
+            client_id,
+            ..
+        } = request.into_inner();
+        let b = self
+            .binding(&peer, &lease_id, &client_id, "keep alive")
+            .await?;
         // With the details from the binding (never the gate's), so that a scheduler that
         // restarted re-attaches the lease and the build stays counted.
         let req = KeepAliveRequest {
@@ -578,7 +698,7 @@ impl LeaseService for GateService {
         let peer = peer_of(&request)?;
         let req = request.into_inner();
         let lease_id = req.lease_id.clone();
-        self.bound_to(&peer, &lease_id, "release")?;
+        self.binding(&peer, &lease_id, "", "release").await?;
         let answer = self.forward(|mut c| async move { c.release(req).await });
         let answer = answer.await;
         if answer.is_ok()
