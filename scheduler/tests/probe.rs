@@ -6,8 +6,11 @@
 //! Each builder is a listener on 127.0.0.1:0 that the test holds, every connection served
 //! by a fresh `sshd -i` (as `tests/common` of the root crate does); "sshd down" closes each
 //! connection before the SSH banner, as a host whose sshd died behind a load balancer or
-//! socket activation does. Needs `/usr/sbin/sshd` and `ssh-keygen` (`tests/run.sh` installs
-//! them) and root (sshd's privilege separation).
+//! socket activation does. The probe logs in as root, whose login shell runs the probe
+//! command: each `sshd -i` runs in a mount namespace of its own with an empty directory
+//! over `/root`, so no dotfile of the machine's root (a `~/.bashrc` that starts pyenv, say)
+//! runs in a session or can make one hang. Needs `/usr/sbin/sshd`, `ssh-keygen` and
+//! `unshare` (`tests/run.sh` installs them) and root (sshd's privilege separation, mounts).
 
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
@@ -76,6 +79,10 @@ impl Sshd {
         )
         .unwrap();
         let log = dir.join(format!("sshd-{name}.log"));
+        // Root's home in the sessions: empty, so bash (root's shell, which sshd runs the
+        // command with) finds no `~/.bashrc` to read.
+        let home = dir.join(format!("home-{name}"));
+        std::fs::create_dir(&home).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let (down, stop, accepted) = (
@@ -103,11 +110,12 @@ impl Sshd {
                     }
                     let fd: OwnedFd = conn.into();
                     let Ok(fd2) = fd.try_clone() else { continue };
-                    let child = Command::new("/usr/sbin/sshd")
-                        .arg("-i")
-                        .arg("-f")
+                    // `unshare` and `sh` exec: the child is the session's sshd itself.
+                    let child = Command::new("unshare")
+                        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                        .arg("mount --bind \"$0\" /root && exec /usr/sbin/sshd -i -f \"$1\" -E \"$2\"")
+                        .arg(&home)
                         .arg(&config)
-                        .arg("-E")
                         .arg(&log)
                         .stdin(Stdio::from(fd))
                         .stdout(Stdio::from(fd2))
