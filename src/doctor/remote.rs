@@ -121,17 +121,17 @@ pub fn scheduler_check(endpoint: &str, outcome: &SchedulerOutcome) -> Check {
     }
 }
 
-/// Where `ssh` must go for a store URI.
+/// Where `ssh` must go for a store URI: its [`validate::SshAddress`], with a host that ssh
+/// cannot read as an option.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SshTarget {
-    /// `ssh-ng://` (the worker protocol) rather than `ssh://` (the serve protocol).
-    pub ng: bool,
-    /// The login user the URI names.
-    pub user: Option<String>,
-    /// Host name, ssh_config alias or address (IPv6 without brackets).
-    pub host: String,
-    /// The port the URI names.
-    pub port: Option<u16>,
+pub struct SshTarget(validate::SshAddress);
+
+impl std::ops::Deref for SshTarget {
+    type Target = validate::SshAddress;
+
+    fn deref(&self) -> &validate::SshAddress {
+        &self.0
+    }
 }
 
 impl SshTarget {
@@ -142,12 +142,7 @@ impl SshTarget {
         if a.host.starts_with('-') {
             return Err(format!("store URI `{uri}` names no usable host"));
         }
-        Ok(SshTarget {
-            ng: a.ng,
-            user: a.user,
-            host: a.host,
-            port: a.port,
-        })
+        Ok(SshTarget(a))
     }
 
     /// The known_hosts line that pins `key_line` (an OpenSSH public key line) for this
