@@ -201,9 +201,15 @@ impl Agent {
 
 /// The real build01 agent, registered with its own token.
 async fn real_agent(server: &Server) -> Agent {
+    agent_of(server, "build01").await
+}
+
+/// The real agent of provisioned host `id` (store URI `ssh-ng://<id>`, KEY), registered
+/// with its own token.
+async fn agent_of(server: &Server, id: &str) -> Agent {
     let mut a = Agent::open(
-        server.as_(Some("build01")).await,
-        register("build01", "ssh-ng://build01", KEY, 4),
+        server.as_(Some(id)).await,
+        register(id, &format!("ssh-ng://{id}"), KEY, 4),
     )
     .await
     .unwrap();
@@ -741,16 +747,23 @@ async fn one_member_cannot_queue_without_bound() {
     let _b = bob.wait_for_lease(wait("bob", "b2")).await.unwrap();
 }
 
+/// A scheduler with one real agent where alice and bob each hold the one slot their quota
+/// allows, so that their next requests wait; the agent stays registered while it lives.
+async fn members_at_quota() -> (Server, Agent) {
+    let mut config = auth_config();
+    config.queue.default_member_max_slots = Some(1);
+    let server = Server::start(config).await;
+    let real = real_agent(&server).await;
+    server.grant("alice", "alice", "a0").await;
+    server.grant("bob", "bob", "b0").await;
+    (server, real)
+}
+
 /// `ListWaiting` shows a member its own waiting requests only (never another member's
 /// derivation paths), an operator everyone's, and a builder's credential nothing.
 #[tokio::test]
 async fn members_see_only_their_own_waiting_requests() {
-    let mut config = auth_config();
-    config.queue.default_member_max_slots = Some(1);
-    let server = Server::start(config).await;
-    let _real = real_agent(&server).await;
-    server.grant("alice", "alice", "a0").await;
-    server.grant("bob", "bob", "b0").await;
+    let (server, _real) = members_at_quota().await;
     let mut alice = server.lease(Some("alice")).await;
     let mut bob = server.lease(Some("bob")).await;
     let _a = queued(&mut alice, "alice", "a1").await;
@@ -802,12 +815,7 @@ async fn members_see_only_their_own_waiting_requests() {
 /// `INVALID_ARGUMENT` naming the field.
 #[tokio::test]
 async fn waiting_requests_are_listed_in_pages() {
-    let mut config = auth_config();
-    config.queue.default_member_max_slots = Some(1);
-    let server = Server::start(config).await;
-    let _real = real_agent(&server).await;
-    server.grant("alice", "alice", "a0").await;
-    server.grant("bob", "bob", "b0").await;
+    let (server, _real) = members_at_quota().await;
     let mut alice = server.lease(Some("alice")).await;
     let mut bob = server.lease(Some("bob")).await;
     let mut streams = Vec::new();
@@ -905,13 +913,7 @@ async fn a_builder_lists_only_the_leases_on_its_own_host() {
     }
     let server = Server::start(config).await;
     let _one = real_agent(&server).await;
-    let mut two = Agent::open(
-        server.as_(Some("build02")).await,
-        register("build02", "ssh-ng://build02", KEY, 4),
-    )
-    .await
-    .unwrap();
-    two.next().await.unwrap();
+    let _two = agent_of(&server, "build02").await;
     for (host, member) in [("build01", "bob"), ("build02", "alice")] {
         let answer = server
             .lease(Some(host))
