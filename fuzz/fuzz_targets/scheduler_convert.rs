@@ -120,6 +120,9 @@ enum Input {
     Release(String, i32),
     Explain(String, Vec<String>),
     AdminHostId(String),
+    /// A `ListWaiting` page: its size and token, the token free text or made of three
+    /// parts as the scheduler makes them (so that the accepting path is reached).
+    WaitingPage(u32, String, Option<(String, String, String)>),
 }
 
 fn disk(d: Disk) -> proto::DiskSpace {
@@ -335,6 +338,26 @@ fuzz_target!(|input: Input| {
             };
             if let Err(e) = fuzzing::explain(&r) {
                 refused(e);
+            }
+        }
+        Input::WaitingPage(page_size, text, parts) => {
+            let page_token = match parts {
+                Some((client, system, drv)) => base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(format!("{client}\0{system}\0{drv}")),
+                None => text,
+            };
+            match fuzzing::waiting_page(&proto::ListWaitingRequest {
+                page_size,
+                page_token: page_token.clone(),
+            }) {
+                Ok((size, cursor)) => {
+                    assert!((1..=1000).contains(&size));
+                    // A token that reads back as a cursor is the one that cursor makes.
+                    if let Some(c) = cursor {
+                        assert_eq!(fuzzing::waiting_token(&c), page_token);
+                    }
+                }
+                Err(e) => refused(e),
             }
         }
         Input::AdminHostId(id) => {

@@ -47,6 +47,18 @@ pub mod fuzzing {
     ) -> Result<(System, BTreeSet<Feature>), Error> {
         super::convert::explain(r)
     }
+
+    /// The validated page size and cursor of a `ListWaiting`.
+    pub fn waiting_page(
+        r: &proto::ListWaitingRequest,
+    ) -> Result<(usize, Option<crate::core::WaitingCursor>), Error> {
+        super::convert::waiting_page(r)
+    }
+
+    /// The `next_page_token` of a `ListWaiting` page ending at `c`.
+    pub fn waiting_token(c: &crate::core::WaitingCursor) -> String {
+        super::convert::waiting_token(c)
+    }
 }
 
 use std::collections::HashMap;
