@@ -31,11 +31,30 @@ async fn cli(addr: std::net::SocketAddr, args: &[&str]) -> (bool, String, String
     )
 }
 
-/// hosts, capacity, explain, drain (also of a host not registered yet), undrain, leases,
-/// quota and usage work end to end, as tables and JSON, and errors from the scheduler
-/// reach the operator with their code.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_commands_against_a_real_scheduler() {
+/// A scheduler in the open mode on 127.0.0.1:0 with agent `build01` registered, which
+/// stays connected until [`Running::stop`].
+struct Running {
+    addr: std::net::SocketAddr,
+    channel: tonic::transport::Channel,
+    stop: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), nixdispatch_scheduler::Error>>,
+    agent: (
+        mpsc::Sender<AgentMessage>,
+        tonic::Streaming<nixdispatch::proto::SchedulerMessage>,
+    ),
+}
+
+impl Running {
+    /// Stops the scheduler and checks that it stopped cleanly.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        drop(self.agent);
+        self.server.await.unwrap().unwrap();
+    }
+}
+
+/// [`Running`], with build01 serving x86_64-linux with `slots` slots.
+async fn scheduler_with_build01(slots: u32) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -59,13 +78,13 @@ async fn operator_commands_against_a_real_scheduler() {
             store_uri: "ssh-ng://build01".into(),
             host_public_key: KEY.into(),
             systems: vec!["x86_64-linux".into()],
-            max_jobs: 6,
+            max_jobs: slots,
             ..Default::default()
         })),
     })
     .await
     .unwrap();
-    let mut answers = AgentServiceClient::new(channel)
+    let mut answers = AgentServiceClient::new(channel.clone())
         .session(ReceiverStream::new(rx))
         .await
         .unwrap()
@@ -74,6 +93,23 @@ async fn operator_commands_against_a_real_scheduler() {
         .await
         .unwrap()
         .unwrap();
+
+    Running {
+        addr,
+        channel,
+        stop,
+        server,
+        agent: (tx, answers),
+    }
+}
+
+/// hosts, capacity, explain, drain (also of a host not registered yet), undrain, leases,
+/// quota and usage work end to end, as tables and JSON, and errors from the scheduler
+/// reach the operator with their code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_against_a_real_scheduler() {
+    let running = scheduler_with_build01(6).await;
+    let addr = running.addr;
 
     let (ok, out, _) = cli(addr, &["hosts"]).await;
     assert!(ok);
@@ -156,9 +192,75 @@ async fn operator_commands_against_a_real_scheduler() {
         "{err}"
     );
 
-    let _ = stop.send(());
-    drop(tx);
-    server.await.unwrap().unwrap();
+    running.stop().await;
+}
+
+/// `status` shows the whole queue when it is longer than one `ListWaiting` page (256): the
+/// CLI follows the page tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_follows_the_pages_of_a_long_queue() {
+    let running = scheduler_with_build01(1).await;
+    let leases =
+        nixdispatch::proto::lease_service_client::LeaseServiceClient::new(running.channel.clone());
+    // The one slot is taken; then two members' requests wait (each under its cap of 256).
+    let ask = |client: String, drv: String| {
+        let mut leases = leases.clone();
+        async move {
+            leases
+                .acquire(nixdispatch::proto::AcquireRequest {
+                    system: "x86_64-linux".into(),
+                    drv_path: format!("/nix/store/{drv}.drv"),
+                    client_id: client,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .outcome
+        }
+    };
+    let first = ask("alice".into(), "first".into()).await;
+    assert!(
+        matches!(
+            first,
+            Some(nixdispatch::proto::acquire_response::Outcome::Granted(_))
+        ),
+        "{first:?}"
+    );
+    for member in ["alice", "bob"] {
+        for i in 0..150 {
+            let o = ask(member.into(), format!("{member}-{i:03}")).await;
+            assert!(
+                matches!(
+                    o,
+                    Some(nixdispatch::proto::acquire_response::Outcome::Postpone(_))
+                ),
+                "{o:?}"
+            );
+        }
+    }
+    let (ok, out, err) = cli(running.addr, &["--json", "status"]).await;
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut waiting: Vec<(String, u64)> = v["queue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| {
+            (
+                q["member"].as_str().unwrap().to_owned(),
+                q["waiting"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    waiting.sort();
+    assert_eq!(
+        waiting,
+        [("alice".into(), 150), ("bob".into(), 150)],
+        "{out}"
+    );
+    drop(leases);
+    running.stop().await;
 }
 
 /// An unreachable scheduler is a clear error and a non-zero exit, not a hang or a panic.
