@@ -527,9 +527,8 @@ impl GateService {
             .into());
         }
         // A `may_name_members` user acts for members it names, but a member that is a local
-        // user of its own may have got the lease through its own gate: that one is not
-        // handed to the naming user (it stays unknown, as before the restart it was not
-        // theirs to touch).
+        // user of its own may have got the lease through its own gate, and then the naming
+        // user could not touch it before the restart: refused, never handed over.
         if peer.name.as_deref() != Some(member.as_str()) {
             let name = member.clone();
             let lookup = tokio::task::spawn_blocking(move || passwd::uid_of(&name));
