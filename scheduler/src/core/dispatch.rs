@@ -9,8 +9,10 @@
 //!
 //! Who gets a free slot of host `H`: among the waiters that `H` fits (system, features, pin;
 //! not excluded by them, not reported unreachable by their member, their member and system
-//! under quota), the member first in fair order (`super::accounts`), and that member's
-//! shortest expected build. One exception, the **last slot rule**: when `H` has one free
+//! under quota), the members first in fair order (`super::accounts`: the smallest weight),
+//! and among them a waiter past its deadline, the earliest first, else the shortest expected
+//! build (by size class across members), ties to the member served least recently (see
+//! `super::waiters`, "Shortest expected first, with aging"). One exception, the **last slot rule**: when `H` has one free
 //! slot left and waiters of a narrower class also fit it (the hosts that can serve them are
 //! a strict subset of those that can serve the broader one, e.g. `kvm` builds against
 //! plain ones, or builds pinned to `H`), the broader classes do not get that slot: their
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use super::eligibility;
 use super::registry::{Host, Registry};
-use super::waiters::{Class, Handout, Key, NewWaiter, Via, WaiterId, Waiters};
+use super::waiters::{self, Class, Handout, Key, NewWaiter, Via, WaiterId, Waiters};
 use super::{BuildOutcome, durations};
 use super::{
     ClientId, Error, Grant, HostId, HostState, LeaseEnd, LeaseId, LeaseRequest, Scheduler, Time,
@@ -36,6 +38,40 @@ use super::{
 /// Exclusions are rare (a retry after `HOST_UNREACHABLE`), so a member whose first few
 /// waiters all exclude the host simply waits for another host.
 const EXCLUDE_SCAN: usize = 16;
+
+/// A member's candidate for a free slot, as `pick` compares them at equal weight.
+#[derive(Copy, Clone, Debug)]
+enum Rank {
+    /// Its earliest overdue waiter: deadline (ms), arrival sequence, waiter.
+    Overdue { deadline: u64, seq: u64, w: u64 },
+    /// Its shortest expected waiter (none overdue).
+    Shortest(Key),
+}
+
+impl Rank {
+    /// Overdue before the rest, by deadline; the rest by size class.
+    fn primary(&self) -> (u8, u64) {
+        match *self {
+            Rank::Overdue { deadline, .. } => (0, deadline),
+            Rank::Shortest(k) => (1, u64::from(waiters::size_class(k.0))),
+        }
+    }
+
+    /// After the members' tie: arrival, or the exact expected duration and arrival.
+    fn secondary(&self) -> (u64, u64) {
+        match *self {
+            Rank::Overdue { seq, .. } => (0, seq),
+            Rank::Shortest(k) => (k.0, k.1),
+        }
+    }
+
+    fn waiter(&self) -> WaiterId {
+        match *self {
+            Rank::Overdue { w, .. } => WaiterId(w),
+            Rank::Shortest(k) => WaiterId(k.2),
+        }
+    }
+}
 
 /// The answer to [`Scheduler::wait`].
 #[derive(Clone, Debug, PartialEq)]
@@ -247,6 +283,7 @@ impl Scheduler {
         via: Via,
     ) -> WaiterId {
         let expected = self.durations.expected(durations::drv_name(&req.drv_path));
+        let slack = waiters::slack(expected, self.config.aging_factor, self.config.max_age);
         self.waiters.enqueue(
             now,
             NewWaiter {
@@ -255,6 +292,7 @@ impl Scheduler {
                 drv_path: &req.drv_path,
                 exclude: &req.exclude_hosts,
                 expected,
+                slack,
                 via,
             },
         )
@@ -386,7 +424,13 @@ impl Scheduler {
     /// The waiter that gets one free slot of host `id` (`free` slots are free), if any.
     pub(super) fn pick(&mut self, now: Time, id: &HostId, free: u32) -> Option<WaiterId> {
         let host = self.registry.get(id)?;
-        let mut entries: Vec<(u32, ClientId, Key)> = Vec::new();
+        let usable = |k: u64| {
+            self.waiters
+                .get(WaiterId(k))
+                .is_some_and(|w| !w.exclude.contains(id))
+        };
+        // Each member's candidate per class: its earliest overdue waiter, else its shortest.
+        let mut entries: Vec<(u32, ClientId, Rank)> = Vec::new();
         for (c, q) in self.waiters.classes() {
             if !fits(host, &q.class) {
                 continue;
@@ -396,14 +440,20 @@ impl Scheduler {
                 {
                     continue;
                 }
-                let head = mq.iter().take(EXCLUDE_SCAN).find(|k| {
-                    self.waiters
-                        .get(WaiterId(k.2))
-                        .is_some_and(|w| !w.exclude.contains(id))
+                let overdue = q.deadlines.get(m).and_then(|dq| {
+                    dq.iter()
+                        .take(EXCLUDE_SCAN)
+                        .take_while(|d| d.0 <= now.as_millis())
+                        .find(|d| usable(d.2))
                 });
-                if let Some(k) = head {
-                    entries.push((c, m.clone(), k));
-                }
+                let rank = match overdue {
+                    Some(&(deadline, seq, w)) => Rank::Overdue { deadline, seq, w },
+                    None => match mq.iter().take(EXCLUDE_SCAN).find(|k| usable(k.2)) {
+                        Some(k) => Rank::Shortest(k),
+                        None => continue,
+                    },
+                };
+                entries.push((c, m.clone(), rank));
             }
         }
         if free == 1 {
@@ -424,15 +474,18 @@ impl Scheduler {
                 entries.retain(|e| !broad.contains(&e.0));
             }
         }
+        // Fair weight first; at equal weight overdue waiters by deadline, then the smallest
+        // size class; ties to the member served least recently, then the earliest arrival.
         entries
             .iter()
-            .min_by(|x, y| {
-                self.accounts
-                    .fair_key(&x.1)
-                    .cmp(&self.accounts.fair_key(&y.1))
-                    .then(x.2.cmp(&y.2))
+            .map(|e| (self.accounts.fair_key(&e.1), e.2))
+            .min_by(|(fx, x), (fy, y)| {
+                fx.weight_cmp(fy)
+                    .then(x.primary().cmp(&y.primary()))
+                    .then(fx.tie_cmp(fy))
+                    .then(x.secondary().cmp(&y.secondary()))
             })
-            .map(|e| WaiterId(e.2.2))
+            .map(|(_, r)| r.waiter())
     }
 
     /// Leases host `host` to waiter `id` with the claim TTL.

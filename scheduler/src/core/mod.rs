@@ -149,6 +149,16 @@ pub struct CoreConfig {
     /// points; [`Scheduler::acquire`] and [`Scheduler::wait`] leave it out, so that the
     /// simulator measures the queue itself.
     pub max_waiting_per_member: usize,
+    /// Aging of the wait queue: a waiter's deadline is when it started waiting plus
+    /// `min(aging_factor × its expected duration, max_age)`, and waiters are served earliest
+    /// deadline first among members of equal fair weight (see `waiters`). With this factor,
+    /// builds that arrive together go shortest expected first, and a long build is passed
+    /// only by builds that arrive before its deadline. Default 8 (see
+    /// `docs/BENCHMARKS.md`, "Aging").
+    pub aging_factor: u32,
+    /// The most slack a waiter gets, however long its expected build: past it no build
+    /// that arrives later passes it. Default one hour.
+    pub max_age: Duration,
 }
 
 /// How many distinct clients must report a host unreachable before it is held back for
@@ -173,6 +183,8 @@ impl Default for CoreConfig {
             forget_gone_after: Duration::from_secs(3600),
             probe: ProbePolicy::default(),
             max_waiting_per_member: 256,
+            aging_factor: 32,
+            max_age: Duration::from_secs(3600),
         }
     }
 }

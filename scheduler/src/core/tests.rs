@@ -710,11 +710,19 @@ proptest! {
 use super::dispatch::fits;
 use super::waiters::Class;
 
+/// A waiter's deadline, from when it started waiting and its slack.
+fn deadline(w: &waiters::Waiter) -> Time {
+    w.since.after(w.slack)
+}
+
 /// Test oracle for `Scheduler::pick`: a brute-force scan of every waiter, sharing none of
 /// the queue's indexes. Among the waiters host `id` fits (not excluded, member not reporting
 /// it unreachable, member and system under quota), and on the host's last free slot not of a
-/// class broader than another such waiter's: the first member in fair order, then its
-/// shortest expected build, then the earliest.
+/// class broader than another such waiter's: the smallest member weight; then a waiter past
+/// its deadline, the earliest first, else the smallest size class of expected duration; then
+/// the member served least recently; then the earliest arrival (the shortest first within a
+/// size class).
+
 pub(super) fn oracle_pick(s: &Scheduler, now: Time, id: &HostId, free: u32) -> Option<WaiterId> {
     let host = s.registry.get(id)?;
     let cands: Vec<(WaiterId, &waiters::Waiter, &Class)> = s
@@ -744,14 +752,33 @@ pub(super) fn oracle_pick(s: &Scheduler, now: Time, id: &HostId, free: u32) -> O
                 .iter()
                 .any(|(_, _, k)| *k != c && strictly_inside(k, c))
     };
+    // At equal weight: overdue (deadline passed) first, by deadline; the rest by size
+    // class of the expected duration; then the member served least recently (and first
+    // arrived); then by arrival, or by exact expected duration and arrival.
+    let rank = |w: &waiters::Waiter| {
+        let d = deadline(w);
+        if d <= now {
+            ((0u8, d.as_millis()), (0, w.key.1))
+        } else {
+            (
+                (1, u64::from(waiters::size_class(w.key.0))),
+                (w.key.0, w.key.1),
+            )
+        }
+    };
     cands
         .iter()
         .filter(|(_, _, c)| !broad(c))
         .min_by(|a, b| {
-            s.accounts
-                .fair_key(&a.1.client)
-                .cmp(&s.accounts.fair_key(&b.1.client))
-                .then(a.1.key.cmp(&b.1.key))
+            let (fa, fb) = (
+                s.accounts.fair_key(&a.1.client),
+                s.accounts.fair_key(&b.1.client),
+            );
+            let (ra, rb) = (rank(a.1), rank(b.1));
+            fa.weight_cmp(&fb)
+                .then(ra.0.cmp(&rb.0))
+                .then(fa.tie_cmp(&fb))
+                .then(ra.1.cmp(&rb.1))
         })
         .map(|x| x.0)
 }
@@ -1453,6 +1480,112 @@ proptest! {
         }
     }
 }
+/// Expected durations of the aging property's builds, seconds: short, medium, long.
+const AGING_SECS: [u64; 4] = [2, 20, 200, 2_000];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Aging: every waiter is served within its bound while capacity exists, however many
+    /// shorter builds keep arriving. Members of equal weight (each build its own member, so
+    /// no waiting member runs anything), one host of `slots` slots, durations known exactly
+    /// and every build taking exactly its expected time (at most `D` = the longest). A
+    /// waiter `W` with deadline `d` (arrival + `min(factor × expected, max_age)`) that finds
+    /// `E` waiters with an earlier deadline not yet served at `d` is granted by
+    /// `max(d, arrival) + ceil((E + 1) / slots) × D`: after `d` no later arrival can pass it
+    /// (its deadline lies after `d`), and within each `D` every slot frees at least once.
+    #[test]
+    fn every_waiter_is_served_within_its_aging_bound(
+        arrivals in proptest::collection::vec((0u64..20_000, 0usize..AGING_SECS.len()), 1..120),
+        slots in 1u32..4,
+        factor in 1u32..16,
+        max_age_s in 1u64..5_000,
+        seed in any::<u64>(),
+    ) {
+        let far = Duration::from_secs(1 << 30);
+        let cfg = CoreConfig {
+            aging_factor: factor,
+            max_age: Duration::from_secs(max_age_s),
+            report_interval: far,
+            lease_ttl: far,
+            claim_ttl: far,
+            ..started()
+        };
+        let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), seed);
+        s.restore_queue(QueueSnapshot {
+            quotas: Quotas::default(),
+            durations: AGING_SECS
+                .iter()
+                .map(|d| (format!("b{d}"), DurationStat { mean_millis: (d * 1000) as f64, samples: 1 }))
+                .collect(),
+            usage: Vec::new(),
+        });
+        s.connect(Time::ZERO, spec("h", &["x86_64-linux"], slots));
+        // Arrivals a few ms apart at most, in order: (time ms, duration ms).
+        let mut jobs: Vec<(u64, u64)> = Vec::new();
+        let mut at = 0;
+        for (gap, c) in &arrivals {
+            at += gap;
+            jobs.push((at, AGING_SECS[*c] * 1000));
+        }
+        let d_max = jobs.iter().map(|j| j.1).max().unwrap();
+        let deadline = |j: usize| jobs[j].0 + (jobs[j].1 * u64::from(factor)).min(max_age_s * 1000);
+        let drv = |j: usize| format!("{j:032}-b{}", jobs[j].1 / 1000);
+        let mut granted: Vec<Option<u64>> = vec![None; jobs.len()];
+        let mut by_waiter: std::collections::HashMap<WaiterId, usize> = Default::default();
+        // Running builds: (finish ms, job, lease).
+        let mut running: Vec<(u64, usize, LeaseId)> = Vec::new();
+        let mut next = 0;
+        while next < jobs.len() || !running.is_empty() {
+            let finish = running.iter().map(|r| r.0).min();
+            let arrive = jobs.get(next).map(|j| j.0);
+            // Completions before arrivals at the same instant.
+            let now = match (finish, arrive) {
+                (Some(f), Some(a)) if f <= a => f,
+                (Some(f), None) => f,
+                (_, Some(a)) => a,
+                (None, None) => unreachable!(),
+            };
+            if finish == Some(now) {
+                let i = running.iter().position(|r| r.0 == now).unwrap();
+                let (_, _, lease) = running.swap_remove(i);
+                s.release(t(now), &lease, BuildOutcome::Succeeded).unwrap();
+            } else {
+                let j = next;
+                next += 1;
+                match s.wait(t(now), &req("x86_64-linux", &format!("m{j}"), &drv(j)), None) {
+                    WaitAnswer::Granted(g) => {
+                        granted[j] = Some(now);
+                        running.push((now + jobs[j].1, j, g.lease_id));
+                    }
+                    WaitAnswer::Queued { waiter, .. } => { by_waiter.insert(waiter, j); }
+                    other => prop_assert!(false, "{:?}", other),
+                }
+            }
+            for h in s.take_handouts() {
+                let j = by_waiter.remove(&h.waiter).expect("a known waiter");
+                granted[j] = Some(now);
+                running.push((now + jobs[j].1, j, h.grant.lease_id));
+            }
+            prop_assert!(s.audit.is_empty(), "{:?}", s.audit);
+        }
+        for w in 0..jobs.len() {
+            let g = granted[w];
+            prop_assert!(g.is_some(), "build {} was never served", w);
+            let d = deadline(w);
+            let earlier = (0..jobs.len())
+                .filter(|&x| x != w && (deadline(x), x) < (d, w) && granted[x].is_none_or(|gx| gx > d))
+                .count() as u64;
+            let bound = d.max(jobs[w].0) + (earlier + 1).div_ceil(u64::from(slots)) * d_max;
+            prop_assert!(
+                g.unwrap() <= bound,
+                "build {} (arrived {}, {} ms, deadline {}) granted at {}, past its bound {} ({} ahead at its deadline)",
+                w, jobs[w].0, jobs[w].1, d, g.unwrap(), bound, earlier
+            );
+        }
+    }
+}
+
 /// One step of [`index_agrees_with_a_full_scan`].
 #[derive(Clone, Debug)]
 enum IndexOp {

@@ -6,16 +6,32 @@
 //! a poller's grant is held for it until it asks again (see [`Held`]).
 //!
 //! Waiters are grouped by **class**, what a host must offer to take them (system, features,
-//! the one host a request is pinned to), and within a class by **member**. Within a member's
-//! queue of a class, waiters are ordered by expected duration, then by arrival: shortest
-//! expected build first. Which member is served first is decided per freed slot by the
-//! scheduler (see `super::dispatch`); this module only keeps the order.
+//! the one host a request is pinned to), and within a class by **member**.
+//!
+//! **Shortest expected first, with aging.** Among members of equal fair weight (the weight
+//! stays the primary order, see `super::accounts`) and within a member:
+//! 1. **Overdue waiters first, earliest deadline first.** A waiter's *deadline* is when it
+//!    started waiting plus its *slack*, `min(aging_factor × expected duration, max_age)`
+//!    (`CoreConfig::aging_factor`, `CoreConfig::max_age`); past it the waiter is overdue.
+//!    A later arrival's deadline lies after its arrival, so once a waiter is overdue nobody
+//!    who arrives later can pass it at equal weight: a long build cannot starve behind a
+//!    stream of short ones. It waits at most its slack plus the service of the finitely
+//!    many waiters overdue before it.
+//! 2. **Then the shortest expected build,** compared across members in factor-of-two
+//!    classes ([`size_class`]), ties to the member served least recently. Durations are
+//!    estimates (a learned mean, a version's predecessor), so finer distinctions between
+//!    members would be noise; and when nothing is known of a build (it is expected to take
+//!    the mean of all builds, like every other unknown one), the classes tie and the members
+//!    take turns, least recently served first: round robin, which is what beats first come,
+//!    first served when sizes are unknown and heavy-tailed. Within a member the exact
+//!    expected duration decides, then arrival.
 //!
 //! Cost: a mass rebuild queues tens of thousands of waiters, so nothing here walks the
 //! queue. Enqueue, removal and the head of a member's queue are `O(log n)` or `O(√n)`
 //! (`super::ranked`); a position is `O(members + √n)`; pollers that stopped asking are found
 //! in order of their last request.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -48,6 +64,31 @@ pub(super) enum Via {
 /// A waiter's place in its member's queue: expected milliseconds, arrival sequence, id.
 pub(super) type Key = (u64, u64, u64);
 
+/// A waiter's place in its member's deadline order: deadline (milliseconds since the clock's
+/// epoch), arrival sequence, id.
+pub(super) type DeadlineKey = (u64, u64, u64);
+
+/// A waiter's slack: `min(factor × expected, max_age)`. Its deadline is when it started
+/// waiting plus this.
+pub(super) fn slack(expected: Duration, factor: u32, max_age: Duration) -> Duration {
+    expected.saturating_mul(factor).min(max_age)
+}
+
+/// The size class of an expected duration in milliseconds, for the order across members:
+/// its bit length, so durations within a factor of two of each other mostly share a class
+/// (`[2^(c-1), 2^c)` is class `c`).
+pub(super) fn size_class(expected_millis: u64) -> u32 {
+    u64::BITS - expected_millis.leading_zeros()
+}
+
+/// The smallest expected duration (milliseconds) of size class `c`.
+pub(super) fn size_class_floor(c: u32) -> u64 {
+    match c {
+        0 => 0,
+        c => 1u64.checked_shl(c - 1).unwrap_or(u64::MAX),
+    }
+}
+
 /// One waiting request.
 #[derive(Clone, Debug)]
 pub(super) struct Waiter {
@@ -56,8 +97,14 @@ pub(super) struct Waiter {
     pub(super) drv_path: String,
     pub(super) exclude: BTreeSet<HostId>,
     pub(super) key: Key,
+    /// Its deadline: when it started waiting plus its slack (milliseconds).
+    pub(super) deadline: u64,
     /// When it started waiting (kept across a poller's repeats and a stream's re-connect).
     pub(super) since: Time,
+    /// Its slack: its deadline is `since` plus this. Kept only for the property tests'
+    /// oracle, which computes the deadline without reading `deadline`.
+    #[cfg(test)]
+    pub(super) slack: Duration,
     pub(super) via: Via,
     pub(super) last_seen: Time,
 }
@@ -68,6 +115,9 @@ pub(super) struct ClassQueue {
     pub(super) class: Class,
     /// Each member's waiters, shortest expected first.
     pub(super) members: HashMap<ClientId, Ranked<Key>>,
+    /// The same waiters by deadline, earliest first: the head of a member's is overdue
+    /// when its deadline has passed.
+    pub(super) deadlines: HashMap<ClientId, BTreeSet<DeadlineKey>>,
     len: usize,
 }
 
@@ -117,6 +167,8 @@ pub(super) struct NewWaiter<'a> {
     pub(super) drv_path: &'a str,
     pub(super) exclude: &'a BTreeSet<HostId>,
     pub(super) expected: Duration,
+    /// Its slack ([`slack`]): its deadline is when it started waiting plus this.
+    pub(super) slack: Duration,
     pub(super) via: Via,
 }
 
@@ -165,6 +217,7 @@ impl Waiters {
                     ClassQueue {
                         class: w.class,
                         members: HashMap::new(),
+                        deadlines: HashMap::new(),
                         len: 0,
                     },
                 );
@@ -173,8 +226,13 @@ impl Waiters {
         };
         let expected = u64::try_from(w.expected.as_millis()).unwrap_or(u64::MAX);
         let key = (expected, seq, id.0);
+        let deadline = since.after(w.slack).as_millis();
         let q = self.classes.get_mut(&class).expect("created above");
         q.members.entry(w.client.clone()).or_default().insert(key);
+        q.deadlines
+            .entry(w.client.clone())
+            .or_default()
+            .insert((deadline, seq, id.0));
         q.len += 1;
         if w.via == Via::Poll {
             self.polls.insert((now, id));
@@ -189,7 +247,10 @@ impl Waiters {
                 drv_path: w.drv_path.to_owned(),
                 exclude: w.exclude.clone(),
                 key,
+                deadline,
                 since,
+                #[cfg(test)]
+                slack: w.slack,
                 via: w.via,
                 last_seen: now,
             },
@@ -242,6 +303,12 @@ impl Waiters {
                 mq.remove(&w.key);
                 if mq.is_empty() {
                     q.members.remove(&w.client);
+                }
+            }
+            if let Some(dq) = q.deadlines.get_mut(&w.client) {
+                dq.remove(&(w.deadline, w.key.1, w.key.2));
+                if dq.is_empty() {
+                    q.deadlines.remove(&w.client);
                 }
             }
             q.len -= 1;
@@ -306,11 +373,15 @@ impl Waiters {
 
     /// 1-based position of waiter `id` among the waiters of its class, in fair order.
     ///
-    /// An honest approximation, `O(members)`: fair order takes turns between members, so
-    /// before my member reaches me (`r` of its waiters are ahead of me), each other member
-    /// is served about `min(its queue, r)` times, once more if it comes before mine in fair
-    /// order now. Exact for round robin among equals; weights and members whose running
-    /// counts change as they are served make it an estimate.
+    /// An honest approximation, `O(members × √n)`: each grant adds one to its member's
+    /// running count, so fair order takes turns between members. Before my member reaches
+    /// me (`r` of its waiters are ahead of me), each other member is served about
+    /// `min(its queue, r)` times, once more in the turn where it comes before me: when its
+    /// weight is smaller than mine now, or equal and its waiter of that turn (its `r + 1`-th
+    /// shortest) is in a smaller size class than mine, or the same one and its member was
+    /// served less recently. Exact for turns among members of equal priority while nothing
+    /// finishes and nobody is overdue; priorities, builds that end meanwhile and overdue
+    /// waiters (which go first) make it an estimate.
     pub(super) fn position(&self, id: WaiterId, fair: impl Fn(&ClientId) -> FairKey) -> u32 {
         let Some(w) = self.by_id.get(&id) else {
             return 0;
@@ -320,13 +391,29 @@ impl Waiters {
         };
         let r = q.members.get(&w.client).map_or(0, |m| m.rank(&w.key)) as u64;
         let mine = fair(&w.client);
+        let class = size_class(w.key.0);
         let mut pos = r + 1;
         for (m, mq) in &q.members {
             if *m == w.client {
                 continue;
             }
-            let ahead = u64::from(fair(m).cmp(&mine).is_lt());
-            pos += (mq.len() as u64).min(r + ahead);
+            let theirs = fair(m);
+            let ahead = match theirs.weight_cmp(&mine) {
+                Ordering::Less => true,
+                Ordering::Greater => false,
+                // Its `r + 1`-th waiter is ahead of me when more than `r` of its waiters
+                // are: those of a smaller size class, and of mine too when its member wins
+                // the tie (or, a tie throughout, those that arrived before me).
+                Ordering::Equal => {
+                    let before = match theirs.tie_cmp(&mine) {
+                        Ordering::Less => mq.rank(&(size_class_floor(class + 1), 0, 0)),
+                        Ordering::Greater => mq.rank(&(size_class_floor(class), 0, 0)),
+                        Ordering::Equal => mq.rank(&w.key),
+                    };
+                    before as u64 > r
+                }
+            };
+            pos += (mq.len() as u64).min(r + u64::from(ahead));
         }
         u32::try_from(pos).unwrap_or(u32::MAX)
     }
@@ -422,6 +509,7 @@ mod tests {
                 drv_path: drv,
                 exclude: &BTreeSet::new(),
                 expected: Duration::from_secs(secs),
+                slack: slack(Duration::from_secs(secs), 8, Duration::from_secs(3600)),
                 via,
             },
         )
