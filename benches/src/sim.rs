@@ -179,6 +179,10 @@ pub struct SimConfig {
     pub known_durations: Option<f64>,
     /// The core's quotas (e.g. a default per-member maximum of slots).
     pub quotas: Quotas,
+    /// The core's `aging_factor`; `None`: the core's default.
+    pub aging_factor: Option<u32>,
+    /// The core's `max_age`; `None`: the core's default.
+    pub max_age: Option<Duration>,
 }
 
 impl SimConfig {
@@ -193,6 +197,8 @@ impl SimConfig {
             oversubscription_loss: 0.0,
             known_durations: None,
             quotas: Quotas::default(),
+            aging_factor: None,
+            max_age: None,
         }
     }
 }
@@ -350,6 +356,11 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
         quotas: cfg.quotas.clone(),
         ..CoreConfig::default()
     };
+    let core_cfg = CoreConfig {
+        aging_factor: cfg.aging_factor.unwrap_or(core_cfg.aging_factor),
+        max_age: cfg.max_age.unwrap_or(core_cfg.max_age),
+        ..core_cfg
+    };
     let mut core = Scheduler::new(core_cfg, cfg.variant.policy(), cfg.seed);
     if let Some(sigma) = cfg.known_durations {
         let mut rng = SplitMix64::new(cfg.seed ^ 0x0d0e_a710);
@@ -466,8 +477,11 @@ pub fn simulate(trace: &Trace, fleet: &Fleet, cfg: &SimConfig) -> anyhow::Result
     sim.run()
 }
 
-/// The derivation name of build `i`: its id, made a valid store path name (ids are free
-/// text in traces) and unique.
+/// The derivation name of build `i`: `b<i>-` and its id, made a valid store path name (ids
+/// are free text in traces). The prefix makes both the name and its pname (the core's
+/// fallback for a new version of a known name: the part before the first `-` followed by a
+/// digit) unique to the build, so a cold run learns nothing per name or per pname (ids such
+/// as `mass-12` would otherwise share the pname `mass`).
 fn drv_name_of(i: usize, id: &str) -> String {
     let clean: String = id
         .chars()
@@ -479,11 +493,7 @@ fn drv_name_of(i: usize, id: &str) -> String {
             }
         })
         .collect();
-    if clean.is_empty() {
-        format!("build{i}")
-    } else {
-        clean
-    }
+    format!("b{i}-{clean}")
 }
 
 /// A standard normal deviate (Box-Muller).

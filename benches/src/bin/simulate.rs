@@ -58,6 +58,13 @@ struct Args {
     /// `default_member_max_slots`). Default: none.
     #[arg(long)]
     member_max_slots: Option<u32>,
+    /// The core's queue aging factor (`queue.aging_factor`): a waiter's deadline is its
+    /// arrival plus `min(factor x expected duration, max age)`. Default: the core's.
+    #[arg(long)]
+    aging_factor: Option<u32>,
+    /// The core's `queue.max_age_millis`, in seconds. Default: the core's.
+    #[arg(long)]
+    max_age_s: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,6 +124,8 @@ fn main() -> anyhow::Result<()> {
                     default_member_max_slots: args.member_max_slots,
                     ..Quotas::default()
                 },
+                aging_factor: args.aging_factor,
+                max_age: args.max_age_s.map(std::time::Duration::from_secs),
                 ..SimConfig::new(p, args.seed)
             };
             let r = simulate(&sc.trace, &sc.fleet, &cfg)
