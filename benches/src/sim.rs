@@ -23,9 +23,10 @@
 //!   Nix, and nixdispatch with old hooks ([`Variant::Polling`]), poll: a postponed build
 //!   waits in the daemon's `waitingForAWhile` list, which the daemon wakes every
 //!   `poll_interval` (Nix's `build-poll-interval`, 5 s) and retries in order.
-//! - **Derivations** are `/nix/store/<hash>-<id>.drv`: the core learns each name's
-//!   duration from its releases, and a trace's ids are unique, so within one run nothing is
-//!   learned per name (only the overall mean). With [`SimConfig::known_durations`] the core
+//! - **Derivations** are `/nix/store/<hash>-b<i>-<id>.drv` (build `i` of the trace): the
+//!   core learns each name's duration from its releases, and falls back to a name's pname
+//!   (the name without its version); names and pnames are unique to a build, so within one
+//!   run nothing is learned per name or pname (only the overall mean). With [`SimConfig::known_durations`] the core
 //!   starts with every build's duration already learned (as the scheduler's database has
 //!   it for derivations built before), each off by a seeded lognormal error.
 //! - **Leases** are released the instant the build finishes; their TTL is set beyond the
