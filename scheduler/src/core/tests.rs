@@ -722,7 +722,6 @@ fn deadline(w: &waiters::Waiter) -> Time {
 /// its deadline, the earliest first, else the smallest size class of expected duration; then
 /// the member served least recently; then the earliest arrival (the shortest first within a
 /// size class).
-
 pub(super) fn oracle_pick(s: &Scheduler, now: Time, id: &HostId, free: u32) -> Option<WaiterId> {
     let host = s.registry.get(id)?;
     let cands: Vec<(WaiterId, &waiters::Waiter, &Class)> = s

@@ -28,7 +28,8 @@
 //!
 //! Cost: a mass rebuild queues tens of thousands of waiters, so nothing here walks the
 //! queue. Enqueue, removal and the head of a member's queue are `O(log n)` or `O(√n)`
-//! (`super::ranked`); a position is `O(members + √n)`; pollers that stopped asking are found
+//! (`super::ranked`), a member's earliest deadline `O(log n)`; a position is
+//! `O(members × √n)`; pollers that stopped asking are found
 //! in order of their last request.
 
 use std::cmp::Ordering;
