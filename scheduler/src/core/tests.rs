@@ -844,6 +844,49 @@ fn fair_order_across_members() {
     assert!(s.audit.is_empty(), "{:?}", s.audit);
 }
 
+/// Across members of equal weight the shorter expected build goes first, though the other
+/// member came first (and its position says so); a long build past its deadline then goes
+/// before a short one that arrived later; a new version of a known derivation is expected to
+/// take what the old one took.
+#[test]
+fn shortest_expected_first_across_members_with_aging() {
+    let far = Duration::from_secs(1 << 30);
+    let cfg = CoreConfig {
+        aging_factor: 2,
+        max_age: Duration::from_secs(3600),
+        report_interval: far,
+        lease_ttl: far,
+        claim_ttl: far,
+        ..started()
+    };
+    let mut s = Scheduler::new(cfg, PolicyKind::LeastLoaded.build(), 1);
+    s.durations.learn("long-1.0", Duration::from_secs(600));
+    s.durations.learn("short-1.0", Duration::from_secs(5));
+    s.connect(t(0), spec("a", &["x86_64-linux"], 1));
+    let drv = |n: u32, name: &str| format!("{n:032}-{name}");
+    let x86 = "x86_64-linux";
+    let busy = wait_granted(s.wait(t(0), &req(x86, "x", &drv(0, "x")), None));
+    let long = queued(s.wait(t(1), &req(x86, "long", &drv(1, "long-1.1")), None));
+    let short = queued(s.wait(t(2), &req(x86, "short", &drv(2, "short-1.1")), None));
+    // Both run nothing: equal weight; `short-1.1` is expected to take 5 s (its pname's).
+    assert_eq!(s.wait_status(t(2), short).unwrap().position, 1);
+    assert_eq!(s.wait_status(t(2), long).unwrap().position, 2);
+    s.release(t(3), &busy.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    let h = s.take_handouts();
+    assert_eq!(h[0].waiter, short);
+    // `long` waits past its deadline (1 ms + 2 × 600 s); a short build arriving then waits
+    // behind it.
+    let now = 1_300_000;
+    let late = queued(s.wait(t(now), &req(x86, "other", &drv(3, "short-1.2")), None));
+    assert!(s.take_handouts().is_empty());
+    s.release(t(now + 1), &h[0].grant.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    assert_eq!(s.take_handouts()[0].waiter, long);
+    assert!(s.wait_status(t(now + 1), late).is_some());
+    assert!(s.audit.is_empty(), "{:?}", s.audit);
+}
+
 /// Within a member, the build expected to be shortest (learned from earlier releases of
 /// the same derivation name) goes first.
 #[test]
