@@ -26,9 +26,10 @@
 //! - **Derivations** are `/nix/store/<hash>-b<i>-<id>.drv` (build `i` of the trace): the
 //!   core learns each name's duration from its releases, and falls back to a name's pname
 //!   (the name without its version); names and pnames are unique to a build, so within one
-//!   run nothing is learned per name or pname (only the overall mean). With [`SimConfig::known_durations`] the core
-//!   starts with every build's duration already learned (as the scheduler's database has
-//!   it for derivations built before), each off by a seeded lognormal error.
+//!   run nothing is learned per name or pname (only the overall mean). With
+//!   [`SimConfig::known_durations`] the core starts with every build's duration already
+//!   learned (as the scheduler's database has it for derivations built before), each off
+//!   by a seeded lognormal error.
 //! - **Leases** are released the instant the build finishes; their TTL is set beyond the
 //!   simulated horizon, so keep-alives are not modelled (they do not affect placement).
 //!

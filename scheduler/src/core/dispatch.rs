@@ -12,7 +12,8 @@
 //! under quota), the members first in fair order (`super::accounts`: the smallest weight),
 //! and among them a waiter past its deadline, the earliest first, else the shortest expected
 //! build (by size class across members), ties to the member served least recently (see
-//! `super::waiters`, "Shortest expected first, with aging"). One exception, the **last slot rule**: when `H` has one free
+//! `super::waiters`, "Shortest expected first, with aging"). One exception, the **last slot
+//! rule**: when `H` has one free
 //! slot left and waiters of a narrower class also fit it (the hosts that can serve them are
 //! a strict subset of those that can serve the broader one, e.g. `kvm` builds against
 //! plain ones, or builds pinned to `H`), the broader classes do not get that slot: their
