@@ -210,9 +210,7 @@ fn the_queue_keeps_a_flood_from_starving_the_others() {
 
 /// The durations the core knows are used: with every build's duration known (the flood
 /// served shortest first, so its slots free sooner), the small members' mean wait under the
-/// flood is lower than when the core knows only the overall mean. (Their p95 on this seed
-/// is not: at equal weight the flood's shorter builds now go first, see
-/// `docs/BENCHMARKS.md`, "Fairness under a flood".)
+/// flood is lower than when the core knows only the overall mean.
 #[test]
 fn known_durations_shorten_the_others_wait_under_a_flood() {
     use nixdispatch_benches::scenario::fairness;

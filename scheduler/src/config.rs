@@ -118,17 +118,17 @@ pub struct QueueConfig {
     pub max_waiting_per_member: usize,
     /// Aging of the queue's shortest-expected-first order. Each waiting request gets a
     /// deadline, its arrival plus `min(aging_factor × its expected duration,
-    /// max_age_millis)`. Among members of equal fair weight (and within a member) requests
+    /// max_age_millis)`. Within a member (across members fair order decides) requests
     /// past their deadline go first, earliest deadline first, and the rest shortest expected
     /// first: that lowers the mean wait, and a build past its deadline is passed by no later
-    /// arrival, so a long build cannot starve behind a stream of short ones. Default 32:
-    /// on the simulator's community model the mean wait stays within 6 % of no aging at
-    /// all, where 8 costs up to 12 % (`docs/BENCHMARKS.md`). 0 serves members of equal
-    /// weight first come, first served.
+    /// arrival of its member, so a long build cannot starve behind a stream of short ones.
+    /// Default 32: on the simulator's community model the mean wait stays within a few per
+    /// cent of no aging at all, where 8 costs up to 10 % (`docs/BENCHMARKS.md`). 0 serves
+    /// each member's requests first come, first served.
     pub aging_factor: u32,
     /// The most any waiting request's deadline lies after its arrival, however long its
     /// expected build. Default 3600000 (one hour): a build expected to take hours waits at
-    /// most an hour before no later arrival passes it.
+    /// most an hour before no later arrival of its member passes it.
     pub max_age_millis: u64,
     /// Members' own quotas and priorities (`[queue.members."alice-laptop"]`).
     pub members: BTreeMap<String, MemberQuotaConfig>,

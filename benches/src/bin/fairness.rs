@@ -186,17 +186,16 @@ fn main() -> anyhow::Result<()> {
             flood_priority: 400,
         },
         Row {
-            label: "*oracle, the best work-conserving non-preemptive rule*: the others \
-                    strictly before the flood (flood at priority +10000), every duration \
-                    known exactly, shortest first",
+            label: "*the others strictly first*: the flood at priority +10000, every \
+                    duration known exactly, shortest first",
             variant: ll,
             known: Some(0.0),
             cap: None,
             flood_priority: 10_000,
         },
         Row {
-            label: "*oracle as above, and one slot kept from the flood* (at most 5 of 6 slots \
-                    per member: not work-conserving)",
+            label: "*the others strictly first, and one slot kept from the flood* (at most 5 \
+                    of 6 slots per member: not work-conserving)",
             variant: ll,
             known: Some(0.0),
             cap: Some(5),

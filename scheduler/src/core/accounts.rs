@@ -1,13 +1,12 @@
 //! Accounts: who runs how much, what each member and system may run (quotas), each member's
 //! share of the queue (its fair key) and its usage record.
 //!
-//! Fair order (Buildbarn's weight): when a slot frees, the members with the smallest
-//! `(running + 1) × 2^(0.01 × priority)` are served first. `running` counts the member's live
-//! leases on every host, so a member already holding many slots anywhere yields to one
-//! holding few. A priority of `-100` doubles a member's share, `+100` halves it. Among
-//! members of equal weight the waiters' own keys decide (shortest expected build first, with
-//! aging: see `super::waiters`), and only then the member served least recently, then the
-//! one that arrived first ([`FairKey::weight_cmp`], [`FairKey::tie_cmp`]).
+//! Fair order (Buildbarn's): when a slot frees, the member with the smallest
+//! `(running + 1) × 2^(0.01 × priority)` is served first, ties to the one served least
+//! recently, then to the one that arrived first. `running` counts the member's live leases on
+//! every host, so a member already holding many slots anywhere yields to one holding few.
+//! A priority of `-100` doubles a member's share, `+100` halves it. Which of the member's
+//! waiters goes is `super::waiters`' order (shortest expected first, with aging).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -93,25 +92,12 @@ pub(super) struct FairKey {
 }
 
 impl FairKey {
-    /// The primary order between members: weight alone. Equal weights go to the waiters'
-    /// keys, then to [`tie_cmp`](Self::tie_cmp).
-    pub(super) fn weight_cmp(&self, other: &FairKey) -> Ordering {
-        self.weight.total_cmp(&other.weight)
-    }
-
-    /// Between members of equal weight whose waiters' keys tie: least recently served,
-    /// then first arrived.
-    pub(super) fn tie_cmp(&self, other: &FairKey) -> Ordering {
-        self.last_served
-            .cmp(&other.last_served)
-            .then(self.arrival.cmp(&other.arrival))
-    }
-
-    /// The members' order when their waiters' keys tie: weight, then
-    /// [`tie_cmp`](Self::tie_cmp).
-    #[cfg(test)]
+    /// Total order: weight, then least recently served, then first arrived.
     pub(super) fn cmp(&self, other: &FairKey) -> Ordering {
-        self.weight_cmp(other).then(self.tie_cmp(other))
+        self.weight
+            .total_cmp(&other.weight)
+            .then(self.last_served.cmp(&other.last_served))
+            .then(self.arrival.cmp(&other.arrival))
     }
 }
 

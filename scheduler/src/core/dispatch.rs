@@ -9,9 +9,8 @@
 //!
 //! Who gets a free slot of host `H`: among the waiters that `H` fits (system, features, pin;
 //! not excluded by them, not reported unreachable by their member, their member and system
-//! under quota), the members first in fair order (`super::accounts`: the smallest weight),
-//! and among them a waiter past its deadline, the earliest first, else the shortest expected
-//! build (by size class across members), ties to the member served least recently (see
+//! under quota), the member first in fair order (`super::accounts`), and that member's
+//! waiter past its deadline, the earliest first, else its shortest expected build (see
 //! `super::waiters`, "Shortest expected first, with aging"). One exception, the **last slot
 //! rule**: when `H` has one free
 //! slot left and waiters of a narrower class also fit it (the hosts that can serve them are
@@ -40,7 +39,7 @@ use super::{
 /// waiters all exclude the host simply waits for another host.
 const EXCLUDE_SCAN: usize = 16;
 
-/// A member's candidate for a free slot, as `pick` compares them at equal weight.
+/// A member's candidate for a free slot of one class.
 #[derive(Copy, Clone, Debug)]
 enum Rank {
     /// Its earliest overdue waiter: deadline (ms), arrival sequence, waiter.
@@ -50,19 +49,12 @@ enum Rank {
 }
 
 impl Rank {
-    /// Overdue before the rest, by deadline; the rest by size class.
-    fn primary(&self) -> (u8, u64) {
+    /// Between one member's candidates of several classes: overdue before the rest, by
+    /// deadline; the rest shortest expected first; then arrival.
+    fn order(&self) -> (u8, u64, u64) {
         match *self {
-            Rank::Overdue { deadline, .. } => (0, deadline),
-            Rank::Shortest(k) => (1, u64::from(waiters::size_class(k.0))),
-        }
-    }
-
-    /// After the members' tie: arrival, or the exact expected duration and arrival.
-    fn secondary(&self) -> (u64, u64) {
-        match *self {
-            Rank::Overdue { seq, .. } => (0, seq),
-            Rank::Shortest(k) => (k.0, k.1),
+            Rank::Overdue { deadline, seq, .. } => (0, deadline, seq),
+            Rank::Shortest(k) => (1, k.0, k.1),
         }
     }
 
@@ -475,17 +467,11 @@ impl Scheduler {
                 entries.retain(|e| !broad.contains(&e.0));
             }
         }
-        // Fair weight first; at equal weight overdue waiters by deadline, then the smallest
-        // size class; ties to the member served least recently, then the earliest arrival.
+        // The member first in fair order; its overdue waiter by deadline, else its shortest.
         entries
             .iter()
             .map(|e| (self.accounts.fair_key(&e.1), e.2))
-            .min_by(|(fx, x), (fy, y)| {
-                fx.weight_cmp(fy)
-                    .then(x.primary().cmp(&y.primary()))
-                    .then(fx.tie_cmp(fy))
-                    .then(x.secondary().cmp(&y.secondary()))
-            })
+            .min_by(|(fx, x), (fy, y)| fx.cmp(fy).then(x.order().cmp(&y.order())))
             .map(|(_, r)| r.waiter())
     }
 

@@ -150,16 +150,16 @@ pub struct CoreConfig {
     /// simulator measures the queue itself.
     pub max_waiting_per_member: usize,
     /// Aging of the wait queue: a waiter's deadline is when it started waiting plus
-    /// `min(aging_factor × its expected duration, max_age)`. Among members of equal fair
-    /// weight, and within a member, waiters past their deadline go first, earliest deadline
+    /// `min(aging_factor × its expected duration, max_age)`. Within a member (across members
+    /// fair order decides), waiters past their deadline go first, earliest deadline
     /// first; the rest shortest expected first (see `waiters`). So a long build is passed by
     /// shorter ones only until its deadline, and by no later arrival after it. 0: first
-    /// come, first served at equal weight. Default 32: within 6 % of no aging for the
-    /// community model's mean wait (`docs/BENCHMARKS.md`, "What the core does with the
-    /// queue"), where 8 or a 30-minute cap cost up to 40 %.
+    /// come, first served within a member. Default 32: within a few per cent of no aging
+    /// for the community model's mean wait (`docs/BENCHMARKS.md`, "What the core does with
+    /// the queue"), where 8 costs up to 10 %.
     pub aging_factor: u32,
     /// The most slack a waiter gets, however long its expected build: once it has waited
-    /// this long no build that arrives later passes it at equal weight. Default one hour.
+    /// this long no build of its member that arrives later passes it. Default one hour.
     pub max_age: Duration,
 }
 

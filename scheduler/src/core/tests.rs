@@ -751,18 +751,15 @@ pub(super) fn oracle_pick(s: &Scheduler, now: Time, id: &HostId, free: u32) -> O
                 .iter()
                 .any(|(_, _, k)| *k != c && strictly_inside(k, c))
     };
-    // At equal weight: overdue (deadline passed) first, by deadline; the rest by size
-    // class of the expected duration; then the member served least recently (and first
-    // arrived); then by arrival, or by exact expected duration and arrival.
+    // The member first in fair order (weight, least recently served, first arrived); its
+    // overdue waiters (deadline passed) first, by deadline; the rest shortest expected
+    // first; then by arrival.
     let rank = |w: &waiters::Waiter| {
         let d = deadline(w);
         if d <= now {
-            ((0u8, d.as_millis()), (0, w.key.1))
+            (0u8, d.as_millis(), w.key.1)
         } else {
-            (
-                (1, u64::from(waiters::size_class(w.key.0))),
-                (w.key.0, w.key.1),
-            )
+            (1, w.key.0, w.key.1)
         }
     };
     cands
@@ -773,11 +770,7 @@ pub(super) fn oracle_pick(s: &Scheduler, now: Time, id: &HostId, free: u32) -> O
                 s.accounts.fair_key(&a.1.client),
                 s.accounts.fair_key(&b.1.client),
             );
-            let (ra, rb) = (rank(a.1), rank(b.1));
-            fa.weight_cmp(&fb)
-                .then(ra.0.cmp(&rb.0))
-                .then(fa.tie_cmp(&fb))
-                .then(ra.1.cmp(&rb.1))
+            fa.cmp(&fb).then(rank(a.1).cmp(&rank(b.1)))
         })
         .map(|x| x.0)
 }
@@ -844,12 +837,12 @@ fn fair_order_across_members() {
     assert!(s.audit.is_empty(), "{:?}", s.audit);
 }
 
-/// Across members of equal weight the shorter expected build goes first, though the other
-/// member came first (and its position says so); a long build past its deadline then goes
-/// before a short one that arrived later; a new version of a known derivation is expected to
-/// take what the old one took.
+/// Across members, fair order decides (the least recently served at equal weight), not the
+/// builds' sizes; within a member the shortest expected build goes first, except a waiter
+/// past its deadline (arrival + `aging_factor` × expected), which then goes before the
+/// member's later short builds.
 #[test]
-fn shortest_expected_first_across_members_with_aging() {
+fn members_take_turns_and_a_members_long_build_ages_past_its_short_ones() {
     let far = Duration::from_secs(1 << 30);
     let cfg = CoreConfig {
         aging_factor: 2,
@@ -866,19 +859,26 @@ fn shortest_expected_first_across_members_with_aging() {
     let drv = |n: u32, name: &str| format!("{n:032}-{name}");
     let x86 = "x86_64-linux";
     let busy = wait_granted(s.wait(t(0), &req(x86, "x", &drv(0, "x")), None));
-    let long = queued(s.wait(t(1), &req(x86, "long", &drv(1, "long-1.1")), None));
-    let short = queued(s.wait(t(2), &req(x86, "short", &drv(2, "short-1.1")), None));
-    // Both run nothing: equal weight; `short-1.1` is expected to take 5 s (its pname's).
-    assert_eq!(s.wait_status(t(2), short).unwrap().position, 1);
-    assert_eq!(s.wait_status(t(2), long).unwrap().position, 2);
-    s.release(t(3), &busy.lease_id, BuildOutcome::Succeeded)
+    // Two members of equal weight: the one that arrived first goes first, whatever the
+    // sizes (`short-1.1` is expected to take 5 s, its pname's mean).
+    let long = queued(s.wait(t(1), &req(x86, "m", &drv(1, "long-1.1")), None));
+    let other = queued(s.wait(t(2), &req(x86, "o", &drv(2, "short-1.1")), None));
+    assert_eq!(s.wait_status(t(2), long).unwrap().position, 1);
+    assert_eq!(s.wait_status(t(2), other).unwrap().position, 2);
+    // `m`'s own short build goes before its long one.
+    let mine = queued(s.wait(t(3), &req(x86, "m", &drv(3, "short-1.2")), None));
+    s.release(t(4), &busy.lease_id, BuildOutcome::Succeeded)
         .unwrap();
     let h = s.take_handouts();
-    assert_eq!(h[0].waiter, short);
-    // `long` waits past its deadline (1 ms + 2 × 600 s); a short build arriving then waits
-    // behind it.
+    assert_eq!(h[0].waiter, mine);
+    s.release(t(5), &h[0].grant.lease_id, BuildOutcome::Succeeded)
+        .unwrap();
+    let h = s.take_handouts();
+    assert_eq!(h[0].waiter, other, "the members take turns");
+    // `long` waits past its deadline (1 ms + 2 × 600 s); `m`'s short build arriving then
+    // waits behind it.
     let now = 1_300_000;
-    let late = queued(s.wait(t(now), &req(x86, "other", &drv(3, "short-1.2")), None));
+    let late = queued(s.wait(t(now), &req(x86, "m", &drv(4, "short-1.3")), None));
     assert!(s.take_handouts().is_empty());
     s.release(t(now + 1), &h[0].grant.lease_id, BuildOutcome::Succeeded)
         .unwrap();
@@ -1529,8 +1529,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// Aging: every waiter is served within its bound while capacity exists, however many
-    /// shorter builds keep arriving. Members of equal weight (each build its own member, so
-    /// no waiting member runs anything), one host of `slots` slots, durations known exactly
+    /// shorter builds its member keeps sending. One member (across members fair order takes
+    /// turns), one host of `slots` slots, durations known exactly
     /// and every build taking exactly its expected time (at most `D` = the longest). A
     /// waiter `W` with deadline `d` (arrival + `min(factor × expected, max_age)`) that finds
     /// `E` waiters with an earlier deadline not yet served at `d` is granted by
@@ -1595,7 +1595,7 @@ proptest! {
             } else {
                 let j = next;
                 next += 1;
-                match s.wait(t(now), &req("x86_64-linux", &format!("m{j}"), &drv(j)), None) {
+                match s.wait(t(now), &req("x86_64-linux", "m", &drv(j)), None) {
                     WaitAnswer::Granted(g) => {
                         granted[j] = Some(now);
                         running.push((now + jobs[j].1, j, g.lease_id));

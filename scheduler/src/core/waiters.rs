@@ -8,31 +8,24 @@
 //! Waiters are grouped by **class**, what a host must offer to take them (system, features,
 //! the one host a request is pinned to), and within a class by **member**.
 //!
-//! **Shortest expected first, with aging.** Among members of equal fair weight (the weight
-//! stays the primary order, see `super::accounts`) and within a member:
+//! **Shortest expected first, with aging.** Which member is served first is decided per
+//! freed slot by the scheduler (fair order, see `super::dispatch` and `super::accounts`);
+//! within a member's queue of a class:
 //! 1. **Overdue waiters first, earliest deadline first.** A waiter's *deadline* is when it
 //!    started waiting plus its *slack*, `min(aging_factor × expected duration, max_age)`
 //!    (`CoreConfig::aging_factor`, `CoreConfig::max_age`); past it the waiter is overdue.
-//!    A later arrival's deadline lies after its arrival, so once a waiter is overdue nobody
-//!    who arrives later can pass it at equal weight: a long build cannot starve behind a
-//!    stream of short ones. It waits at most its slack plus the service of the finitely
-//!    many waiters overdue before it.
-//! 2. **Then the shortest expected build,** compared across members in factor-of-two
-//!    classes ([`size_class`]), ties to the member served least recently. Durations are
-//!    estimates (a learned mean, a version's predecessor), so finer distinctions between
-//!    members would be noise; and when nothing is known of a build (it is expected to take
-//!    the mean of all builds, like every other unknown one), the classes tie and the members
-//!    take turns, least recently served first: round robin, which is what beats first come,
-//!    first served when sizes are unknown and heavy-tailed. Within a member the exact
-//!    expected duration decides, then arrival.
+//!    A later arrival's deadline lies after its arrival, so once a waiter is overdue none of
+//!    its member's later builds can pass it: a long build cannot starve behind a stream of
+//!    its member's short ones. It waits at most its slack plus its member's turns for the
+//!    finitely many waiters overdue before it.
+//! 2. **Then the shortest expected build,** then arrival.
 //!
 //! Cost: a mass rebuild queues tens of thousands of waiters, so nothing here walks the
 //! queue. Enqueue, removal and the head of a member's queue are `O(log n)` or `O(√n)`
 //! (`super::ranked`), a member's earliest deadline `O(log n)`; a position is
-//! `O(members × √n)`; pollers that stopped asking are found
+//! `O(members + √n)`; pollers that stopped asking are found
 //! in order of their last request.
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -73,21 +66,6 @@ pub(super) type DeadlineKey = (u64, u64, u64);
 /// waiting plus this.
 pub(super) fn slack(expected: Duration, factor: u32, max_age: Duration) -> Duration {
     expected.saturating_mul(factor).min(max_age)
-}
-
-/// The size class of an expected duration in milliseconds, for the order across members:
-/// its bit length, so durations within a factor of two of each other mostly share a class
-/// (`[2^(c-1), 2^c)` is class `c`).
-pub(super) fn size_class(expected_millis: u64) -> u32 {
-    u64::BITS - expected_millis.leading_zeros()
-}
-
-/// The smallest expected duration (milliseconds) of size class `c`.
-pub(super) fn size_class_floor(c: u32) -> u64 {
-    match c {
-        0 => 0,
-        c => 1u64.checked_shl(c - 1).unwrap_or(u64::MAX),
-    }
 }
 
 /// One waiting request.
@@ -374,15 +352,12 @@ impl Waiters {
 
     /// 1-based position of waiter `id` among the waiters of its class, in fair order.
     ///
-    /// An honest approximation, `O(members × √n)`: each grant adds one to its member's
-    /// running count, so fair order takes turns between members. Before my member reaches
-    /// me (`r` of its waiters are ahead of me), each other member is served about
-    /// `min(its queue, r)` times, once more in the turn where it comes before me: when its
-    /// weight is smaller than mine now, or equal and its waiter of that turn (its `r + 1`-th
-    /// shortest) is in a smaller size class than mine, or the same one and its member was
-    /// served less recently. Exact for turns among members of equal priority while nothing
-    /// finishes and nobody is overdue; priorities, builds that end meanwhile and overdue
-    /// waiters (which go first) make it an estimate.
+    /// An honest approximation, `O(members)`: fair order takes turns between members, so
+    /// before my member reaches me (`r` of its waiters are ahead of me), each other member
+    /// is served about `min(its queue, r)` times, once more if it comes before mine in fair
+    /// order now. Exact for round robin among equals while nothing finishes and nobody is
+    /// overdue; weights, builds that end meanwhile and overdue waiters (which go first
+    /// within their member) make it an estimate.
     pub(super) fn position(&self, id: WaiterId, fair: impl Fn(&ClientId) -> FairKey) -> u32 {
         let Some(w) = self.by_id.get(&id) else {
             return 0;
@@ -392,29 +367,13 @@ impl Waiters {
         };
         let r = q.members.get(&w.client).map_or(0, |m| m.rank(&w.key)) as u64;
         let mine = fair(&w.client);
-        let class = size_class(w.key.0);
         let mut pos = r + 1;
         for (m, mq) in &q.members {
             if *m == w.client {
                 continue;
             }
-            let theirs = fair(m);
-            let ahead = match theirs.weight_cmp(&mine) {
-                Ordering::Less => true,
-                Ordering::Greater => false,
-                // Its `r + 1`-th waiter is ahead of me when more than `r` of its waiters
-                // are: those of a smaller size class, and of mine too when its member wins
-                // the tie (or, a tie throughout, those that arrived before me).
-                Ordering::Equal => {
-                    let before = match theirs.tie_cmp(&mine) {
-                        Ordering::Less => mq.rank(&(size_class_floor(class + 1), 0, 0)),
-                        Ordering::Greater => mq.rank(&(size_class_floor(class), 0, 0)),
-                        Ordering::Equal => mq.rank(&w.key),
-                    };
-                    before as u64 > r
-                }
-            };
-            pos += (mq.len() as u64).min(r + u64::from(ahead));
+            let ahead = u64::from(fair(m).cmp(&mine).is_lt());
+            pos += (mq.len() as u64).min(r + ahead);
         }
         u32::try_from(pos).unwrap_or(u32::MAX)
     }
