@@ -194,7 +194,7 @@ impl Scheduler {
     /// order is by the request's identity, not by its position, because positions move
     /// while the queue is read page by page: a cursor on them would skip or repeat
     /// requests. Sweeps pollers that stopped asking first, like [`Self::capacity`].
-    /// `O(waiters)` to pick the page, `O(limit × members × √n)` for its positions. Returns
+    /// `O(waiters)` to pick the page, `O(limit × (members + √n))` for its positions. Returns
     /// the page, and where the next one starts when more requests follow.
     pub fn waiting_page(
         &mut self,
