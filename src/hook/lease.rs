@@ -91,6 +91,7 @@ impl Leases {
         let deadline = Instant::now() + self.max_wait;
         let mut shown: Option<String> = None;
         let mut warned = false;
+        let mut warned_cap = false;
         let mut pause = Duration::from_millis(200);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -123,6 +124,25 @@ impl Leases {
                     return Ok(grant);
                 }
                 WaitEnd::Declined(reason) => return Err(reason),
+                WaitEnd::OverCap(reason) => {
+                    // Accepted already: a failure would throw the build away, and the cap
+                    // frees as the member's other waiting builds are served.
+                    tracing::info!(%reason, "over the waiting cap; asking again");
+                    if !warned_cap {
+                        warned_cap = true;
+                        frontend.notify(
+                            Level::Warn,
+                            &decision::over_cap(
+                                decision::drv_name(&t.drv_path),
+                                &reason,
+                                "asking again in a few seconds",
+                            ),
+                        );
+                    }
+                    shown = None;
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(Duration::from_secs(5).min(remaining)).await;
+                }
                 WaitEnd::Broken(why) => {
                     tracing::info!(%why, "waiting stream broken; waiting again");
                     if !warned {
@@ -347,6 +367,12 @@ impl Leases {
                 }
                 Answer::Decline { reason } | Answer::DeclinePermanently { reason } => {
                     return Err(reason);
+                }
+                Answer::OverCap { reason } => {
+                    if Instant::now() >= deadline {
+                        return Err(reason);
+                    }
+                    Duration::from_secs(1)
                 }
                 Answer::Unreachable { error } => {
                     if Instant::now() >= deadline {

@@ -28,6 +28,9 @@ pub(crate) enum WaitEnd {
     Declined(String),
     /// The stream broke, fell silent, or could not be opened: wait again.
     Broken(String),
+    /// The member is over its cap of waiting requests (`RESOURCE_EXHAUSTED`, the scheduler's
+    /// message): wait a little and ask again.
+    OverCap(String),
 }
 
 /// One progress event of a waiting stream.
@@ -123,10 +126,13 @@ impl Scheduler {
             for _ in 0..if cached { 2 } else { 1 } {
                 let mut c = self.client().await.map_err(|e| (e, true))?;
                 match c.acquire(request.clone()).await {
-                    Ok(r) => return Ok(r.into_inner()),
+                    Ok(r) => return Ok(Ok(r.into_inner())),
                     Err(s) if is_transport_failure(&s) => {
                         self.client = None;
                         last = Some((format!("{}: {}", code_name(s.code()), s.message()), true));
+                    }
+                    Err(s) if s.code() == Code::ResourceExhausted => {
+                        return Ok(Err(s.message().to_owned()));
                     }
                     Err(s) => {
                         return Err((format!("{}: {}", code_name(s.code()), s.message()), false));
@@ -140,7 +146,11 @@ impl Scheduler {
             Err(_) => Err((format!("no answer within {} ms", bound.as_millis()), true)),
         };
         match result {
-            Ok(response) => {
+            Ok(Err(reason)) => {
+                self.unreachable_until = None;
+                Answer::OverCap { reason }
+            }
+            Ok(Ok(response)) => {
                 self.unreachable_until = None;
                 match answer_from_response(response) {
                     Ok(answer) => answer,
@@ -234,6 +244,9 @@ impl Scheduler {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(s)) if is_transport_failure(&s) => {
                 return broken(self, format!("{}: {}", code_name(s.code()), s.message()));
+            }
+            Ok(Err(s)) if s.code() == Code::ResourceExhausted => {
+                return WaitEnd::OverCap(s.message().to_owned());
             }
             Ok(Err(s)) => {
                 return WaitEnd::Declined(format!("{}: {}", code_name(s.code()), s.message()));
