@@ -397,3 +397,107 @@ fn a_scheduler_outage_with_builds_waiting_loses_no_build() {
         env.leases().is_empty().then_some(())
     });
 }
+
+/// The control sockets in `dir` whose master answers.
+fn live_masters(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_none())
+                .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SSH connection reuse with real OpenSSH: the hook starts one master per builder (a
+/// builder whose pinned key is wrong gets none: the master refuses it as Nix would), the
+/// builds that follow join it (the builder's sshd accepts no new login), and a master
+/// killed with SIGKILL leaves a dead socket that the next build steps over: it connects
+/// directly, succeeds, and a new master replaces the dead one.
+#[test]
+fn builds_reuse_one_ssh_master_per_builder() {
+    let mut badkey = BuilderSpec::new("bbadkey", 2);
+    badkey.speed_factor = 50.0;
+    badkey.wrong_pinned_key = true;
+    let specs = [badkey, BuilderSpec::new("b1", 2)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let dir = env.ssh_control_dir("");
+    let build = |env: &Env, what: &str| {
+        let tag = env.tag(what);
+        let run = env.nix_build(
+            &config,
+            hook(),
+            0,
+            &["--argstr", "tag", &tag, "--arg", "leaves", "1"],
+        );
+        assert!(run.success, "{}", env.diagnostics(&run));
+        assert!(
+            placements(run.out_path()).iter().all(|(_, h)| h == "b1"),
+            "{}",
+            env.diagnostics(&run)
+        );
+    };
+
+    build(&env, "first");
+    // The wrongly pinned builder's master was refused by ssh itself, and left no socket.
+    common::wait_for(
+        std::time::Duration::from_secs(20),
+        "the refused master's message in the hook's log",
+        || {
+            env.hook_log()
+                .contains("Host key verification failed")
+                .then_some(())
+        },
+    );
+    let socket = common::wait_for(
+        std::time::Duration::from_secs(20),
+        "b1's SSH master",
+        || live_masters(&dir).pop(),
+    );
+    assert_eq!(live_masters(&dir).len(), 1, "one master: b1's");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
+
+    // Both derivations of the second build join the master: no new login on b1.
+    let before = env.ssh_logins()["b1"];
+    build(&env, "second");
+    assert_eq!(env.ssh_logins()["b1"], before, "{}", env.hook_log());
+    assert!(env.hook_log().contains("joining the SSH master"));
+
+    // Kill the master (SIGKILL: its socket file stays behind, refusing connections).
+    let check = std::process::Command::new("ssh")
+        .args(["-O", "check", "-o"])
+        .arg(format!("ControlPath={}", socket.display()))
+        .arg("b1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stderr).into_owned();
+    let pid: i32 = text
+        .split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("ssh -O check: {text}"));
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    common::wait_for(std::time::Duration::from_secs(10), "the master's death", || {
+        live_masters(&dir).is_empty().then_some(())
+    });
+    assert!(socket.exists(), "a dead master leaves its socket");
+
+    // The next build steps over the dead socket and connects directly.
+    let before = env.ssh_logins()["b1"];
+    build(&env, "third");
+    assert!(env.ssh_logins()["b1"] > before);
+    assert!(env.hook_log().contains("removed a dead master's socket"));
+    common::wait_for(std::time::Duration::from_secs(20), "a new master", || {
+        live_masters(&dir).pop()
+    });
+    assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
+}

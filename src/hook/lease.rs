@@ -114,6 +114,7 @@ impl Leases {
                 .unwrap_or_else(|_| WaitEnd::Broken("the maximum wait ran out".to_owned()));
             match end {
                 WaitEnd::Granted(mut grant) => {
+                    tracing::info!(host = %grant.host_id, "lease granted");
                     // Claim it within its claim window; the answer is the TTL from now on.
                     match self.scheduler.keep_alive(&grant, t, self.rpc_timeout).await {
                         Ok(ttl) => grant.lease_ttl = ttl,

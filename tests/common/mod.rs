@@ -468,6 +468,11 @@ pub struct Env {
     /// The scheduler's `[leases] ttl_millis`: 3000 unless set before starting, so the hook's
     /// keep-alives really matter during a build.
     pub lease_ttl_millis: u64,
+    /// Hook configurations written from now on reuse SSH connections (`[ssh_reuse]`, on by
+    /// default). Each hook configuration has its own control directory in the test
+    /// directory (`ssh-<name>`), so that members, which share the test machine's `/run`,
+    /// never share a master, as different machines would not.
+    pub ssh_reuse: bool,
 }
 
 /// Binds one listener per builder, each on its own loopback address and all on the same
@@ -670,6 +675,7 @@ impl Env {
             shared_ssh_port,
             state_db: false,
             lease_ttl_millis: 3000,
+            ssh_reuse: true,
         }
     }
 
@@ -977,10 +983,13 @@ impl Env {
             format!(
                 "scheduler = \"{scheduler_url}\"\n{{secure}}client_id = \"e2e-{}{suffix}\"\nssh_identity = \"{}\"\n\
                  log_file = \"{}/log/hook{suffix}.log\"\nlog_level = \"debug\"\n{extra}\n[timeouts]\nconnect_millis = 500\n\
-                 try_millis = 1500\nreacquire_millis = 30000\n",
+                 try_millis = 1500\nreacquire_millis = 30000\n\
+                 [ssh_reuse]\nenabled = {}\ncontrol_dir = \"{}\"\n",
                 self.id,
                 self.client_key.display(),
-                self.path().display()
+                self.path().display(),
+                self.ssh_reuse,
+                self.ssh_control_dir(name).display(),
             )
             .replace(
                 "{secure}",
@@ -997,6 +1006,25 @@ impl Env {
         )
         .unwrap();
         p
+    }
+
+    /// The SSH control directory of the hook configuration `name` (see [`Env::ssh_reuse`]).
+    pub fn ssh_control_dir(&self, name: &str) -> PathBuf {
+        self.path()
+            .join(format!("ssh-{}", if name.is_empty() { "hook" } else { name }))
+    }
+
+    /// The number of SSH connections each builder's sshd accepted so far (one `sshd -i` per
+    /// connection, each logging its accepted login), by builder id.
+    pub fn ssh_logins(&self) -> std::collections::BTreeMap<String, usize> {
+        self.builders
+            .iter()
+            .map(|b| {
+                let log = std::fs::read_to_string(self.path().join(format!("log/sshd_{}.log", b.id)))
+                    .unwrap_or_default();
+                (b.id.clone(), log.matches("Accepted publickey").count())
+            })
+            .collect()
     }
 
     /// A machines line for the builder of `spec`, with its systems and features, as a
