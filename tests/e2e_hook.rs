@@ -501,3 +501,55 @@ fn builds_reuse_one_ssh_master_per_builder() {
     });
     assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
 }
+
+/// A build waiting in the queue connects ahead: while the builder's only slot is taken, the
+/// waiting hook (its member's own control directory, empty so far) starts a master to the
+/// builder it may be granted, so that the grant finds the connection ready; both builds
+/// then succeed.
+#[test]
+fn a_waiting_build_connects_ahead() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let url = env.scheduler_addr.clone().unwrap();
+    let holder = env.write_hook_config(&url, "");
+    let waiter = env.write_hook_config_named("ahead", &url, "");
+    let gate = env.path().join("release-the-slot");
+    let (tag_a, tag_b) = (env.tag("hold"), env.tag("ahead"));
+    let gate_arg = gate.display().to_string();
+    let a = env
+        .nix_build_command(
+            &holder,
+            hook(),
+            "",
+            0,
+            &["--argstr", "tag", &tag_a, "--arg", "leaves", "1", "--argstr", "gate", &gate_arg],
+        )
+        .spawn()
+        .unwrap();
+    common::wait_for(std::time::Duration::from_secs(60), "the slot taken", || {
+        (env.leases().len() == 1).then_some(())
+    });
+    let b = env
+        .nix_build_command(&waiter, hook(), "", 0, &["--argstr", "tag", &tag_b, "--arg", "leaves", "1"])
+        .spawn()
+        .unwrap();
+    let dir = env.ssh_control_dir("ahead");
+    common::wait_for(
+        std::time::Duration::from_secs(60),
+        "a master started by the waiting hook",
+        || live_masters(&dir).pop(),
+    );
+    std::fs::write(&gate, "").unwrap();
+    for (what, child) in [("holder", a), ("waiter", b)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            env.hook_log()
+        );
+    }
+    let log = std::fs::read_to_string(env.path().join("log/hook-ahead.log")).unwrap();
+    assert!(log.contains("joining the SSH master"), "{log}");
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::codec::{Level, TryRequest};
 use super::config::{self, HookConfig};
 use super::decision::{self, AfterChild, Answer, ChildEnd};
-use super::machine::Grant;
+use super::machine::{BuilderAddress, Grant};
 use super::scheduler::{Progress, Scheduler, WaitEnd};
 use crate::client::ClientConfig;
 use crate::proto::BuildOutcome;
@@ -25,6 +25,15 @@ use crate::proto::BuildOutcome;
 pub(crate) trait Frontend {
     /// Shows `message` to the user at `level`.
     fn notify(&mut self, level: Level, message: &str);
+
+    /// Whether [`Frontend::connect_ahead`] does anything (so the builders are asked for).
+    fn connects_ahead(&self) -> bool {
+        false
+    }
+
+    /// While the build waits for a lease: prepares connections to the builders it may be
+    /// granted, so that the grant finds one ready. Must not block.
+    fn connect_ahead(&mut self, _hosts: &[BuilderAddress]) {}
 
     /// Runs the accepted build once, on `grant`'s host. Returns how it ended and, when it
     /// never got going there, what it said about why. `Err` is a local failure (not the
@@ -89,6 +98,13 @@ impl Leases {
         t: &TryRequest,
     ) -> Result<Grant, String> {
         let deadline = Instant::now() + self.max_wait;
+        if frontend.connects_ahead() {
+            let hosts = self
+                .scheduler
+                .builders_for(t, CONNECT_AHEAD_MAX, self.rpc_timeout)
+                .await;
+            frontend.connect_ahead(&hosts);
+        }
         let mut shown: Option<String> = None;
         let mut warned = false;
         let mut warned_cap = false;
@@ -392,6 +408,10 @@ impl Leases {
         }
     }
 }
+
+/// A waiting build connects ahead to at most this many builders: enough for the builders
+/// of one system in a small fleet, without one waiting build logging in everywhere.
+const CONNECT_AHEAD_MAX: usize = 8;
 
 /// After a failed keep-alive (the scheduler away), the next one comes this soon, so that a
 /// scheduler coming back learns of the lease at once.

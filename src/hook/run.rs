@@ -16,7 +16,7 @@ use super::codec::{self, BuildInputs, ChildLine, Level, Reply, Request, Settings
 use super::config::{self, HookConfig};
 use super::decision::{self, Action, Answer, BuildRemote, ChildEnd};
 use super::lease::{Frontend, Leases};
-use super::machine::Grant;
+use super::machine::{BuilderAddress, Grant};
 use super::scheduler::error_chain;
 use super::ssh::Masters;
 
@@ -329,13 +329,27 @@ impl Frontend for TextBuild<'_> {
         emit_msg(level, message);
     }
 
+    fn connects_ahead(&self) -> bool {
+        self.ctx.masters.is_some()
+    }
+
+    fn connect_ahead(&mut self, hosts: &[BuilderAddress]) {
+        let Some(masters) = &self.ctx.masters else {
+            return;
+        };
+        let identity = self.identity();
+        for h in hosts {
+            masters.ensure(
+                &h.host_id,
+                &h.store_uri,
+                &h.host_public_key_base64,
+                identity.as_deref(),
+            );
+        }
+    }
+
     async fn attempt(&mut self, grant: &Grant) -> Result<(ChildEnd, String), String> {
-        let identity = self
-            .ctx
-            .config
-            .ssh_identity
-            .as_ref()
-            .map(|p| p.to_string_lossy().into_owned());
+        let identity = self.identity();
         let machines = grant.machines_line(identity.as_deref());
         let sshopts = self
             .ctx
@@ -355,6 +369,15 @@ impl Frontend for TextBuild<'_> {
 }
 
 impl TextBuild<'_> {
+    /// The SSH identity of the machines line, if configured.
+    fn identity(&self) -> Option<String> {
+        self.ctx
+            .config
+            .ssh_identity
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
     /// An accepted build got no lease (`why`): the fallback builders build it through the
     /// stock build-remote when configured; otherwise it fails, saying why. Returns the exit
     /// status.

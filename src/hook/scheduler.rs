@@ -11,11 +11,12 @@ use tonic::Code;
 
 use super::codec::TryRequest;
 use super::decision::Answer;
-use super::machine::Grant;
+use super::machine::{BuilderAddress, Grant};
 use crate::client::{self, AuthChannel, ClientConfig};
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::{
-    AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, ReleaseRequest,
+    AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, ListBuildersRequest,
+    ReleaseRequest,
     WaitForLeaseRequest, acquire_response::Outcome, wait_for_lease_response::Event,
 };
 
@@ -289,6 +290,44 @@ impl Scheduler {
                 Some(Event::DeclinePermanently(d)) => return WaitEnd::Declined(d.reason),
                 None => {}
             }
+        }
+    }
+
+    /// The builders this member may be sent to that fit `t` (`ListBuilders`), at most
+    /// `max`, within `bound`; none when the call fails (a scheduler that predates it, or is
+    /// away): they only serve to connect ahead.
+    pub(crate) async fn builders_for(
+        &mut self,
+        t: &TryRequest,
+        max: usize,
+        bound: Duration,
+    ) -> Vec<BuilderAddress> {
+        let call = async {
+            let mut c = self.client().await?;
+            c.list_builders(ListBuildersRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| {
+                    if is_transport_failure(&s) {
+                        self.client = None;
+                    }
+                    format!("{}: {}", code_name(s.code()), s.message())
+                })
+        };
+        match tokio::time::timeout(bound, call).await {
+            Ok(Ok(r)) => r
+                .builders
+                .into_iter()
+                .filter_map(|b| {
+                    BuilderAddress::fitting(b, &t.needed_system, &t.required_features)
+                })
+                .take(max)
+                .collect(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "ListBuilders failed; not connecting ahead");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
         }
     }
 

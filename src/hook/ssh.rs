@@ -328,20 +328,36 @@ impl Masters {
     /// answers, else `None` (the child then connects directly) after starting a master in
     /// the background for the builds that follow.
     pub(crate) fn prepare(&self, grant: &Grant, identity: Option<&str>) -> Option<String> {
-        let dest = destination(&grant.store_uri)?;
-        let name = master_name(
+        let opts = self.ensure(
+            &grant.host_id,
             &grant.store_uri,
-            identity,
             &grant.host_public_key_base64,
-            &self.sshopts,
+            identity,
         );
+        if opts.is_some() {
+            tracing::info!(host = %grant.host_id, "joining the SSH master");
+        }
+        opts
+    }
+
+    /// The `NIX_SSHOPTS` that joins the master of the builder at `store_uri` pinned to
+    /// `host_key_base64` when it answers; otherwise starts it in the background and gives
+    /// `None`. Never blocks on the network.
+    pub(crate) fn ensure(
+        &self,
+        host_id: &str,
+        store_uri: &str,
+        host_key_base64: &str,
+        identity: Option<&str>,
+    ) -> Option<String> {
+        let dest = destination(store_uri)?;
+        let name = master_name(store_uri, identity, host_key_base64, &self.sshopts);
         let socket = self.dir.join(&name);
         if UnixStream::connect(&socket).is_ok() {
-            tracing::info!(host = %grant.host_id, socket = %socket.display(), "joining the SSH master");
             return Some(child_sshopts(&socket, &self.sshopts));
         }
-        if let Err(e) = self.start(&dest, &name, grant, identity) {
-            tracing::warn!(host = %grant.host_id, error = %e, "cannot start an SSH master");
+        if let Err(e) = self.start(&dest, &name, host_id, host_key_base64, identity) {
+            tracing::warn!(host = %host_id, error = %e, "cannot start an SSH master");
         }
         None
     }
@@ -354,7 +370,8 @@ impl Masters {
         &self,
         dest: &Destination,
         name: &str,
-        grant: &Grant,
+        host_id: &str,
+        host_key_base64: &str,
         identity: Option<&str>,
     ) -> Result<(), String> {
         let lock = std::fs::OpenOptions::new()
@@ -365,7 +382,7 @@ impl Masters {
             .open(self.dir.join(format!("{name}.lock")))
             .map_err(|e| format!("cannot open its lock: {e}"))?;
         if lock.try_lock().is_err() {
-            tracing::debug!(host = %grant.host_id, "another hook is starting the SSH master");
+            tracing::debug!(host = %host_id, "another hook is starting the SSH master");
             return Ok(());
         }
         let socket = self.dir.join(name);
@@ -379,7 +396,7 @@ impl Masters {
             Err(e) => return Err(format!("cannot remove the old socket: {e}")),
         }
         let key = base64::engine::general_purpose::STANDARD
-            .decode(&grant.host_public_key_base64)
+            .decode(host_key_base64)
             .ok()
             .and_then(|k| String::from_utf8(k).ok())
             .ok_or("the pinned host key is not base64 of a key line")?;
@@ -416,8 +433,8 @@ impl Masters {
             .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot run ssh: {e}"))?;
-        tracing::info!(host = %grant.host_id, pid = child.id(), socket = %socket.display(), "starting an SSH master");
-        let host = grant.host_id.clone();
+        tracing::info!(host = %host_id, pid = child.id(), socket = %socket.display(), "starting an SSH master");
+        let host = host_id.to_owned();
         let abandon = Arc::new(AtomicBool::new(false));
         let stop = abandon.clone();
         // With `ControlPersist`, the `ssh` started here exits once the master it forked is
