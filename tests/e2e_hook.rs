@@ -458,7 +458,8 @@ fn builds_reuse_one_ssh_master_per_builder() {
         || live_masters(&dir).pop(),
     );
     assert_eq!(live_masters(&dir).len(), 1, "one master: b1's");
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o700);
 
     // Both derivations of the second build join the master: no new login on b1.
@@ -481,14 +482,18 @@ fn builds_reuse_one_ssh_master_per_builder() {
         .and_then(|r| r.split(')').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("ssh -O check: {text}"));
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-    common::wait_for(std::time::Duration::from_secs(10), "the master's death", || {
-        live_masters(&dir).is_empty().then_some(())
-    });
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    common::wait_for(
+        std::time::Duration::from_secs(10),
+        "the master's death",
+        || live_masters(&dir).is_empty().then_some(()),
+    );
     assert!(socket.exists(), "a dead master leaves its socket");
 
     // The next build steps over the dead socket and connects directly.
@@ -523,7 +528,9 @@ fn a_waiting_build_connects_ahead() {
             hook(),
             "",
             0,
-            &["--argstr", "tag", &tag_a, "--arg", "leaves", "1", "--argstr", "gate", &gate_arg],
+            &[
+                "--argstr", "tag", &tag_a, "--arg", "leaves", "1", "--argstr", "gate", &gate_arg,
+            ],
         )
         .spawn()
         .unwrap();
@@ -531,7 +538,13 @@ fn a_waiting_build_connects_ahead() {
         (env.leases().len() == 1).then_some(())
     });
     let b = env
-        .nix_build_command(&waiter, hook(), "", 0, &["--argstr", "tag", &tag_b, "--arg", "leaves", "1"])
+        .nix_build_command(
+            &waiter,
+            hook(),
+            "",
+            0,
+            &["--argstr", "tag", &tag_b, "--arg", "leaves", "1"],
+        )
         .spawn()
         .unwrap();
     let dir = env.ssh_control_dir("ahead");

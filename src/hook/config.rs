@@ -253,10 +253,10 @@ impl HookConfig {
         {
             return Err(invalid("build_remote", "must name a program"));
         }
-        if let Some(dir) = &self.ssh_reuse.control_dir {
-            if let Err(problem) = super::ssh::check_control_dir(dir) {
-                return Err(invalid("ssh_reuse.control_dir", problem));
-            }
+        if let Some(dir) = &self.ssh_reuse.control_dir
+            && let Err(problem) = super::ssh::check_control_dir(dir)
+        {
+            return Err(invalid("ssh_reuse.control_dir", problem));
         }
         if self.ssh_reuse.persist_secs == 0 {
             return Err(invalid("ssh_reuse.persist_secs", "must be at least 1"));

@@ -505,8 +505,14 @@ mod tests {
                 } => {
                     assert_eq!(reply, want, "local {local}, fallback {fallback}");
                     assert_eq!(level, Level::Warn);
-                    assert!(message.contains("queue.max_waiting_per_member"), "{message}");
-                    assert!(message.contains("already has 2 requests waiting"), "{message}");
+                    assert!(
+                        message.contains("queue.max_waiting_per_member"),
+                        "{message}"
+                    );
+                    assert!(
+                        message.contains("already has 2 requests waiting"),
+                        "{message}"
+                    );
                     assert!(message.contains("this member already has"), "{message}");
                     assert!(!message.contains("unreachable"), "{message}");
                 }

@@ -156,9 +156,8 @@ impl BuilderAddress {
     /// host) and its URI and key pass the protocol's rules; `None` otherwise.
     pub fn fitting(b: proto::Builder, system: &str, features: &[String]) -> Option<Self> {
         let system_ok = system == "builtin" || b.systems.iter().any(|s| s == system);
-        let supports = |f: &String| {
-            b.supported_features.contains(f) || b.mandatory_features.contains(f)
-        };
+        let supports =
+            |f: &String| b.supported_features.contains(f) || b.mandatory_features.contains(f);
         let features_ok = features.iter().all(supports)
             && b.mandatory_features.iter().all(|m| features.contains(m));
         if !system_ok || !features_ok {
@@ -266,10 +265,22 @@ mod tests {
         assert!(fits(b(&["x86_64-linux"], &[], &[]), "x86_64-linux", &[]));
         assert!(fits(b(&["aarch64-linux"], &[], &[]), "builtin", &[]));
         assert!(!fits(b(&["aarch64-linux"], &[], &[]), "x86_64-linux", &[]));
-        assert!(fits(b(&["x86_64-linux"], &["kvm"], &[]), "x86_64-linux", &kvm));
-        assert!(fits(b(&["x86_64-linux"], &[], &["kvm"]), "x86_64-linux", &kvm));
+        assert!(fits(
+            b(&["x86_64-linux"], &["kvm"], &[]),
+            "x86_64-linux",
+            &kvm
+        ));
+        assert!(fits(
+            b(&["x86_64-linux"], &[], &["kvm"]),
+            "x86_64-linux",
+            &kvm
+        ));
         assert!(!fits(b(&["x86_64-linux"], &[], &[]), "x86_64-linux", &kvm));
-        assert!(!fits(b(&["x86_64-linux"], &[], &["kvm"]), "x86_64-linux", &[]));
+        assert!(!fits(
+            b(&["x86_64-linux"], &[], &["kvm"]),
+            "x86_64-linux",
+            &[]
+        ));
         let mut bad = b(&["x86_64-linux"], &[], &[]);
         bad.store_uri = "ssh://-oProxyCommand=x".into();
         assert!(!fits(bad, "x86_64-linux", &[]));

@@ -16,8 +16,7 @@ use crate::client::{self, AuthChannel, ClientConfig};
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::{
     AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, ListBuildersRequest,
-    ReleaseRequest,
-    WaitForLeaseRequest, acquire_response::Outcome, wait_for_lease_response::Event,
+    ReleaseRequest, WaitForLeaseRequest, acquire_response::Outcome, wait_for_lease_response::Event,
 };
 
 /// How a wait for a lease ended.
@@ -318,9 +317,7 @@ impl Scheduler {
             Ok(Ok(r)) => r
                 .builders
                 .into_iter()
-                .filter_map(|b| {
-                    BuilderAddress::fitting(b, &t.needed_system, &t.required_features)
-                })
+                .filter_map(|b| BuilderAddress::fitting(b, &t.needed_system, &t.required_features))
                 .take(max)
                 .collect(),
             Ok(Err(e)) => {

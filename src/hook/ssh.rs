@@ -98,9 +98,10 @@ pub(crate) fn destination(store_uri: &str) -> Option<Destination> {
     };
     let (host, port) = match hostport.rsplit_once(':') {
         // One colon: `host:port`. More: an IPv6 address, with a port only in brackets.
-        Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
-            (h.trim_start_matches('[').trim_end_matches(']'), Some(p.parse().ok()?))
-        }
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (
+            h.trim_start_matches('[').trim_end_matches(']'),
+            Some(p.parse().ok()?),
+        ),
         _ => (hostport.trim_start_matches('[').trim_end_matches(']'), None),
     };
     if host.is_empty() || host.starts_with('-') || user.is_some_and(str::is_empty) {
@@ -311,7 +312,10 @@ impl Masters {
                 }
             });
         let Some(dir) = dir else {
-            tracing::warn!(?problems, "no private control directory: not reusing SSH connections");
+            tracing::warn!(
+                ?problems,
+                "no private control directory: not reusing SSH connections"
+            );
             return None;
         };
         Some(Masters {
@@ -490,7 +494,10 @@ mod tests {
     #[test]
     fn destinations() {
         let d = destination("ssh-ng://builder1").unwrap();
-        assert_eq!((d.target.as_str(), d.host.as_str(), d.port), ("builder1", "builder1", None));
+        assert_eq!(
+            (d.target.as_str(), d.host.as_str(), d.port),
+            ("builder1", "builder1", None)
+        );
         let d = destination("ssh://nix@b.example.org?compress=true").unwrap();
         assert_eq!(
             (d.target.as_str(), d.host.as_str(), d.port),
@@ -502,7 +509,13 @@ mod tests {
         assert_eq!((d.host.as_str(), d.port), ("2001:db8::1", Some(22)));
         let d = destination("ssh-ng://2001:db8::1").unwrap();
         assert_eq!((d.host.as_str(), d.port), ("2001:db8::1", None));
-        for bad in ["file:///nix", "ssh-ng://", "ssh://-oProxyCommand=x", "ssh://@h", "ssh://h:x"] {
+        for bad in [
+            "file:///nix",
+            "ssh-ng://",
+            "ssh://-oProxyCommand=x",
+            "ssh://@h",
+            "ssh://h:x",
+        ] {
             assert_eq!(destination(bad), None, "{bad}");
         }
     }
@@ -514,7 +527,10 @@ mod tests {
         let base = master_name("ssh-ng://b1", Some("/k"), "S0VZ", "-F /c");
         assert_eq!(base.len(), 20);
         assert!(base.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_eq!(base, master_name("ssh-ng://b1", Some("/k"), "S0VZ", "-F /c"));
+        assert_eq!(
+            base,
+            master_name("ssh-ng://b1", Some("/k"), "S0VZ", "-F /c")
+        );
         for other in [
             master_name("ssh://b1", Some("/k"), "S0VZ", "-F /c"),
             master_name("ssh-ng://b1", Some("/k2"), "S0VZ", "-F /c"),
@@ -547,7 +563,11 @@ mod tests {
             60,
             &opts,
         );
-        let pos = |w: &str| a.iter().position(|x| x == w).unwrap_or_else(|| panic!("{w}: {a:?}"));
+        let pos = |w: &str| {
+            a.iter()
+                .position(|x| x == w)
+                .unwrap_or_else(|| panic!("{w}: {a:?}"))
+        };
         assert!(pos("StrictHostKeyChecking=yes") < pos("StrictHostKeyChecking=no"));
         assert!(pos("UserKnownHostsFile=/run/x/abc.known_hosts") < pos("-F"));
         assert!(a.contains(&"GlobalKnownHostsFile=/dev/null".to_owned()));
@@ -600,12 +620,24 @@ mod tests {
         // Opened to others, or owned by someone else: refused.
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        assert!(ensure_private_dir(&dir, uid).unwrap_err().contains("open to others"));
+        assert!(
+            ensure_private_dir(&dir, uid)
+                .unwrap_err()
+                .contains("open to others")
+        );
         std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .unwrap();
-        assert!(ensure_private_dir(&dir, uid + 1).unwrap_err().contains("owned by"));
+        assert!(
+            ensure_private_dir(&dir, uid + 1)
+                .unwrap_err()
+                .contains("owned by")
+        );
         let link = tmp.path().join("l");
         std::os::unix::fs::symlink(&dir, &link).unwrap();
-        assert!(ensure_private_dir(&link, uid).unwrap_err().contains("not a directory"));
+        assert!(
+            ensure_private_dir(&link, uid)
+                .unwrap_err()
+                .contains("not a directory")
+        );
     }
 }

@@ -1010,8 +1010,10 @@ impl Env {
 
     /// The SSH control directory of the hook configuration `name` (see [`Env::ssh_reuse`]).
     pub fn ssh_control_dir(&self, name: &str) -> PathBuf {
-        self.path()
-            .join(format!("ssh-{}", if name.is_empty() { "hook" } else { name }))
+        self.path().join(format!(
+            "ssh-{}",
+            if name.is_empty() { "hook" } else { name }
+        ))
     }
 
     /// The number of SSH connections each builder's sshd accepted so far (one `sshd -i` per
@@ -1020,8 +1022,9 @@ impl Env {
         self.builders
             .iter()
             .map(|b| {
-                let log = std::fs::read_to_string(self.path().join(format!("log/sshd_{}.log", b.id)))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.path().join(format!("log/sshd_{}.log", b.id)))
+                        .unwrap_or_default();
                 (b.id.clone(), log.matches("Accepted publickey").count())
             })
             .collect()
