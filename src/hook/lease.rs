@@ -26,7 +26,7 @@ pub(crate) trait Frontend {
     /// Shows `message` to the user at `level`.
     fn notify(&mut self, level: Level, message: &str);
 
-    /// Whether [`Frontend::connect_ahead`] does anything (so the builders are asked for).
+    /// Whether to call [`Frontend::connect_ahead`] now (so the builders are asked for).
     fn connects_ahead(&self) -> bool {
         false
     }

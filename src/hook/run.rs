@@ -330,7 +330,10 @@ impl Frontend for TextBuild<'_> {
     }
 
     fn connects_ahead(&self) -> bool {
-        self.ctx.masters.is_some()
+        self.ctx
+            .masters
+            .as_ref()
+            .is_some_and(Masters::connect_ahead_due)
     }
 
     fn connect_ahead(&mut self, hosts: &[BuilderAddress]) {

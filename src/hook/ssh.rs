@@ -253,6 +253,27 @@ fn ensure_private_dir(dir: &Path, uid: u32) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the time stamped in `stamp` (its modification time) is at least `every` before
+/// `now`, or there is none; if so, stamps `now` (so that the next caller waits again).
+/// Several hooks may race here: at worst two connect ahead, which the masters' locks make
+/// harmless.
+fn stamp_due(stamp: &Path, every: Duration, now: std::time::SystemTime) -> bool {
+    let last = std::fs::metadata(stamp).and_then(|m| m.modified()).ok();
+    if let Some(last) = last
+        && now.duration_since(last).is_ok_and(|age| age < every)
+    {
+        return false;
+    }
+    let touched = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(stamp)
+        .and_then(|f| f.set_modified(now));
+    touched.is_ok()
+}
+
 /// The masters of one hook process.
 #[derive(Debug)]
 pub(crate) struct Masters {
@@ -326,6 +347,20 @@ impl Masters {
             log_file: config.log_file.clone(),
             starting: Mutex::default(),
         })
+    }
+
+    /// Whether this hook should connect ahead now: at most once per half the persist time
+    /// (30 s at most) on this machine, whichever hook asks first (`ahead.stamp` in the
+    /// control directory). Connecting ahead asks the scheduler for every builder
+    /// (`ListBuilders` reads the whole fleet), so a mass rebuild's thousand waiting builds
+    /// must not each ask; and masters started ahead stay up for the persist time anyway.
+    pub(crate) fn connect_ahead_due(&self) -> bool {
+        let every = Duration::from_secs((self.persist_secs / 2).clamp(1, 30));
+        stamp_due(
+            &self.dir.join("ahead.stamp"),
+            every,
+            std::time::SystemTime::now(),
+        )
     }
 
     /// For one attempt on `grant`'s host: the `NIX_SSHOPTS` that joins its master when one
@@ -601,6 +636,20 @@ mod tests {
             Some(vec!["-F".into(), "/cfg".into(), "-p".into(), "22".into()])
         );
         assert_eq!(split_sshopts("-o 'ProxyCommand=ssh -W %h:%p j'"), None);
+    }
+
+    /// Connecting ahead is due once per interval: the first caller stamps the time, the
+    /// next within the interval is refused, one after it is due again.
+    #[test]
+    fn connect_ahead_is_rate_limited() {
+        let tmp = tempfile::tempdir().unwrap();
+        let stamp = tmp.path().join("ahead.stamp");
+        let every = Duration::from_secs(30);
+        let t0 = std::time::SystemTime::now();
+        assert!(stamp_due(&stamp, every, t0));
+        assert!(!stamp_due(&stamp, every, t0 + Duration::from_secs(10)));
+        assert!(stamp_due(&stamp, every, t0 + Duration::from_secs(31)));
+        assert!(!stamp_due(&stamp, every, t0 + Duration::from_secs(40)));
     }
 
     /// Control directories are checked when configured, and made private when used.
