@@ -566,3 +566,56 @@ fn a_waiting_build_connects_ahead() {
     let log = std::fs::read_to_string(env.path().join("log/hook-ahead.log")).unwrap();
     assert!(log.contains("joining the SSH master"), "{log}");
 }
+
+/// The builder-side gate, sshd's forced command, runs once per SSH session, so builds that
+/// share one SSH connection still each pass through it: once a first build has left a
+/// master, the next build's derivations all join it (the builder's sshd accepts no new
+/// login) and the gate attaches to the lease of every one of them.
+#[test]
+fn the_gate_sees_every_build_over_a_shared_connection() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let opts = common::gate::GateOpts {
+        force_command: true,
+        ..common::gate::GateOpts::default()
+    };
+    let gate_log = env.install_gate("b1", &[], &opts);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let build = |env: &Env, what: &str, leaves: &str| {
+        let tag = env.tag(what);
+        let run = env.nix_build(
+            &config,
+            hook(),
+            0,
+            &["--argstr", "tag", &tag, "--arg", "leaves", leaves],
+        );
+        assert!(
+            run.success,
+            "{}\n--- gate log\n{}",
+            env.diagnostics(&run),
+            common::gate::read_log(&gate_log)
+        );
+    };
+    build(&env, "first", "1");
+    let dir = env.ssh_control_dir("");
+    common::wait_for(
+        std::time::Duration::from_secs(20),
+        "b1's SSH master",
+        || live_masters(&dir).pop(),
+    );
+    let attached = || {
+        common::gate::read_log(&gate_log)
+            .matches("attached to the hook's lease")
+            .count()
+    };
+    let (logins, before) = (env.ssh_logins()["b1"], attached());
+    build(&env, "second", "2");
+    assert_eq!(env.ssh_logins()["b1"], logins, "{}", env.hook_log());
+    assert_eq!(
+        attached() - before,
+        3,
+        "two leaves and the top, each its own session through the gate\n{}",
+        common::gate::read_log(&gate_log)
+    );
+}
