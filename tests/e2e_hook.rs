@@ -619,3 +619,41 @@ fn the_gate_sees_every_build_over_a_shared_connection() {
         common::gate::read_log(&gate_log)
     );
 }
+
+/// Over `ssh://` (the serve protocol, `nix-store --serve`) as over `ssh-ng://`: once a first
+/// build has left a master, the next build's derivations join it (no new login) and build.
+#[test]
+fn builds_over_ssh_uris_share_a_master_too() {
+    let mut spec = BuilderSpec::new("b1", 2);
+    spec.scheme = "ssh";
+    let specs = [spec];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    assert!(env.builder("b1").store_uri().starts_with("ssh://"));
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let build = |env: &Env, what: &str, leaves: &str| {
+        let tag = env.tag(what);
+        let run = env.nix_build(
+            &config,
+            hook(),
+            0,
+            &["--argstr", "tag", &tag, "--arg", "leaves", leaves],
+        );
+        assert!(run.success, "{}", env.diagnostics(&run));
+        assert!(
+            placements(run.out_path()).iter().all(|(_, h)| h == "b1"),
+            "{}",
+            env.diagnostics(&run)
+        );
+    };
+    build(&env, "first", "1");
+    let dir = env.ssh_control_dir("");
+    common::wait_for(
+        std::time::Duration::from_secs(20),
+        "b1's SSH master",
+        || live_masters(&dir).pop(),
+    );
+    let logins = env.ssh_logins()["b1"];
+    build(&env, "second", "2");
+    assert_eq!(env.ssh_logins()["b1"], logins, "{}", env.hook_log());
+}

@@ -261,6 +261,9 @@ pub struct Builder {
     pub endpoint: Option<SshEndpoint>,
     /// The Nix it runs.
     pub nix: NixVersion,
+    /// The scheme of its store URI: `ssh-ng` (the worker protocol) or `ssh` (the serve
+    /// protocol).
+    pub scheme: &'static str,
     /// The builder "machine": PID 1 of its own PID and mount namespaces (with `/nix` bound to
     /// `root/nix` and its own `/proc`), so that its agent counts only its builds. Killing it
     /// ends everything inside.
@@ -361,7 +364,7 @@ impl Namespace {
 
 impl Builder {
     pub fn store_uri(&self) -> String {
-        format!("ssh-ng://{}", self.alias)
+        format!("{}://{}", self.scheme, self.alias)
     }
 
     /// Base64 of its host public key line, as the machines line's eighth field.
@@ -408,6 +411,8 @@ pub struct BuilderSpec {
     /// Its `system-features` (set in its nix.conf and announced by its agent); none when
     /// empty.
     pub features: &'static [&'static str],
+    /// Its store URI's scheme, `ssh-ng` unless set to `ssh`.
+    pub scheme: &'static str,
 }
 
 impl BuilderSpec {
@@ -422,6 +427,7 @@ impl BuilderSpec {
             discover: false,
             extra_systems: &[],
             features: &[],
+            scheme: "ssh-ng",
         }
     }
 }
@@ -651,6 +657,7 @@ impl Env {
                 host_key_pub: d.join(format!("keys/host-{}.pub", spec.id)),
                 endpoint,
                 nix: spec.nix,
+                scheme: spec.scheme,
                 machine,
             });
         }
