@@ -657,3 +657,45 @@ fn builds_over_ssh_uris_share_a_master_too() {
     build(&env, "second", "2");
     assert_eq!(env.ssh_logins()["b1"], logins, "{}", env.hook_log());
 }
+
+/// A build that the master cannot carry connects directly, so sharing a connection never
+/// fails a build: here the builder's sshd allows one session per connection (`MaxSessions
+/// 1`) and another build holds the master's; the refused session's `ssh` (told
+/// `ControlMaster=no`) logs in on its own, and both builds succeed.
+#[test]
+fn a_build_the_master_cannot_carry_connects_directly() {
+    let specs = [BuilderSpec::new("b1", 2)];
+    let mut env = Env::new(&specs);
+    // sshd -i reads its configuration for each connection, the master's included.
+    let sshd_config = env.path().join("sshd_b1.config");
+    let mut text = std::fs::read_to_string(&sshd_config).unwrap();
+    text.push_str("MaxSessions 1\n");
+    std::fs::write(&sshd_config, text).unwrap();
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let build = |env: &Env, what: &str, leaves: &str| {
+        let tag = env.tag(what);
+        let run = env.nix_build(
+            &config,
+            hook(),
+            0,
+            &[
+                "--argstr", "tag", &tag, "--arg", "leaves", leaves, "--argstr", "sleep", "2",
+            ],
+        );
+        assert!(run.success, "{}", env.diagnostics(&run));
+    };
+    build(&env, "first", "1");
+    let dir = env.ssh_control_dir("");
+    common::wait_for(
+        std::time::Duration::from_secs(20),
+        "b1's SSH master",
+        || live_masters(&dir).pop(),
+    );
+    // Two leaves at once: one holds the master's only session, the other is refused there.
+    let logins = env.ssh_logins()["b1"];
+    build(&env, "second", "2");
+    let sshd_log = std::fs::read_to_string(env.path().join("log/sshd_b1.log")).unwrap();
+    assert!(sshd_log.contains("no more sessions"), "{sshd_log}");
+    assert!(env.ssh_logins()["b1"] > logins, "{sshd_log}");
+}

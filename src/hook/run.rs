@@ -361,9 +361,9 @@ impl Frontend for TextBuild<'_> {
             .and_then(|m| m.prepare(grant, identity.as_deref()));
         let result = run_child(self.ctx, &machines, self.t, self.inputs, sshopts.as_deref()).await;
         if sshopts.is_some() && matches!(result, Ok((ChildEnd::NotAccepted, _))) {
-            // The master may have died with the builder's restart, or the builder refuses
-            // more sessions on one connection (sshd's `MaxSessions`): a shared connection
-            // must never fail a build, so try the host once more on a connection of its own.
+            // The master may have died with the builder's restart before it noticed (a
+            // refused session alone makes OpenSSH connect directly by itself): a shared
+            // connection must never fail a build, so try the host once more on its own.
             tracing::warn!(host = %grant.host_id, "build-remote could not start through the SSH master; connecting directly");
             return run_child(self.ctx, &machines, self.t, self.inputs, None).await;
         }

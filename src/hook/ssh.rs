@@ -20,10 +20,11 @@
 //!
 //! build-remote's `ssh` joins through `NIX_SSHOPTS` (read by every Nix from 2.8 on):
 //! `-o ControlPath=<socket> -o ControlMaster=no`, given only while the master answers on
-//! its socket. `ControlMaster=no` means a client that finds no master, or a dead one,
-//! connects directly instead of failing; and a build that could not start through a master
-//! is tried once more without it (see `run`), so a dead master or a builder's
-//! `MaxSessions` never fails a build.
+//! its socket. `ControlMaster=no` means a client that finds no master, or a dead one, or
+//! whose session the builder refuses on the shared connection (sshd's `MaxSessions`),
+//! connects directly instead of failing; and a build that still could not start through a
+//! master is tried once more without it (see `run`), so a shared connection never fails a
+//! build.
 //!
 //! Split like the rest of the hook: the names, arguments and file contents are pure
 //! functions; [`Masters`] does the I/O.
