@@ -82,6 +82,7 @@ fn module_examples_load_with_the_real_config_loaders() {
     let hook = nixdispatch::hook::config::HookConfig::from_toml(&text, Path::new("hook.toml"))
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(hook.client_id.as_deref(), Some("alice-laptop"));
+    assert!(hook.ssh_reuse.enabled);
     let text = toml_of(&examples["gate"]);
     let gate = nixdispatch::gate::config::GateConfig::from_toml(&text, Path::new("gate.toml"))
         .unwrap_or_else(|e| panic!("{e}\n{text}"));

@@ -397,3 +397,305 @@ fn a_scheduler_outage_with_builds_waiting_loses_no_build() {
         env.leases().is_empty().then_some(())
     });
 }
+
+/// The control sockets in `dir` whose master answers.
+fn live_masters(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_none())
+                .filter(|p| std::os::unix::net::UnixStream::connect(p).is_ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// SSH connection reuse with real OpenSSH: the hook starts one master per builder (a
+/// builder whose pinned key is wrong gets none: the master refuses it as Nix would), the
+/// builds that follow join it (the builder's sshd accepts no new login), and a master
+/// killed with SIGKILL leaves a dead socket that the next build steps over: it connects
+/// directly, succeeds, and a new master replaces the dead one.
+#[test]
+fn builds_reuse_one_ssh_master_per_builder() {
+    let mut badkey = BuilderSpec::new("bbadkey", 2);
+    badkey.speed_factor = 50.0;
+    badkey.wrong_pinned_key = true;
+    let specs = [badkey, BuilderSpec::new("b1", 2)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let dir = env.ssh_control_dir("");
+    let build = |env: &Env, what: &str| {
+        let tag = env.tag(what);
+        let run = env.nix_build(
+            &config,
+            hook(),
+            0,
+            &["--argstr", "tag", &tag, "--arg", "leaves", "1"],
+        );
+        assert!(run.success, "{}", env.diagnostics(&run));
+        assert!(
+            placements(run.out_path()).iter().all(|(_, h)| h == "b1"),
+            "{}",
+            env.diagnostics(&run)
+        );
+    };
+
+    build(&env, "first");
+    // The wrongly pinned builder's master was refused by ssh itself, and left no socket.
+    common::wait_for(
+        std::time::Duration::from_secs(20),
+        "the refused master's message in the hook's log",
+        || {
+            env.hook_log()
+                .contains("Host key verification failed")
+                .then_some(())
+        },
+    );
+    let socket = common::wait_for(
+        std::time::Duration::from_secs(20),
+        "b1's SSH master",
+        || live_masters(&dir).pop(),
+    );
+    assert_eq!(live_masters(&dir).len(), 1, "one master: b1's");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
+
+    // Both derivations of the second build join the master: no new login on b1.
+    let before = env.ssh_logins()["b1"];
+    build(&env, "second");
+    assert_eq!(env.ssh_logins()["b1"], before, "{}", env.hook_log());
+    assert!(env.hook_log().contains("joining the SSH master"));
+
+    // Kill the master (SIGKILL: its socket file stays behind, refusing connections).
+    let check = std::process::Command::new("ssh")
+        .args(["-O", "check", "-o"])
+        .arg(format!("ControlPath={}", socket.display()))
+        .arg("b1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stderr).into_owned();
+    let pid: i32 = text
+        .split("pid=")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("ssh -O check: {text}"));
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    common::wait_for(
+        std::time::Duration::from_secs(10),
+        "the master's death",
+        || live_masters(&dir).is_empty().then_some(()),
+    );
+    assert!(socket.exists(), "a dead master leaves its socket");
+
+    // The next build steps over the dead socket and connects directly.
+    let before = env.ssh_logins()["b1"];
+    build(&env, "third");
+    assert!(env.ssh_logins()["b1"] > before);
+    assert!(env.hook_log().contains("removed a dead master's socket"));
+    common::wait_for(std::time::Duration::from_secs(20), "a new master", || {
+        live_masters(&dir).pop()
+    });
+    assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
+}
+
+/// A build waiting in the queue connects ahead: while the builder's only slot is taken, the
+/// waiting hook (its member's own control directory, empty so far) starts a master to the
+/// builder it may be granted, so that the grant finds the connection ready; both builds
+/// then succeed.
+#[test]
+fn a_waiting_build_connects_ahead() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let url = env.scheduler_addr.clone().unwrap();
+    let holder = env.write_hook_config(&url, "");
+    let waiter = env.write_hook_config_named("ahead", &url, "");
+    let gate = env.path().join("release-the-slot");
+    let (tag_a, tag_b) = (env.tag("hold"), env.tag("ahead"));
+    let gate_arg = gate.display().to_string();
+    let a = env
+        .nix_build_command(
+            &holder,
+            hook(),
+            "",
+            0,
+            &[
+                "--argstr", "tag", &tag_a, "--arg", "leaves", "1", "--argstr", "gate", &gate_arg,
+            ],
+        )
+        .spawn()
+        .unwrap();
+    common::wait_for(std::time::Duration::from_secs(60), "the slot taken", || {
+        (env.leases().len() == 1).then_some(())
+    });
+    let b = env
+        .nix_build_command(
+            &waiter,
+            hook(),
+            "",
+            0,
+            &["--argstr", "tag", &tag_b, "--arg", "leaves", "1"],
+        )
+        .spawn()
+        .unwrap();
+    let dir = env.ssh_control_dir("ahead");
+    common::wait_for(
+        std::time::Duration::from_secs(60),
+        "a master started by the waiting hook",
+        || live_masters(&dir).pop(),
+    );
+    std::fs::write(&gate, "").unwrap();
+    for (what, child) in [("holder", a), ("waiter", b)] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            env.hook_log()
+        );
+    }
+    let log = std::fs::read_to_string(env.path().join("log/hook-ahead.log")).unwrap();
+    assert!(log.contains("joining the SSH master"), "{log}");
+}
+
+/// The builder-side gate, sshd's forced command, runs once per SSH session, so builds that
+/// share one SSH connection still each pass through it: once a first build has left a
+/// master, the next build's derivations all join it (the builder's sshd accepts no new
+/// login) and the gate attaches to the lease of every one of them.
+#[test]
+fn the_gate_sees_every_build_over_a_shared_connection() {
+    let specs = [BuilderSpec::new("b1", 1)];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    let opts = common::gate::GateOpts {
+        force_command: true,
+        ..common::gate::GateOpts::default()
+    };
+    let gate_log = env.install_gate("b1", &[], &opts);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let build = |env: &Env, what: &str, leaves: &str| {
+        let tag = env.tag(what);
+        let run = env.nix_build(
+            &config,
+            hook(),
+            0,
+            &["--argstr", "tag", &tag, "--arg", "leaves", leaves],
+        );
+        assert!(
+            run.success,
+            "{}\n--- gate log\n{}",
+            env.diagnostics(&run),
+            common::gate::read_log(&gate_log)
+        );
+    };
+    build(&env, "first", "1");
+    let dir = env.ssh_control_dir("");
+    common::wait_for(
+        std::time::Duration::from_secs(20),
+        "b1's SSH master",
+        || live_masters(&dir).pop(),
+    );
+    let attached = || {
+        common::gate::read_log(&gate_log)
+            .matches("attached to the hook's lease")
+            .count()
+    };
+    let (logins, before) = (env.ssh_logins()["b1"], attached());
+    build(&env, "second", "2");
+    assert_eq!(env.ssh_logins()["b1"], logins, "{}", env.hook_log());
+    assert_eq!(
+        attached() - before,
+        3,
+        "two leaves and the top, each its own session through the gate\n{}",
+        common::gate::read_log(&gate_log)
+    );
+}
+
+/// Over `ssh://` (the serve protocol, `nix-store --serve`) as over `ssh-ng://`: once a first
+/// build has left a master, the next build's derivations join it (no new login) and build.
+#[test]
+fn builds_over_ssh_uris_share_a_master_too() {
+    let mut spec = BuilderSpec::new("b1", 2);
+    spec.scheme = "ssh";
+    let specs = [spec];
+    let mut env = Env::new(&specs);
+    env.start_scheduler_and_agents(&specs);
+    assert!(env.builder("b1").store_uri().starts_with("ssh://"));
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let build = |env: &Env, what: &str, leaves: &str| {
+        let tag = env.tag(what);
+        let run = env.nix_build(
+            &config,
+            hook(),
+            0,
+            &["--argstr", "tag", &tag, "--arg", "leaves", leaves],
+        );
+        assert!(run.success, "{}", env.diagnostics(&run));
+        assert!(
+            placements(run.out_path()).iter().all(|(_, h)| h == "b1"),
+            "{}",
+            env.diagnostics(&run)
+        );
+    };
+    build(&env, "first", "1");
+    let dir = env.ssh_control_dir("");
+    common::wait_for(
+        std::time::Duration::from_secs(20),
+        "b1's SSH master",
+        || live_masters(&dir).pop(),
+    );
+    let logins = env.ssh_logins()["b1"];
+    build(&env, "second", "2");
+    assert_eq!(env.ssh_logins()["b1"], logins, "{}", env.hook_log());
+}
+
+/// A build that the master cannot carry connects directly, so sharing a connection never
+/// fails a build: here the builder's sshd allows one session per connection (`MaxSessions
+/// 1`) and another build holds the master's; the refused session's `ssh` (told
+/// `ControlMaster=no`) logs in on its own, and both builds succeed.
+#[test]
+fn a_build_the_master_cannot_carry_connects_directly() {
+    let specs = [BuilderSpec::new("b1", 2)];
+    let mut env = Env::new(&specs);
+    // sshd -i reads its configuration for each connection, the master's included.
+    let sshd_config = env.path().join("sshd_b1.config");
+    let mut text = std::fs::read_to_string(&sshd_config).unwrap();
+    text.push_str("MaxSessions 1\n");
+    std::fs::write(&sshd_config, text).unwrap();
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let build = |env: &Env, what: &str, leaves: &str| {
+        let tag = env.tag(what);
+        let run = env.nix_build(
+            &config,
+            hook(),
+            0,
+            &[
+                "--argstr", "tag", &tag, "--arg", "leaves", leaves, "--argstr", "sleep", "2",
+            ],
+        );
+        assert!(run.success, "{}", env.diagnostics(&run));
+    };
+    build(&env, "first", "1");
+    let dir = env.ssh_control_dir("");
+    common::wait_for(
+        std::time::Duration::from_secs(20),
+        "b1's SSH master",
+        || live_masters(&dir).pop(),
+    );
+    // Two leaves at once: one holds the master's only session, the other is refused there.
+    let logins = env.ssh_logins()["b1"];
+    build(&env, "second", "2");
+    let sshd_log = std::fs::read_to_string(env.path().join("log/sshd_b1.log")).unwrap();
+    assert!(sshd_log.contains("no more sessions"), "{sshd_log}");
+    assert!(env.ssh_logins()["b1"] > logins, "{sshd_log}");
+}

@@ -98,6 +98,18 @@ struct Run {
     stamps: Vec<Stamp>,
     /// From the submission to the last `nix-build`'s exit, seconds.
     wall: f64,
+    /// SSH logins the builders' sshd accepted during the run (one per connection).
+    logins: usize,
+}
+
+/// Rewrites the hook configurations of the nixdispatch members (read by every hook at its
+/// start) with SSH connection reuse on or off.
+fn set_ssh_reuse(env: &mut Env, on: bool) {
+    env.ssh_reuse = on;
+    let url = env.scheduler_addr.clone().expect("a scheduler");
+    for i in 0..MEMBERS {
+        env.write_hook_config_named(&format!("m{i}"), &url, "");
+    }
 }
 
 /// Starts the member machines: `MEMBERS` with nixdispatch-hook (each its own client id),
@@ -171,9 +183,12 @@ fn run(
 ) -> Run {
     let label = if name.starts_with("outage") {
         format!("{}, scheduler killed for 2 s", side.label)
+    } else if name.starts_with("direct") {
+        format!("{}, a new SSH connection per build", side.label)
     } else {
         side.label.to_owned()
     };
+    let logins_before: usize = env.ssh_logins().values().sum();
     let stamps = env.path().join(format!("stamps-{}", env.tag(name)));
     std::fs::create_dir_all(&stamps).unwrap();
     std::fs::set_permissions(&stamps, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
@@ -256,10 +271,12 @@ fn run(
         stamps.iter().all(|s| s.host != "local"),
         "{label}: a member built locally: {stamps:?}"
     );
+    let logins = env.ssh_logins().values().sum::<usize>() - logins_before;
     Run {
         label,
         stamps,
         wall,
+        logins,
     }
 }
 
@@ -427,6 +444,9 @@ fn three_members_share_two_builders_against_stock_nix() {
     let total: u32 = slots.values().sum();
 
     let stock_run = run(&mut env, &stock, "stock", &shares, size, |_, _| {});
+    set_ssh_reuse(&mut env, false);
+    let direct_run = run(&mut env, &ours, "direct", &shares, size, |_, _| {});
+    set_ssh_reuse(&mut env, true);
     let our_run = run(&mut env, &ours, "queue", &shares, size, |_, _| {});
     // The outage: once the first wave has ended (its slots are being handed over), the
     // scheduler is killed and started again 2 s later.
@@ -440,7 +460,24 @@ fn three_members_share_two_builders_against_stock_nix() {
         env.restart_scheduler_after(Duration::from_secs(2));
         back_at = uptime();
     });
-    for r in [&our_run, &outage] {
+    // Without reuse every build logs in anew. With it, builds join the master of their
+    // member and builder once it is up; those that start before it connect directly, and
+    // each member starts at most one master per builder (a lock keeps concurrent hooks
+    // from starting two), so never more logins than builds plus masters.
+    assert!(
+        direct_run.logins >= direct_run.stamps.len(),
+        "{} logins for {} builds without reuse",
+        direct_run.logins,
+        direct_run.stamps.len()
+    );
+    assert!(
+        our_run.logins <= our_run.stamps.len() + MEMBERS * specs.len(),
+        "{} logins for {} builds with reuse: {:?}",
+        our_run.logins,
+        our_run.stamps.len(),
+        env.ssh_logins()
+    );
+    for r in [&direct_run, &our_run, &outage] {
         for (host, peak) in peaks(&r.stamps) {
             assert!(
                 peak <= slots[&host],
@@ -459,22 +496,23 @@ fn three_members_share_two_builders_against_stock_nix() {
     let bound = full_wave_bound(builds, total, size.secs);
     let mut table = format!(
         "### {MEMBERS} members × {} builds of {} s, 2 builders × 2 slots (full-wave bound {bound:.1} s)\n\n\
-         | run | peak builds per builder | idle gap median (s) | idle gap max (s) | idle slot-seconds | makespan (s) | vs bound | wall (s) |\n\
-         |---|---|---|---|---|---|---|---|\n",
+         | run | peak builds per builder | idle gap median (s) | idle gap max (s) | idle slot-seconds | makespan (s) | vs bound | wall (s) | SSH logins |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         size.per_member, size.secs
     );
-    for r in [&stock_run, &our_run, &outage] {
+    for r in [&stock_run, &direct_run, &our_run, &outage] {
         let gaps = idle_gaps(&r.stamps, &slots);
         let m = makespan(&r.stamps);
         table.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2} | {:.1} | {m:.1} | {:+.0} % | {:.1} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:.1} | {m:.1} | {:+.0} % | {:.1} | {} |\n",
             r.label,
             peaks_text(&peaks(&r.stamps)),
             median(&gaps),
             gaps.last().copied().unwrap_or(0.0),
             gaps.iter().sum::<f64>(),
             (m / bound - 1.0) * 100.0,
-            r.wall
+            r.wall,
+            r.logins
         ));
     }
     let idle_in = |r: &Run| idle_gaps(&r.stamps, &slots).iter().sum::<f64>();

@@ -49,6 +49,11 @@
     timeouts = {
       connect_millis = 1000;
     };
+    # One persistent SSH connection per builder, joined by every build (docs/hook.md).
+    ssh_reuse = {
+      enabled = true;
+      persist_secs = 60;
+    };
   };
 
   # services.nixdispatch.gate.settings → nixdispatch-gate --config (branch `gate`)

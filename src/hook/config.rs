@@ -56,6 +56,40 @@ pub struct HookConfig {
     pub log_level: String,
     /// Time bounds.
     pub timeouts: Timeouts,
+    /// Reusing SSH connections to builders.
+    pub ssh_reuse: SshReuse,
+}
+
+/// One persistent OpenSSH master connection per builder, which the stock build-remote's ssh
+/// joins (`ControlPath`), so that a build does not pay a new SSH connection (see
+/// `docs/hook.md`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshReuse {
+    /// Whether to keep and use master connections. Default true: a new connection costs a
+    /// key exchange and a login per build (a few hundred ms on a LAN, more across the
+    /// internet), while a builder slot sits idle. Off, every build connects anew, as stock
+    /// Nix does.
+    pub enabled: bool,
+    /// How long a master stays open with no build using it (OpenSSH `ControlPersist`),
+    /// whole seconds. Default 60: long enough to carry a burst of builds from one slot to
+    /// the next, short enough not to keep a login open on every builder all day.
+    pub persist_secs: u64,
+    /// The directory of the control sockets, created mode 0700 and refused unless it is
+    /// owned by the hook's user and closed to others. At most 64 bytes (a Unix socket path
+    /// is limited to about 104). Default: `/run/nixdispatch-hook-<uid>`, else
+    /// `<temp dir>/nixdispatch-hook-<uid>` when `/run` is not writable.
+    pub control_dir: Option<PathBuf>,
+}
+
+impl Default for SshReuse {
+    fn default() -> Self {
+        SshReuse {
+            enabled: true,
+            persist_secs: 60,
+            control_dir: None,
+        }
+    }
 }
 
 /// Time bounds, all in milliseconds.
@@ -117,6 +151,7 @@ impl Default for HookConfig {
             log_file: None,
             log_level: "info".to_owned(),
             timeouts: Timeouts::default(),
+            ssh_reuse: SshReuse::default(),
         }
     }
 }
@@ -218,6 +253,14 @@ impl HookConfig {
         {
             return Err(invalid("build_remote", "must name a program"));
         }
+        if let Some(dir) = &self.ssh_reuse.control_dir
+            && let Err(problem) = super::ssh::check_control_dir(dir)
+        {
+            return Err(invalid("ssh_reuse.control_dir", problem));
+        }
+        if self.ssh_reuse.persist_secs == 0 {
+            return Err(invalid("ssh_reuse.persist_secs", "must be at least 1"));
+        }
         if self.max_host_attempts == 0 {
             return Err(invalid("max_host_attempts", "must be at least 1"));
         }
@@ -290,6 +333,10 @@ mod tests {
             rpc_millis = 1000
             unreachable_backoff_millis = 0
             reacquire_millis = 5000
+            [ssh_reuse]
+            enabled = false
+            persist_secs = 30
+            control_dir = "/run/nd-hook"
             "#,
             Path::new("x"),
         )
@@ -297,6 +344,8 @@ mod tests {
         assert_eq!(c.scheduler, "http://10.0.0.1:50051");
         assert_eq!(c.timeouts.try_millis, 500);
         assert_eq!(c.max_host_attempts, 2);
+        assert!(!c.ssh_reuse.enabled);
+        assert_eq!(c.ssh_reuse.persist_secs, 30);
     }
 
     /// Unknown keys and bad values are errors that name the key.
@@ -318,6 +367,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_host_attempts"), "{e}");
+        for bad in [
+            "control_dir = 'relative'",
+            "control_dir = '/a b'",
+            "control_dir = '/a%h'",
+            "persist_secs = 0",
+        ] {
+            let e = HookConfig::from_toml(&format!("[ssh_reuse]\n{bad}"), Path::new("f"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`ssh_reuse."), "{bad}: {e}");
+        }
+        let long = format!("[ssh_reuse]\ncontrol_dir = '/{}'", "d".repeat(64));
+        let e = HookConfig::from_toml(&long, Path::new("f"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("64 bytes"), "{e}");
     }
 
     /// Found by the `hook_machine` fuzz target: an SSH identity with `;` or `#` would end

@@ -33,6 +33,13 @@ pub enum Answer {
         /// Why, for the user.
         reason: String,
     },
+    /// The scheduler refused the request because this member is over one of its caps
+    /// (`RESOURCE_EXHAUSTED`: with a queue, `queue.max_waiting_per_member`, the builds one
+    /// member may have waiting at once). The scheduler is fine; asking again later works.
+    OverCap {
+        /// The scheduler's message (it names the setting).
+        reason: String,
+    },
     /// The scheduler could not be asked (connect failure, timeout, refused call, or an
     /// answer the hook cannot use).
     Unreachable {
@@ -118,6 +125,13 @@ pub fn decide_waiting(t: &TryRequest, answer: Answer, has_fallback: bool, local:
                 "nixdispatch: scheduler unreachable ({error}); {name} waits for it to come back"
             ),
         },
+        // Accepting would only be refused again by the same cap: let Nix ask again after its
+        // poll interval, when some of the member's waiting builds may have been served.
+        Answer::OverCap { reason } => Action::Reply {
+            reply: Reply::Postpone,
+            level: Level::Warn,
+            message: over_cap(name, &reason, "asking again later"),
+        },
         other => decide(t, other, has_fallback),
     }
 }
@@ -175,6 +189,22 @@ pub fn can_build_locally(t: &TryRequest, settings: &Settings) -> bool {
     system_ok && t.required_features.iter().all(|f| features.contains(f))
 }
 
+/// What the member sees when the scheduler refuses a request with `RESOURCE_EXHAUSTED`,
+/// `then` saying what happens next. Today the scheduler answers it for one thing, the
+/// member's cap of waiting requests (its message names `queue.max_waiting_per_member`);
+/// any other limit is worded as one.
+pub fn over_cap(name: &str, reason: &str, then: &str) -> String {
+    if reason.contains("max_waiting_per_member") {
+        format!(
+            "nixdispatch: {name}: this member already has as many builds waiting at the \
+             scheduler as it may (the scheduler's `queue.max_waiting_per_member`: {reason}); \
+             {then}"
+        )
+    } else {
+        format!("nixdispatch: {name}: the scheduler limits this member ({reason}); {then}")
+    }
+}
+
 /// A short name for a derivation in messages: `/nix/store/<hash>-hello-1.0.drv` → `hello-1.0`.
 pub fn drv_name(drv_path: &str) -> &str {
     let base = drv_path.rsplit('/').next().unwrap_or(drv_path);
@@ -230,6 +260,12 @@ pub fn decide(t: &TryRequest, answer: Answer, has_fallback: bool) -> Action {
                 t.needed_system,
                 features_text(&t.required_features)
             ),
+        },
+        // The scheduler works, so no fallback: the cap is the operators' decision.
+        Answer::OverCap { reason } => Action::Reply {
+            reply: Reply::Decline,
+            level: Level::Warn,
+            message: over_cap(name, &reason, "not building it remotely"),
         },
         Answer::Unreachable { error } if has_fallback => Action::Fallback {
             message: format!(
@@ -443,6 +479,48 @@ mod tests {
             decide_waiting(&tr, Answer::Granted(grant()), false, false),
             Action::Accept { .. }
         ));
+    }
+
+    /// `RESOURCE_EXHAUSTED` (the member over its cap of waiting requests) is not worded as an
+    /// unreachable scheduler: it names the setting, builds locally when the client can and
+    /// otherwise lets Nix ask again later, never using the fallback builders.
+    #[test]
+    fn over_the_waiting_cap_has_its_own_words() {
+        let cap = || Answer::OverCap {
+            reason: "member m already has 2 requests waiting, its limit \
+                     (queue.max_waiting_per_member); wait for some to be served"
+                .into(),
+        };
+        for (local, fallback, want) in [
+            (true, false, Reply::Decline),
+            (true, true, Reply::Decline),
+            (false, false, Reply::Postpone),
+            (false, true, Reply::Postpone),
+        ] {
+            match decide_waiting(&t(local, "x86_64-linux", &[]), cap(), fallback, local) {
+                Action::Reply {
+                    reply,
+                    level,
+                    message,
+                } => {
+                    assert_eq!(reply, want, "local {local}, fallback {fallback}");
+                    assert_eq!(level, Level::Warn);
+                    assert!(
+                        message.contains("queue.max_waiting_per_member"),
+                        "{message}"
+                    );
+                    assert!(
+                        message.contains("already has 2 requests waiting"),
+                        "{message}"
+                    );
+                    assert!(message.contains("this member already has"), "{message}");
+                    assert!(!message.contains("unreachable"), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let other = over_cap("x", "some other limit", "asking again later");
+        assert!(other.contains("the scheduler limits this member (some other limit)"));
     }
 
     /// The waiting line reads naturally.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::codec::{Level, TryRequest};
 use super::config::{self, HookConfig};
 use super::decision::{self, AfterChild, Answer, ChildEnd};
-use super::machine::Grant;
+use super::machine::{BuilderAddress, Grant};
 use super::scheduler::{Progress, Scheduler, WaitEnd};
 use crate::client::ClientConfig;
 use crate::proto::BuildOutcome;
@@ -25,6 +25,15 @@ use crate::proto::BuildOutcome;
 pub(crate) trait Frontend {
     /// Shows `message` to the user at `level`.
     fn notify(&mut self, level: Level, message: &str);
+
+    /// Whether to call [`Frontend::connect_ahead`] now (so the builders are asked for).
+    fn connects_ahead(&self) -> bool {
+        false
+    }
+
+    /// While the build waits for a lease: prepares connections to the builders it may be
+    /// granted, so that the grant finds one ready. Must not block.
+    fn connect_ahead(&mut self, _hosts: &[BuilderAddress]) {}
 
     /// Runs the accepted build once, on `grant`'s host. Returns how it ended and, when it
     /// never got going there, what it said about why. `Err` is a local failure (not the
@@ -89,8 +98,16 @@ impl Leases {
         t: &TryRequest,
     ) -> Result<Grant, String> {
         let deadline = Instant::now() + self.max_wait;
+        if frontend.connects_ahead() {
+            let hosts = self
+                .scheduler
+                .builders_for(t, CONNECT_AHEAD_MAX, self.rpc_timeout)
+                .await;
+            frontend.connect_ahead(&hosts);
+        }
         let mut shown: Option<String> = None;
         let mut warned = false;
+        let mut warned_cap = false;
         let mut pause = Duration::from_millis(200);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -113,6 +130,7 @@ impl Leases {
                 .unwrap_or_else(|_| WaitEnd::Broken("the maximum wait ran out".to_owned()));
             match end {
                 WaitEnd::Granted(mut grant) => {
+                    tracing::info!(host = %grant.host_id, "lease granted");
                     // Claim it within its claim window; the answer is the TTL from now on.
                     match self.scheduler.keep_alive(&grant, t, self.rpc_timeout).await {
                         Ok(ttl) => grant.lease_ttl = ttl,
@@ -123,6 +141,25 @@ impl Leases {
                     return Ok(grant);
                 }
                 WaitEnd::Declined(reason) => return Err(reason),
+                WaitEnd::OverCap(reason) => {
+                    // Accepted already: a failure would throw the build away, and the cap
+                    // frees as the member's other waiting builds are served.
+                    tracing::info!(%reason, "over the waiting cap; asking again");
+                    if !warned_cap {
+                        warned_cap = true;
+                        frontend.notify(
+                            Level::Warn,
+                            &decision::over_cap(
+                                decision::drv_name(&t.drv_path),
+                                &reason,
+                                "asking again in a few seconds",
+                            ),
+                        );
+                    }
+                    shown = None;
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(Duration::from_secs(5).min(remaining)).await;
+                }
                 WaitEnd::Broken(why) => {
                     tracing::info!(%why, "waiting stream broken; waiting again");
                     if !warned {
@@ -348,6 +385,12 @@ impl Leases {
                 Answer::Decline { reason } | Answer::DeclinePermanently { reason } => {
                     return Err(reason);
                 }
+                Answer::OverCap { reason } => {
+                    if Instant::now() >= deadline {
+                        return Err(reason);
+                    }
+                    Duration::from_secs(1)
+                }
                 Answer::Unreachable { error } => {
                     if Instant::now() >= deadline {
                         return Err(format!("scheduler unreachable: {error}"));
@@ -365,6 +408,10 @@ impl Leases {
         }
     }
 }
+
+/// A waiting build connects ahead to at most this many builders: enough for the builders
+/// of one system in a small fleet, without one waiting build logging in everywhere.
+const CONNECT_AHEAD_MAX: usize = 8;
 
 /// After a failed keep-alive (the scheduler away), the next one comes this soon, so that a
 /// scheduler coming back learns of the lease at once.

@@ -138,6 +138,44 @@ impl TryFrom<proto::Granted> for Grant {
     }
 }
 
+/// A builder this member may be sent to, as `ListBuilders` gives it: enough to connect to
+/// it ahead of a grant (the hook's SSH masters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuilderAddress {
+    /// The host's id.
+    pub host_id: String,
+    /// The store URI, e.g. `ssh-ng://builder1`.
+    pub store_uri: String,
+    /// Base64 of the host's OpenSSH public key line: the only key to accept from it.
+    pub host_public_key_base64: String,
+}
+
+impl BuilderAddress {
+    /// The builder if it can build `system` with `features` (Nix's rule: it supports every
+    /// required feature and each of its mandatory features is required; `builtin` fits any
+    /// host) and its URI and key pass the protocol's rules; `None` otherwise.
+    pub fn fitting(b: proto::Builder, system: &str, features: &[String]) -> Option<Self> {
+        let system_ok = system == "builtin" || b.systems.iter().any(|s| s == system);
+        let supports =
+            |f: &String| b.supported_features.contains(f) || b.mandatory_features.contains(f);
+        let features_ok = features.iter().all(supports)
+            && b.mandatory_features.iter().all(|m| features.contains(m));
+        if !system_ok || !features_ok {
+            return None;
+        }
+        crate::validate::store_uri(&b.store_uri).ok()?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&b.host_public_key_base64)
+            .ok()?;
+        crate::validate::host_key(&String::from_utf8(key).ok()?).ok()?;
+        Some(BuilderAddress {
+            host_id: b.host_id,
+            store_uri: b.store_uri,
+            host_public_key_base64: b.host_public_key_base64,
+        })
+    }
+}
+
 /// Nix 2.8 wants an unsigned integer speed factor: round up, and never below 1 (a 0 would
 /// make Nix divide by zero when it compares machines).
 pub fn speed_factor_field(speed: f64) -> u64 {
@@ -205,6 +243,50 @@ mod tests {
             slots_total: 4,
             attached: false,
         }
+    }
+
+    /// A listed builder is connected to ahead only when it could take the build (Nix's
+    /// system and feature rules) and its URI and key are usable.
+    #[test]
+    fn builders_that_fit_a_build() {
+        let b = |systems: &[&str], supported: &[&str], mandatory: &[&str]| proto::Builder {
+            host_id: "b1".into(),
+            store_uri: "ssh-ng://builder1".into(),
+            systems: systems.iter().map(|s| (*s).to_owned()).collect(),
+            supported_features: supported.iter().map(|s| (*s).to_owned()).collect(),
+            mandatory_features: mandatory.iter().map(|s| (*s).to_owned()).collect(),
+            host_public_key_base64: key_b64(),
+            unavailable_reason: String::new(),
+        };
+        let kvm = vec!["kvm".to_owned()];
+        let fits = |b: proto::Builder, system: &str, features: &[String]| {
+            BuilderAddress::fitting(b, system, features).is_some()
+        };
+        assert!(fits(b(&["x86_64-linux"], &[], &[]), "x86_64-linux", &[]));
+        assert!(fits(b(&["aarch64-linux"], &[], &[]), "builtin", &[]));
+        assert!(!fits(b(&["aarch64-linux"], &[], &[]), "x86_64-linux", &[]));
+        assert!(fits(
+            b(&["x86_64-linux"], &["kvm"], &[]),
+            "x86_64-linux",
+            &kvm
+        ));
+        assert!(fits(
+            b(&["x86_64-linux"], &[], &["kvm"]),
+            "x86_64-linux",
+            &kvm
+        ));
+        assert!(!fits(b(&["x86_64-linux"], &[], &[]), "x86_64-linux", &kvm));
+        assert!(!fits(
+            b(&["x86_64-linux"], &[], &["kvm"]),
+            "x86_64-linux",
+            &[]
+        ));
+        let mut bad = b(&["x86_64-linux"], &[], &[]);
+        bad.store_uri = "ssh://-oProxyCommand=x".into();
+        assert!(!fits(bad, "x86_64-linux", &[]));
+        let mut bad = b(&["x86_64-linux"], &[], &[]);
+        bad.host_public_key_base64 = "not base64!".into();
+        assert!(!fits(bad, "x86_64-linux", &[]));
     }
 
     /// A full grant renders all eight fields, the speed factor rounded up.

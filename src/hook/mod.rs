@@ -13,8 +13,10 @@
 //!   implements.
 //! - `run`: the text-protocol front end (Nix and Lix up to 2.93): fds 0 and 2, the child
 //!   build-remote. A Cap'n Proto front end (Lix 2.94+) would be a second `Frontend`.
+//! - `ssh`: the persistent SSH master connections that the child build-remote joins (names,
+//!   arguments and files as pure functions; starting a master).
 //!
-//! Architecture invariant: nothing but `run` touches file descriptors or processes, nothing
+//! Architecture invariant: nothing but `run` and `ssh` touch file descriptors or processes, nothing
 //! but `scheduler` talks to the network, and nothing but `lease` decides what happens to a
 //! lease. See `docs/hook.md` for deployment.
 
@@ -25,5 +27,6 @@ mod lease;
 pub mod machine;
 mod run;
 mod scheduler;
+mod ssh;
 
 pub use run::main;

@@ -16,8 +16,9 @@ use super::codec::{self, BuildInputs, ChildLine, Level, Reply, Request, Settings
 use super::config::{self, HookConfig};
 use super::decision::{self, Action, Answer, BuildRemote, ChildEnd};
 use super::lease::{Frontend, Leases};
-use super::machine::Grant;
+use super::machine::{BuilderAddress, Grant};
 use super::scheduler::error_chain;
+use super::ssh::Masters;
 
 /// Where the conversation is, for the top-level panic handler: it decides what can still be
 /// said to the daemon without breaking the protocol.
@@ -97,6 +98,8 @@ struct Ctx {
     /// The hook's own arguments (Nix's verbosity), passed on to the child.
     args: Vec<String>,
     build_remote: BuildRemote,
+    /// The SSH master connections the child joins; `None` when reuse is off.
+    masters: Option<Masters>,
 }
 
 fn run(args: &[String]) -> ExitCode {
@@ -105,6 +108,8 @@ fn run(args: &[String]) -> ExitCode {
     if let Ok(c) = &config {
         init_tracing(c);
     }
+    // Several hooks log to one file at once: the pid tells their lines apart.
+    let _span = tracing::info_span!("hook", pid = std::process::id()).entered();
     let mut input = std::io::stdin().lock();
     let settings = match codec::read_settings(&mut input) {
         Ok(s) => s,
@@ -133,11 +138,13 @@ fn run(args: &[String]) -> ExitCode {
     };
     tracing::info!(?build_remote, scheduler = %config.scheduler, "hook started");
     let mut leases = Leases::new(&config);
+    let masters = Masters::new(&config);
     let ctx = Ctx {
         config,
         settings,
         args: args.to_vec(),
         build_remote,
+        masters,
     };
     let mut warned_unreachable = false;
     loop {
@@ -322,19 +329,58 @@ impl Frontend for TextBuild<'_> {
         emit_msg(level, message);
     }
 
-    async fn attempt(&mut self, grant: &Grant) -> Result<(ChildEnd, String), String> {
-        let identity = self
-            .ctx
-            .config
-            .ssh_identity
+    fn connects_ahead(&self) -> bool {
+        self.ctx
+            .masters
             .as_ref()
-            .map(|p| p.to_string_lossy().into_owned());
+            .is_some_and(Masters::connect_ahead_due)
+    }
+
+    fn connect_ahead(&mut self, hosts: &[BuilderAddress]) {
+        let Some(masters) = &self.ctx.masters else {
+            return;
+        };
+        let identity = self.identity();
+        for h in hosts {
+            masters.ensure(
+                &h.host_id,
+                &h.store_uri,
+                &h.host_public_key_base64,
+                identity.as_deref(),
+            );
+        }
+    }
+
+    async fn attempt(&mut self, grant: &Grant) -> Result<(ChildEnd, String), String> {
+        let identity = self.identity();
         let machines = grant.machines_line(identity.as_deref());
-        run_child(self.ctx, &machines, self.t, self.inputs).await
+        let sshopts = self
+            .ctx
+            .masters
+            .as_ref()
+            .and_then(|m| m.prepare(grant, identity.as_deref()));
+        let result = run_child(self.ctx, &machines, self.t, self.inputs, sshopts.as_deref()).await;
+        if sshopts.is_some() && matches!(result, Ok((ChildEnd::NotAccepted, _))) {
+            // The master may have died with the builder's restart before it noticed (a
+            // refused session alone makes OpenSSH connect directly by itself): a shared
+            // connection must never fail a build, so try the host once more on its own.
+            tracing::warn!(host = %grant.host_id, "build-remote could not start through the SSH master; connecting directly");
+            return run_child(self.ctx, &machines, self.t, self.inputs, None).await;
+        }
+        result
     }
 }
 
 impl TextBuild<'_> {
+    /// The SSH identity of the machines line, if configured.
+    fn identity(&self) -> Option<String> {
+        self.ctx
+            .config
+            .ssh_identity
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
     /// An accepted build got no lease (`why`): the fallback builders build it through the
     /// stock build-remote when configured; otherwise it fails, saying why. Returns the exit
     /// status.
@@ -351,7 +397,7 @@ impl TextBuild<'_> {
             Level::Warn,
             &format!("nixdispatch: no builder for {name} ({why}); using the fallback builders"),
         );
-        match run_child(self.ctx, &builders, self.t, self.inputs).await {
+        match run_child(self.ctx, &builders, self.t, self.inputs, None).await {
             Ok((ChildEnd::Exited(Some(code)), _)) => code,
             Ok((ChildEnd::Exited(None), _)) => 1,
             Ok((ChildEnd::NotAccepted, detail)) => {
@@ -380,15 +426,17 @@ enum ChildState {
 
 /// Runs one stock build-remote on `machines` (the granted host's line, or the fallback
 /// builders): feeds it the rewritten handshake and the `try`, consumes its control lines,
-/// passes its `@nix` lines on. Returns how it ended and, when it never accepted, the
-/// messages it gave about why.
+/// passes its `@nix` lines on. `sshopts`, when set, is the child's `NIX_SSHOPTS` (joining an
+/// SSH master). Returns how it ended and, when it never accepted, the messages it gave
+/// about why.
 async fn run_child(
     ctx: &Ctx,
     machines: &str,
     t: &TryRequest,
     inputs: &BuildInputs,
+    sshopts: Option<&str>,
 ) -> Result<(ChildEnd, String), String> {
-    tracing::info!(%machines, "starting build-remote");
+    tracing::info!(%machines, shared_connection = sshopts.is_some(), "starting build-remote");
     // One pipe for the child's stdout and stderr: both are the daemon's channel for a hook.
     let (reader, writer) = std::io::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
     let writer2 = writer
@@ -403,6 +451,9 @@ async fn run_child(
         .stdout(writer2)
         .stderr(writer)
         .kill_on_drop(true);
+    if let Some(v) = sshopts {
+        cmd.env("NIX_SSHOPTS", v);
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", ctx.build_remote.program.display()))?;
@@ -444,7 +495,10 @@ async fn run_child(
                 None => lines_open = false,
                 Some(line) => {
                     match (&state, codec::classify_child_line(&line)) {
-                        (ChildState::BeforeAccept, ChildLine::Accept) => state = ChildState::ExpectMachine,
+                        (ChildState::BeforeAccept, ChildLine::Accept) => {
+                            tracing::info!("build-remote accepted");
+                            state = ChildState::ExpectMachine;
+                        }
                         (ChildState::BeforeAccept, ChildLine::Decline | ChildLine::Postpone | ChildLine::DeclinePermanently) => {
                             // It could not use the host; EOF on its stdin makes it exit 0.
                             state = ChildState::Refused;
@@ -465,13 +519,17 @@ async fn run_child(
                                 }));
                             }
                         }
-                        (ChildState::Accepted, ChildLine::Log(l)) => emit(&(l + "\n")),
+                        (ChildState::Accepted, ChildLine::Log(l)) => {
+                            tracing::debug!(line = %l, "build-remote says");
+                            emit(&(l + "\n"));
+                        }
                         (_, other) => tracing::debug!(?other, "child line not passed on"),
                     }
                 }
             },
             s = child.wait(), if status.is_none() => {
                 status = Some(s.map_err(|e| format!("waiting for build-remote: {e}"))?);
+                tracing::info!(status = ?status, "build-remote exited");
             }
         }
         if status.is_some() {

@@ -11,12 +11,12 @@ use tonic::Code;
 
 use super::codec::TryRequest;
 use super::decision::Answer;
-use super::machine::Grant;
+use super::machine::{BuilderAddress, Grant};
 use crate::client::{self, AuthChannel, ClientConfig};
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::{
-    AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, ReleaseRequest,
-    WaitForLeaseRequest, acquire_response::Outcome, wait_for_lease_response::Event,
+    AcquireRequest, AcquireResponse, BuildOutcome, KeepAliveRequest, ListBuildersRequest,
+    ReleaseRequest, WaitForLeaseRequest, acquire_response::Outcome, wait_for_lease_response::Event,
 };
 
 /// How a wait for a lease ended.
@@ -28,6 +28,9 @@ pub(crate) enum WaitEnd {
     Declined(String),
     /// The stream broke, fell silent, or could not be opened: wait again.
     Broken(String),
+    /// The member is over its cap of waiting requests (`RESOURCE_EXHAUSTED`, the scheduler's
+    /// message): wait a little and ask again.
+    OverCap(String),
 }
 
 /// One progress event of a waiting stream.
@@ -123,10 +126,13 @@ impl Scheduler {
             for _ in 0..if cached { 2 } else { 1 } {
                 let mut c = self.client().await.map_err(|e| (e, true))?;
                 match c.acquire(request.clone()).await {
-                    Ok(r) => return Ok(r.into_inner()),
+                    Ok(r) => return Ok(Ok(r.into_inner())),
                     Err(s) if is_transport_failure(&s) => {
                         self.client = None;
                         last = Some((format!("{}: {}", code_name(s.code()), s.message()), true));
+                    }
+                    Err(s) if s.code() == Code::ResourceExhausted => {
+                        return Ok(Err(s.message().to_owned()));
                     }
                     Err(s) => {
                         return Err((format!("{}: {}", code_name(s.code()), s.message()), false));
@@ -140,7 +146,11 @@ impl Scheduler {
             Err(_) => Err((format!("no answer within {} ms", bound.as_millis()), true)),
         };
         match result {
-            Ok(response) => {
+            Ok(Err(reason)) => {
+                self.unreachable_until = None;
+                Answer::OverCap { reason }
+            }
+            Ok(Ok(response)) => {
                 self.unreachable_until = None;
                 match answer_from_response(response) {
                     Ok(answer) => answer,
@@ -235,6 +245,9 @@ impl Scheduler {
             Ok(Err(s)) if is_transport_failure(&s) => {
                 return broken(self, format!("{}: {}", code_name(s.code()), s.message()));
             }
+            Ok(Err(s)) if s.code() == Code::ResourceExhausted => {
+                return WaitEnd::OverCap(s.message().to_owned());
+            }
             Ok(Err(s)) => {
                 return WaitEnd::Declined(format!("{}: {}", code_name(s.code()), s.message()));
             }
@@ -276,6 +289,42 @@ impl Scheduler {
                 Some(Event::DeclinePermanently(d)) => return WaitEnd::Declined(d.reason),
                 None => {}
             }
+        }
+    }
+
+    /// The builders this member may be sent to that fit `t` (`ListBuilders`), at most
+    /// `max`, within `bound`; none when the call fails (a scheduler that predates it, or is
+    /// away): they only serve to connect ahead.
+    pub(crate) async fn builders_for(
+        &mut self,
+        t: &TryRequest,
+        max: usize,
+        bound: Duration,
+    ) -> Vec<BuilderAddress> {
+        let call = async {
+            let mut c = self.client().await?;
+            c.list_builders(ListBuildersRequest {})
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| {
+                    if is_transport_failure(&s) {
+                        self.client = None;
+                    }
+                    format!("{}: {}", code_name(s.code()), s.message())
+                })
+        };
+        match tokio::time::timeout(bound, call).await {
+            Ok(Ok(r)) => r
+                .builders
+                .into_iter()
+                .filter_map(|b| BuilderAddress::fitting(b, &t.needed_system, &t.required_features))
+                .take(max)
+                .collect(),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "ListBuilders failed; not connecting ahead");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
         }
     }
 

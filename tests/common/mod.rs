@@ -261,6 +261,9 @@ pub struct Builder {
     pub endpoint: Option<SshEndpoint>,
     /// The Nix it runs.
     pub nix: NixVersion,
+    /// The scheme of its store URI: `ssh-ng` (the worker protocol) or `ssh` (the serve
+    /// protocol).
+    pub scheme: &'static str,
     /// The builder "machine": PID 1 of its own PID and mount namespaces (with `/nix` bound to
     /// `root/nix` and its own `/proc`), so that its agent counts only its builds. Killing it
     /// ends everything inside.
@@ -361,7 +364,7 @@ impl Namespace {
 
 impl Builder {
     pub fn store_uri(&self) -> String {
-        format!("ssh-ng://{}", self.alias)
+        format!("{}://{}", self.scheme, self.alias)
     }
 
     /// Base64 of its host public key line, as the machines line's eighth field.
@@ -408,6 +411,8 @@ pub struct BuilderSpec {
     /// Its `system-features` (set in its nix.conf and announced by its agent); none when
     /// empty.
     pub features: &'static [&'static str],
+    /// Its store URI's scheme, `ssh-ng` unless set to `ssh`.
+    pub scheme: &'static str,
 }
 
 impl BuilderSpec {
@@ -422,6 +427,7 @@ impl BuilderSpec {
             discover: false,
             extra_systems: &[],
             features: &[],
+            scheme: "ssh-ng",
         }
     }
 }
@@ -468,6 +474,11 @@ pub struct Env {
     /// The scheduler's `[leases] ttl_millis`: 3000 unless set before starting, so the hook's
     /// keep-alives really matter during a build.
     pub lease_ttl_millis: u64,
+    /// Hook configurations written from now on reuse SSH connections (`[ssh_reuse]`, on by
+    /// default). Each hook configuration has its own control directory in the test
+    /// directory (`ssh-<name>`), so that members, which share the test machine's `/run`,
+    /// never share a master, as different machines would not.
+    pub ssh_reuse: bool,
 }
 
 /// Binds one listener per builder, each on its own loopback address and all on the same
@@ -646,6 +657,7 @@ impl Env {
                 host_key_pub: d.join(format!("keys/host-{}.pub", spec.id)),
                 endpoint,
                 nix: spec.nix,
+                scheme: spec.scheme,
                 machine,
             });
         }
@@ -670,6 +682,7 @@ impl Env {
             shared_ssh_port,
             state_db: false,
             lease_ttl_millis: 3000,
+            ssh_reuse: true,
         }
     }
 
@@ -977,10 +990,13 @@ impl Env {
             format!(
                 "scheduler = \"{scheduler_url}\"\n{{secure}}client_id = \"e2e-{}{suffix}\"\nssh_identity = \"{}\"\n\
                  log_file = \"{}/log/hook{suffix}.log\"\nlog_level = \"debug\"\n{extra}\n[timeouts]\nconnect_millis = 500\n\
-                 try_millis = 1500\nreacquire_millis = 30000\n",
+                 try_millis = 1500\nreacquire_millis = 30000\n\
+                 [ssh_reuse]\nenabled = {}\ncontrol_dir = \"{}\"\n",
                 self.id,
                 self.client_key.display(),
-                self.path().display()
+                self.path().display(),
+                self.ssh_reuse,
+                self.ssh_control_dir(name).display(),
             )
             .replace(
                 "{secure}",
@@ -997,6 +1013,28 @@ impl Env {
         )
         .unwrap();
         p
+    }
+
+    /// The SSH control directory of the hook configuration `name` (see [`Env::ssh_reuse`]).
+    pub fn ssh_control_dir(&self, name: &str) -> PathBuf {
+        self.path().join(format!(
+            "ssh-{}",
+            if name.is_empty() { "hook" } else { name }
+        ))
+    }
+
+    /// The number of SSH connections each builder's sshd accepted so far (one `sshd -i` per
+    /// connection, each logging its accepted login), by builder id.
+    pub fn ssh_logins(&self) -> std::collections::BTreeMap<String, usize> {
+        self.builders
+            .iter()
+            .map(|b| {
+                let log =
+                    std::fs::read_to_string(self.path().join(format!("log/sshd_{}.log", b.id)))
+                        .unwrap_or_default();
+                (b.id.clone(), log.matches("Accepted publickey").count())
+            })
+            .collect()
     }
 
     /// A machines line for the builder of `spec`, with its systems and features, as a
