@@ -628,6 +628,17 @@ impl Env {
             )
             .unwrap();
             let machine = Namespace::start(&root, spec.nix.chroot().as_deref());
+            // A builder's store exists before its first session, as a real builder's does.
+            // Nix creates parts of a store when it first opens it, and two sessions opening a
+            // fresh one at once can race (Nix 2.26: "creating symlink
+            // '/nix/var/nix/gcroots/profiles' ...: File exists").
+            run_ok(
+                machine
+                    .command(Path::new("nix-store"))
+                    .arg("--init")
+                    .env("NIX_CONF_DIR", root.join("conf"))
+                    .env_remove("NIX_REMOTE"),
+            );
             let local = listener.local_addr().unwrap();
             let (host_ip, port) = (local.ip(), local.port());
             let endpoint = if spec.up {
