@@ -410,6 +410,40 @@ fn live_masters(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .unwrap_or_default()
 }
 
+/// Builds the test derivation through the hook with `config` (tag `what`, `leaves` leaves,
+/// `extra` arguments) and asserts that it succeeded, showing `context()` with the
+/// diagnostics when it did not.
+fn build_ok(
+    env: &Env,
+    config: &std::path::Path,
+    (what, leaves): (&str, &str),
+    extra: &[&str],
+    context: impl Fn() -> String,
+) -> common::NixRun {
+    let tag = env.tag(what);
+    let mut args = vec!["--argstr", "tag", &tag, "--arg", "leaves", leaves];
+    args.extend_from_slice(extra);
+    let run = env.nix_build(config, hook(), 0, &args);
+    assert!(run.success, "{}{}", env.diagnostics(&run), context());
+    run
+}
+
+/// Asserts that every derivation of `run` was built on `host`.
+fn built_on(env: &Env, run: &common::NixRun, host: &str) {
+    assert!(
+        placements(run.out_path()).iter().all(|(_, h)| h == host),
+        "{}",
+        env.diagnostics(run)
+    );
+}
+
+/// Waits for a live master in the member's control directory `dir`; returns its socket.
+fn wait_for_master(dir: &std::path::Path, what: &str) -> std::path::PathBuf {
+    common::wait_for(std::time::Duration::from_secs(60), what, || {
+        live_masters(dir).pop()
+    })
+}
+
 /// SSH connection reuse with real OpenSSH: the hook starts one master per builder (a
 /// builder whose pinned key is wrong gets none: the master refuses it as Nix would), the
 /// builds that follow join it (the builder's sshd accepts no new login), and a master
@@ -426,19 +460,8 @@ fn builds_reuse_one_ssh_master_per_builder() {
     let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
     let dir = env.ssh_control_dir("");
     let build = |env: &Env, what: &str| {
-        let tag = env.tag(what);
-        let run = env.nix_build(
-            &config,
-            hook(),
-            0,
-            &["--argstr", "tag", &tag, "--arg", "leaves", "1"],
-        );
-        assert!(run.success, "{}", env.diagnostics(&run));
-        assert!(
-            placements(run.out_path()).iter().all(|(_, h)| h == "b1"),
-            "{}",
-            env.diagnostics(&run)
-        );
+        let run = build_ok(env, &config, (what, "1"), &[], String::new);
+        built_on(env, &run, "b1");
     };
 
     build(&env, "first");
@@ -452,11 +475,7 @@ fn builds_reuse_one_ssh_master_per_builder() {
                 .then_some(())
         },
     );
-    let socket = common::wait_for(
-        std::time::Duration::from_secs(20),
-        "b1's SSH master",
-        || live_masters(&dir).pop(),
-    );
+    let socket = wait_for_master(&dir, "b1's SSH master");
     assert_eq!(live_masters(&dir).len(), 1, "one master: b1's");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
@@ -501,9 +520,7 @@ fn builds_reuse_one_ssh_master_per_builder() {
     build(&env, "third");
     assert!(env.ssh_logins()["b1"] > before);
     assert!(env.hook_log().contains("removed a dead master's socket"));
-    common::wait_for(std::time::Duration::from_secs(20), "a new master", || {
-        live_masters(&dir).pop()
-    });
+    wait_for_master(&dir, "a new master");
     assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
 }
 
@@ -547,11 +564,9 @@ fn a_waiting_build_connects_ahead() {
         )
         .spawn()
         .unwrap();
-    let dir = env.ssh_control_dir("ahead");
-    common::wait_for(
-        std::time::Duration::from_secs(60),
+    wait_for_master(
+        &env.ssh_control_dir("ahead"),
         "a master started by the waiting hook",
-        || live_masters(&dir).pop(),
     );
     std::fs::write(&gate, "").unwrap();
     for (what, child) in [("holder", a), ("waiter", b)] {
@@ -583,27 +598,12 @@ fn the_gate_sees_every_build_over_a_shared_connection() {
     let gate_log = env.install_gate("b1", &[], &opts);
     let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
     let build = |env: &Env, what: &str, leaves: &str| {
-        let tag = env.tag(what);
-        let run = env.nix_build(
-            &config,
-            hook(),
-            0,
-            &["--argstr", "tag", &tag, "--arg", "leaves", leaves],
-        );
-        assert!(
-            run.success,
-            "{}\n--- gate log\n{}",
-            env.diagnostics(&run),
-            common::gate::read_log(&gate_log)
-        );
+        build_ok(env, &config, (what, leaves), &[], || {
+            format!("\n--- gate log\n{}", common::gate::read_log(&gate_log))
+        });
     };
     build(&env, "first", "1");
-    let dir = env.ssh_control_dir("");
-    common::wait_for(
-        std::time::Duration::from_secs(20),
-        "b1's SSH master",
-        || live_masters(&dir).pop(),
-    );
+    wait_for_master(&env.ssh_control_dir(""), "b1's SSH master");
     let attached = || {
         common::gate::read_log(&gate_log)
             .matches("attached to the hook's lease")
@@ -632,27 +632,11 @@ fn builds_over_ssh_uris_share_a_master_too() {
     assert!(env.builder("b1").store_uri().starts_with("ssh://"));
     let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
     let build = |env: &Env, what: &str, leaves: &str| {
-        let tag = env.tag(what);
-        let run = env.nix_build(
-            &config,
-            hook(),
-            0,
-            &["--argstr", "tag", &tag, "--arg", "leaves", leaves],
-        );
-        assert!(run.success, "{}", env.diagnostics(&run));
-        assert!(
-            placements(run.out_path()).iter().all(|(_, h)| h == "b1"),
-            "{}",
-            env.diagnostics(&run)
-        );
+        let run = build_ok(env, &config, (what, leaves), &[], String::new);
+        built_on(env, &run, "b1");
     };
     build(&env, "first", "1");
-    let dir = env.ssh_control_dir("");
-    common::wait_for(
-        std::time::Duration::from_secs(20),
-        "b1's SSH master",
-        || live_masters(&dir).pop(),
-    );
+    wait_for_master(&env.ssh_control_dir(""), "b1's SSH master");
     let logins = env.ssh_logins()["b1"];
     build(&env, "second", "2");
     assert_eq!(env.ssh_logins()["b1"], logins, "{}", env.hook_log());
@@ -674,24 +658,16 @@ fn a_build_the_master_cannot_carry_connects_directly() {
     env.start_scheduler_and_agents(&specs);
     let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
     let build = |env: &Env, what: &str, leaves: &str| {
-        let tag = env.tag(what);
-        let run = env.nix_build(
+        build_ok(
+            env,
             &config,
-            hook(),
-            0,
-            &[
-                "--argstr", "tag", &tag, "--arg", "leaves", leaves, "--argstr", "sleep", "2",
-            ],
+            (what, leaves),
+            &["--argstr", "sleep", "2"],
+            String::new,
         );
-        assert!(run.success, "{}", env.diagnostics(&run));
     };
     build(&env, "first", "1");
-    let dir = env.ssh_control_dir("");
-    common::wait_for(
-        std::time::Duration::from_secs(20),
-        "b1's SSH master",
-        || live_masters(&dir).pop(),
-    );
+    wait_for_master(&env.ssh_control_dir(""), "b1's SSH master");
     // Two leaves at once: one holds the master's only session, the other is refused there.
     let logins = env.ssh_logins()["b1"];
     build(&env, "second", "2");
