@@ -160,6 +160,58 @@ fn unreachable_and_wrongly_pinned_builders_are_skipped() {
     assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
 }
 
+/// A builder that fails a build once is tried again when no other builder can take it:
+/// the only builder's Nix refuses to start (a broken `nix.conf`, repaired right after the
+/// first failure), the hook releases the lease as unreachable and asks again; once its own
+/// avoidance and the scheduler's cool-down for the member have passed it gets the same
+/// builder, and the build succeeds instead of failing for want of another host.
+#[test]
+fn a_builder_that_failed_once_is_tried_again() {
+    let specs = [BuilderSpec::new("b1", 2)];
+    let mut env = Env::new(&specs);
+    env.unreachable_cooldown_millis = Some(2000);
+    env.start_scheduler_and_agents(&specs);
+    let config = env.write_hook_config(env.scheduler_addr.as_deref().unwrap(), "");
+    let conf = env.builder("b1").root.join("conf/nix.conf");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{good}max-jobs = not-a-number\n")).unwrap();
+    let tag = env.tag("again");
+    let child = env
+        .nix_build_command(
+            &config,
+            hook(),
+            "",
+            0,
+            &["--argstr", "tag", &tag, "--arg", "leaves", "1"],
+        )
+        .spawn()
+        .unwrap();
+    common::wait_for(
+        std::time::Duration::from_secs(60),
+        "the first attempt to fail",
+        || env.hook_log().contains("HostUnreachable").then_some(()),
+    );
+    std::fs::write(&conf, good).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{stderr}\n--- hook log\n{}",
+        env.hook_log()
+    );
+    assert!(stderr.contains("cannot use builder b1"), "{stderr}");
+    assert!(
+        stderr.contains("building leaf1") && stderr.contains("on b1 instead"),
+        "{stderr}"
+    );
+    let out_path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        placements(&out_path).iter().all(|(_, h)| h == "b1"),
+        "{out_path}: {stderr}"
+    );
+    assert!(env.leases().is_empty(), "leases left: {:?}", env.leases());
+}
+
 /// Asserts that `run` built the two leaves and the top, all on `host` (`local`: the client),
 /// and told the user `message`.
 fn assert_two_leaves_and_top_built_on(env: &Env, run: &common::NixRun, host: &str, message: &str) {

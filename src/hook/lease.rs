@@ -1,8 +1,11 @@
 //! The lease lifecycle of one hook process, whatever protocol Nix speaks with the hook:
 //! acquire for a `try`, keep the lease alive while the build runs, release it with the
 //! outcome, and when the granted host cannot be used, release it as unreachable and acquire
-//! another (bounded by `max_host_attempts` and `reacquire_millis`). A signal from Nix
-//! releases the held lease as cancelled.
+//! another (bounded by `max_host_attempts` and `reacquire_millis`). A host that failed is
+//! avoided for [`AVOID_FAILED_HOST`] only, not for good: when no other host can take the
+//! build (one builder per system is common), the same host is tried again once the
+//! scheduler's cool-down for this member ends, so that a transient failure does not fail the
+//! build. A signal from Nix releases the held lease as cancelled.
 //!
 //! The Nix-facing front end implements [`Frontend`]: it shows messages to the user and runs
 //! one attempt of the accepted build on a granted host. Today that is the text protocol
@@ -263,7 +266,8 @@ impl Leases {
         held: Held,
     ) -> i32 {
         let name = decision::drv_name(&t.drv_path).to_owned();
-        let mut excluded: Vec<String> = Vec::new();
+        // Hosts that failed this build, and when.
+        let mut failed: Vec<(String, Instant)> = Vec::new();
         let mut attempt = 1;
         let deadline = Instant::now() + self.reacquire_window;
         loop {
@@ -332,8 +336,9 @@ impl Leases {
                 }
                 return code;
             }
-            excluded.push(grant.host_id.clone());
-            grant = match self.reacquire(frontend, t, &excluded, deadline).await {
+            failed.retain(|(h, _)| *h != grant.host_id);
+            failed.push((grant.host_id.clone(), Instant::now()));
+            grant = match self.reacquire(frontend, t, &failed, deadline).await {
                 Ok(g) => g,
                 Err(e) => {
                     frontend.notify(
@@ -354,18 +359,20 @@ impl Leases {
         }
     }
 
-    /// After an accept there is no local fallback: wait (bounded) for another host.
+    /// After an accept there is no local fallback: wait (bounded) for another host, or for
+    /// a host in `failed` once it failed [`AVOID_FAILED_HOST`] ago.
     async fn reacquire(
         &mut self,
         frontend: &mut impl Frontend,
         t: &TryRequest,
-        excluded: &[String],
+        failed: &[(String, Instant)],
         deadline: Instant,
     ) -> Result<Grant, String> {
         loop {
+            let excluded = avoided(failed, Instant::now());
             let answer = self
                 .scheduler
-                .acquire(t, false, excluded, self.rpc_timeout, false)
+                .acquire(t, false, &excluded, self.rpc_timeout, false)
                 .await;
             let wait = match answer {
                 Answer::Granted(g) => return Ok(g),
@@ -409,6 +416,22 @@ impl Leases {
     }
 }
 
+/// How long a build avoids a host that failed it. Past this the scheduler decides: it
+/// gives the member no lease on that host during its own cool-down
+/// (`leases.unreachable_cooldown_millis`, after the release that reported the failure), so
+/// this only covers a release that did not reach it.
+const AVOID_FAILED_HOST: Duration = Duration::from_secs(10);
+
+/// The hosts of `failed` to exclude at `now`: those that failed less than
+/// [`AVOID_FAILED_HOST`] ago.
+fn avoided(failed: &[(String, Instant)], now: Instant) -> Vec<String> {
+    failed
+        .iter()
+        .filter(|(_, at)| now.saturating_duration_since(*at) < AVOID_FAILED_HOST)
+        .map(|(h, _)| h.clone())
+        .collect()
+}
+
 /// A waiting build connects ahead to at most this many builders: enough for the builders
 /// of one system in a small fleet, without one waiting build logging in everywhere.
 const CONNECT_AHEAD_MAX: usize = 8;
@@ -441,5 +464,24 @@ async fn keep_alive(
                 period.min(KEEP_ALIVE_RETRY)
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed host is avoided for a while, then offered again; others stay avoided as
+    /// long as their own failure is recent.
+    #[test]
+    fn a_failed_host_is_avoided_for_a_while_only() {
+        let t0 = Instant::now();
+        let failed = vec![
+            ("b1".to_owned(), t0),
+            ("b2".to_owned(), t0 + Duration::from_secs(5)),
+        ];
+        assert_eq!(avoided(&failed, t0), ["b1", "b2"]);
+        assert_eq!(avoided(&failed, t0 + AVOID_FAILED_HOST), ["b2"]);
+        assert!(avoided(&failed, t0 + AVOID_FAILED_HOST + Duration::from_secs(5)).is_empty());
     }
 }

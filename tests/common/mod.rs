@@ -474,6 +474,8 @@ pub struct Env {
     /// The scheduler's `[leases] ttl_millis`: 3000 unless set before starting, so the hook's
     /// keep-alives really matter during a build.
     pub lease_ttl_millis: u64,
+    /// The scheduler's `[leases] unreachable_cooldown_millis`, when set before starting it.
+    pub unreachable_cooldown_millis: Option<u64>,
     /// Hook configurations written from now on reuse SSH connections (`[ssh_reuse]`, on by
     /// default). Each hook configuration has its own control directory in the test
     /// directory (`ssh-<name>`), so that members, which share the test machine's `/run`,
@@ -693,6 +695,7 @@ impl Env {
             shared_ssh_port,
             state_db: false,
             lease_ttl_millis: 3000,
+            unreachable_cooldown_millis: None,
             ssh_reuse: true,
         }
     }
@@ -727,11 +730,14 @@ impl Env {
         // matter during a build; admission gates open (this shared 2-core machine may report any pressure).
         std::fs::write(
             &config,
-            format!("[leases]\nttl_millis = {}\n[agents]\nreport_interval_millis = 1000\n\
+            format!("[leases]\nttl_millis = {}\n{}[agents]\nreport_interval_millis = 1000\n\
              [admission]\nmin_free_store_percent = 0.0\nmin_free_store_bytes = 0\n\
              min_free_build_dir_percent = 0.0\nmin_free_build_dir_bytes = 0\n\
              max_cpu_some_pressure = 100.0\nmax_memory_full_pressure = 100.0\nmax_io_full_pressure = 100.0\n{}{}{}",
             self.lease_ttl_millis,
+            self.unreachable_cooldown_millis
+                .map(|m| format!("unreachable_cooldown_millis = {m}\n"))
+                .unwrap_or_default(),
             if self.state_db {
                 format!("[state]\ndatabase = \"{}\"\n", d.join("scheduler.sqlite3").display())
             } else {
