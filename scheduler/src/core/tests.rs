@@ -718,10 +718,9 @@ fn deadline(w: &waiters::Waiter) -> Time {
 /// Test oracle for `Scheduler::pick`: a brute-force scan of every waiter, sharing none of
 /// the queue's indexes. Among the waiters host `id` fits (not excluded, member not reporting
 /// it unreachable, member and system under quota), and on the host's last free slot not of a
-/// class broader than another such waiter's: the smallest member weight; then a waiter past
-/// its deadline, the earliest first, else the smallest size class of expected duration; then
-/// the member served least recently; then the earliest arrival (the shortest first within a
-/// size class).
+/// class broader than another such waiter's: the member first in fair order (smallest
+/// weight, then served least recently, then arrived first); of its waiters, one past its
+/// deadline, the earliest first, else the shortest expected; then the earliest arrival.
 pub(super) fn oracle_pick(s: &Scheduler, now: Time, id: &HostId, free: u32) -> Option<WaiterId> {
     let host = s.registry.get(id)?;
     let cands: Vec<(WaiterId, &waiters::Waiter, &Class)> = s
