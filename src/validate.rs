@@ -185,7 +185,8 @@ pub struct SshAddress {
     pub port: Option<u16>,
 }
 
-/// Splits `ssh://[user@]host[:port][/…][?…]` (or `ssh-ng://…`; `[v6]` for IPv6) into where
+/// Splits `ssh://[user@]host[:port][/…][?…]` (or `ssh-ng://…`; `[v6]` for IPv6 with a port,
+/// a bare IPv6 address without one) into where
 /// ssh connects. It only splits: it refuses what cannot be split (another scheme, an
 /// unclosed `[`, no host, a port that is not a number), and leaves what a grant may hold to
 /// [`store_uri`].
@@ -211,6 +212,8 @@ pub fn ssh_address(uri: &str) -> Result<SshAddress, Invalid> {
         (host, after.strip_prefix(':'))
     } else {
         match hostport.rsplit_once(':') {
+            // More than one `:` without brackets: an IPv6 address, and no port.
+            Some((h, _)) if h.contains(':') => (hostport, None),
             Some((h, p)) => (h, Some(p)),
             None => (hostport, None),
         }
@@ -296,6 +299,10 @@ mod tests {
             (false, Some("root".into()), "::1".into(), Some(2200))
         );
         assert_eq!(parts(a("ssh://[fe80::1]")).3, None);
+        assert_eq!(
+            parts(a("ssh-ng://2001:db8::1")),
+            (true, None, "2001:db8::1".into(), None)
+        );
         // The last `@` ends the user, the last `:` starts the port.
         assert_eq!(
             parts(a("ssh://a@b@host:22")),

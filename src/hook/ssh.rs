@@ -87,35 +87,22 @@ pub(crate) struct Destination {
     pub(crate) port: Option<u16>,
 }
 
-/// The destination of an `ssh://` or `ssh-ng://` store URI; `None` for anything else.
+/// The destination of an `ssh://` or `ssh-ng://` store URI (split by
+/// [`crate::validate::ssh_address`]); `None` for anything else, and for a host or user that
+/// `ssh` would misread (a leading `-`, an empty user).
 pub(crate) fn destination(store_uri: &str) -> Option<Destination> {
-    let rest = store_uri
-        .strip_prefix("ssh-ng://")
-        .or_else(|| store_uri.strip_prefix("ssh://"))?;
-    let authority = rest.split('?').next()?;
-    let (user, hostport) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
-    };
-    let (host, port) = match hostport.rsplit_once(':') {
-        // One colon: `host:port`. More: an IPv6 address, with a port only in brackets.
-        Some((h, p)) if !h.contains(':') || h.ends_with(']') => (
-            h.trim_start_matches('[').trim_end_matches(']'),
-            Some(p.parse().ok()?),
-        ),
-        _ => (hostport.trim_start_matches('[').trim_end_matches(']'), None),
-    };
-    if host.is_empty() || host.starts_with('-') || user.is_some_and(str::is_empty) {
+    let a = crate::validate::ssh_address(store_uri).ok()?;
+    if a.host.starts_with('-') || a.user.as_deref().is_some_and(str::is_empty) {
         return None;
     }
-    let target = match user {
-        Some(u) => format!("{u}@{host}"),
-        None => host.to_owned(),
+    let target = match &a.user {
+        Some(u) => format!("{u}@{}", a.host),
+        None => a.host.clone(),
     };
     Some(Destination {
         target,
-        host: host.to_owned(),
-        port,
+        host: a.host,
+        port: a.port,
     })
 }
 
